@@ -1,0 +1,168 @@
+"""The `fedmi` command: `table2`, `run`, `datasets`.
+
+User errors (FedmiError, bad options) print one or two lines and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedmi.errors import FedmiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated learning for medical image analysis.")
+# Outside a terminal (pipes, CI logs) rich would assume 80 columns and squeeze the tables.
+out_console = Console() if sys.stdout.isatty() else Console(width=130)
+err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=130)
+
+
+class _Once(logging.Filter):
+    """Show each distinct warning once (a single-class site warns in every repeat)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def _setup_logging(verbose: bool) -> None:
+    log = logging.getLogger("fedmi")
+    log.handlers.clear()
+    handler = RichHandler(console=err_console, show_time=False, show_path=False)
+    handler.addFilter(_Once())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+@app.command()
+def table2(
+    dataset: str = typer.Option("heart-disease", help="heart-disease, synthetic-adni, breastmnist, pneumoniamnist, csv:PATH or npz:PATH"),
+    site_column: str = typer.Option("site", help="CSV: column naming each row's site"),
+    label_column: str = typer.Option("label", help="CSV: column holding the label"),
+    split_column: Optional[str] = typer.Option(None, help="CSV: column holding train/test (a fixed split)"),
+    positive_label: Optional[str] = typer.Option(None, help="CSV: the label value of the positive class (e.g. AD)"),
+    methods: str = typer.Option("cross,single,mix,fedavg,fedsgd,fedprox", help="comma-separated settings"),
+    repeats: int = typer.Option(5, help="random 80/20 splits per site"),
+    rounds: int = typer.Option(100, help="federated rounds"),
+    epochs: int = typer.Option(100, help="training passes of the centralised settings"),
+    model: Optional[str] = typer.Option(None, help="logistic, mlp or cnn (default: logistic, cnn for images)"),
+    lr: float = typer.Option(0.05, help="local SGD learning rate"),
+    fedsgd_lr: float = typer.Option(1.0, help="FedSGD's server step size"),
+    sites: int = typer.Option(4, help="image datasets: number of simulated sites"),
+    partition: str = typer.Option("iid", help="image datasets: iid, dirichlet or quantity"),
+    alpha: float = typer.Option(1.0, help="Dirichlet concentration of the partition"),
+    shift: float = typer.Option(1.0, help="image datasets: simulated acquisition shift strength (0 = none)"),
+    max_samples: Optional[int] = typer.Option(None, help="image datasets: use a random subset of this size"),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="output folder (default runs/table2-DATASET)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx) and report it."""
+    _setup_logging(verbose)
+    from fedmi.data.registry import load_federation
+    from fedmi.experiments.report import rich_table, write_table2_report
+    from fedmi.experiments.table2 import Table2Config, run_table2, work_units
+
+    fed = load_federation(dataset, site_column=site_column, label_column=label_column, split_column=split_column,
+                          positive_label=positive_label, num_sites=sites, partition=partition, alpha=alpha,
+                          shift_strength=shift, max_samples=max_samples, seed=seed)
+    cfg = Table2Config(
+        methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
+        epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr,
+        fedsgd_lr=fedsgd_lr,
+    )
+    out = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
+    out.mkdir(parents=True, exist_ok=True)
+    if fed.synthetic:
+        err_console.print(f"[bold yellow]SYNTHETIC DATA:[/] {fed.description}")
+    with (out / "metrics.jsonl").open("w") as log_file, _progress() as progress:
+        task = progress.add_task(f"{fed.name}: {', '.join(cfg.methods)}", total=work_units(fed, cfg))
+        result = run_table2(fed, cfg, sink=lambda rec: log_file.write(json.dumps(rec) + "\n"),
+                            advance=lambda k: progress.advance(task, k))
+    out_console.print(rich_table(result))
+    written = write_table2_report(result, out)
+    out_console.print(f"wrote {out}/: " + ", ".join(sorted({p.relative_to(out).parts[0] for p in written} | {"metrics.jsonl"})))
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML file describing one federated run"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: the config's `out`, else runs/NAME)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """One federated training run described by a YAML config."""
+    _setup_logging(verbose)
+    from fedmi.config import load_config
+    from fedmi.experiments.federated_run import run_federated
+    from fedmi.experiments.report import plot_convergence
+    from fedmi.metrics import TABLE_METRICS
+
+    cfg = load_config(config)
+    out = out or Path(cfg.out or Path("runs") / config.stem)
+    with _progress() as progress:
+        task = progress.add_task(f"{config.name}: rounds", total=cfg.rounds)
+        done = run_federated(cfg, out, on_round=lambda r: progress.update(task, completed=r))
+    final = done.result.history[-1]["test"]
+    title = f"{cfg.trainer.name} on {done.federation.name}" + (" (SYNTHETIC DATA)" if done.federation.synthetic else "")
+    table = Table(title=f"{title}: after {cfg.rounds} rounds")
+    for col in ("Site", "n", *(m.upper() for m in TABLE_METRICS)):
+        table.add_column(col, justify="left" if col == "Site" else "right")
+    for site, m in final.items():
+        table.add_row(site, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in TABLE_METRICS))
+    out_console.print(table)
+    plot_convergence(done.result.history, out / "convergence.png", title)
+    out_console.print(f"wrote {out}/: metrics.jsonl, model.safetensors, checkpoint.safetensors, summary.json, convergence.png")
+
+
+@app.command()
+def datasets() -> None:
+    """List the embedded datasets: sites, sizes, class balance."""
+    from fedmi.data.registry import describe_datasets
+
+    table = Table(title="Embedded datasets")
+    for col in ("Dataset", "Site", "n", "class 0", "class 1"):
+        table.add_column(col, justify="left" if col in ("Dataset", "Site") else "right")
+    for d in describe_datasets():
+        name = d["name"] + (" (synthetic)" if d["synthetic"] else "")
+        for i, s in enumerate(d["sites"]):
+            table.add_row(name if i == 0 else "", s["name"], str(s["n"]), str(s["class_counts"][0]),
+                          str(s["class_counts"][1]))
+        table.add_section()
+    out_console.print(table)
+    for d in describe_datasets():
+        out_console.print(f"[bold]{d['name']}[/]: {d['description']}; labels 0 = {d['label_names'][0]}, "
+                          f"1 = {d['label_names'][1]}; input {tuple(d['input_shape'])}")
+
+
+def main() -> None:
+    try:
+        app()  # usage errors (unknown option, bad value) are typer's: it prints them and exits 2
+    except FedmiError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""YAML configs for `fedmi run`: one federated training run. Unknown or mistyped fields are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmi.errors import FedmiError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    dataset: str = "heart-disease"  # embedded name, csv:PATH or npz:PATH
+    site_column: str = "site"
+    label_column: str = "label"
+    split_column: str | None = None
+    positive_label: str | None = None
+    num_sites: int = Field(4, ge=1)  # partitioned image datasets
+    partition: Literal["iid", "dirichlet", "quantity"] = "iid"
+    alpha: float = Field(1.0, gt=0)
+    shift_strength: float = Field(1.0, ge=0)
+    max_samples: int | None = Field(None, ge=2)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class TrainerConfig(_Strict):
+    name: Literal["fedavg", "fedprox", "fedsgd"] = "fedavg"
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    local_steps: int | None = Field(None, ge=1)
+    local_epochs: int | None = Field(None, ge=1)
+    mu: float | None = Field(None, ge=0)
+
+    def options(self) -> dict:
+        """The options given, for `make_trainer` (which fills in the method's defaults)."""
+        return self.model_dump(exclude={"name"}, exclude_none=True)
+
+
+class RunConfig(_Strict):
+    data: DataConfig = DataConfig()
+    model: Literal["logistic", "mlp", "cnn"] = "logistic"
+    trainer: TrainerConfig = TrainerConfig()
+    aggregator: str | None = None  # a pipeline such as "weighted_mean | server_sgd(lr=1.0)"
+    server_lr: float = Field(1.0, gt=0)  # used when aggregator is not given
+    rounds: int = Field(50, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)  # of the sites selected each round
+    seed: int = Field(0, ge=0)
+    evaluate_every: int = Field(1, ge=0)
+    max_update_norm: float | None = Field(None, gt=0)
+    out: str | None = None
+
+
+def _where(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+
+
+def parse_config(raw: object, source: str) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise FedmiError(f"{source}: a config must be a mapping of fields, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        got = f", got {first['input']!r}" if first["type"] != "missing" and not isinstance(first["input"], dict) else ""
+        raise FedmiError(f"{source}: field '{_where(first)}': {first['msg']}{got}{more}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FedmiError(f"no config file at {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise FedmiError(f"{path}: not valid YAML{where}") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,1 @@
+"""Core engine: parameters, the types that cross the client/server boundary, the round loop."""

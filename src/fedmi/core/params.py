@@ -1,0 +1,116 @@
+"""`Params`: an ordered mapping name -> tensor (a model's state_dict), and its arithmetic.
+
+Every function returns new tensors; nothing mutates its inputs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmi.errors import FedmiError
+
+Params = OrderedDict[str, torch.Tensor]
+ParamsT = Mapping[str, torch.Tensor]  # accepted as input: any mapping name -> tensor
+
+
+def clone(p: ParamsT) -> Params:
+    return OrderedDict((k, v.detach().clone()) for k, v in p.items())
+
+
+def zeros_like(p: ParamsT) -> Params:
+    return OrderedDict((k, torch.zeros_like(v)) for k, v in p.items())
+
+
+def add(a: ParamsT, b: ParamsT) -> Params:
+    return OrderedDict((k, a[k] + b[k]) for k in a)
+
+
+def sub(a: ParamsT, b: ParamsT) -> Params:
+    return OrderedDict((k, a[k] - b[k]) for k in a)
+
+
+def scale(a: ParamsT, s: float) -> Params:
+    return OrderedDict((k, a[k] * s) for k in a)
+
+
+def axpy(alpha: float, x: ParamsT, y: ParamsT) -> Params:
+    """alpha * x + y."""
+    return OrderedDict((k, y[k] + alpha * x[k]) for k in y)
+
+
+def weighted_sum(items: Iterable[tuple[float, ParamsT]]) -> Params:
+    total: Params | None = None
+    for w, p in items:
+        if total is None:
+            total = OrderedDict((k, v.detach().to(torch.float64) * w) for k, v in p.items())
+        else:
+            for k in total:
+                total[k] += p[k].detach().to(torch.float64) * w
+    if total is None:
+        raise ValueError("weighted_sum of no items")
+    return total
+
+
+def flatten(p: ParamsT) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in p.values()])
+
+
+def unflatten(vec: torch.Tensor, like: ParamsT) -> Params:
+    out: Params = OrderedDict()
+    i = 0
+    for k, v in like.items():
+        n = v.numel()
+        out[k] = vec[i : i + n].reshape(v.shape).to(v.dtype)
+        i += n
+    if i != vec.numel():
+        raise ValueError(f"vector has {vec.numel()} values, parameters need {i}")
+    return out
+
+
+def l2_norm(p: ParamsT) -> float:
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in p.values())))
+
+
+def num_parameters(p: ParamsT) -> int:
+    return sum(v.numel() for v in p.values())
+
+
+def allclose(a: ParamsT, b: ParamsT, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
+    return list(a) == list(b) and all(torch.allclose(a[k], b[k], rtol=rtol, atol=atol) for k in a)
+
+
+def check_compatible(candidate: ParamsT, reference: ParamsT, what: str) -> None:
+    """Raise FedmiError unless `candidate` has exactly the names, shapes and dtypes of
+    `reference` and only finite values."""
+    if list(candidate) != list(reference):
+        missing = [k for k in reference if k not in candidate]
+        extra = [k for k in candidate if k not in reference]
+        raise FedmiError(f"{what}: parameter names differ (missing {missing}, unexpected {extra})")
+    for k, ref in reference.items():
+        v = candidate[k]
+        if not isinstance(v, torch.Tensor):
+            raise FedmiError(f"{what}: '{k}' is a {type(v).__name__}, not a tensor")
+        if v.shape != ref.shape:
+            raise FedmiError(f"{what}: '{k}' has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
+        if v.dtype != ref.dtype:
+            raise FedmiError(f"{what}: '{k}' has dtype {v.dtype}, expected {ref.dtype}")
+        if not torch.isfinite(v).all():
+            raise FedmiError(f"{what}: '{k}' holds NaN or Inf values")
+
+
+def save(p: ParamsT, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in p.items()}, str(path), metadata=metadata)
+
+
+def load(path: str | Path) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise FedmiError(f"no parameter file at {path}")
+    return OrderedDict(load_file(str(path)))

@@ -1,0 +1,104 @@
+"""The round loop (survey Fig. 1): select -> broadcast -> local training -> upload -> aggregate
+-> evaluate -> log -> checkpoint.
+
+The runner is the server. It holds the global parameters, the aggregator and the selector, and
+reaches the sites only through a `Runtime`, which hands back `Update`s and metrics, never data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from fedmi.client.trainers import LocalTrainer
+from fedmi.core import params as P
+from fedmi.core.rng import numpy_generator
+from fedmi.core.types import RoundInfo, Update
+from fedmi.errors import FedmiError
+from fedmi.runtime.base import Runtime
+from fedmi.server.selection import AllSites, Selector
+
+log = logging.getLogger("fedmi")
+
+
+class Aggregator(Protocol):
+    def init(self, params: P.ParamsT) -> Any: ...
+
+    def aggregate(self, state: Any, params: P.ParamsT, updates: list[Update],
+                  round_info: RoundInfo) -> tuple[P.Params, Any]: ...
+
+
+@dataclass
+class RunResult:
+    params: P.Params
+    history: list[dict] = field(default_factory=list)
+
+
+def check_update(update: Update, reference: P.ParamsT, max_norm: float | None) -> None:
+    """Reject a malformed or absurd update: wrong names/shapes/dtypes, NaN/Inf, norm too large."""
+    P.check_compatible(update.delta, reference, f"update from site {update.site}")
+    if max_norm is not None and (norm := P.l2_norm(update.delta)) > max_norm:
+        raise FedmiError(f"update from site {update.site}: norm {norm:.3g} exceeds the limit {max_norm:.3g}")
+
+
+@dataclass
+class Runner:
+    runtime: Runtime
+    trainer: LocalTrainer
+    aggregator: Aggregator
+    rounds: int
+    seed: int = 0
+    selector: Selector = field(default_factory=AllSites)
+    evaluate_every: int = 1  # 0: evaluate only after the last round
+    max_update_norm: float | None = None
+    checkpoint: Path | None = None  # written after every round
+    sink: Callable[[dict], None] | None = None  # receives one record per round
+    tags: dict = field(default_factory=dict)  # added to every record (method, repeat, ...)
+
+    def run(self, params: P.ParamsT, on_round: Callable[[int], None] | None = None) -> RunResult:
+        if self.rounds < 1:
+            raise FedmiError(f"rounds must be at least 1, got {self.rounds}")
+        params = P.clone(params)
+        state = self.aggregator.init(params)
+        infos = self.runtime.site_infos()
+        select_rng = numpy_generator(self.seed, 7919)
+        result = RunResult(params)
+        for r in range(self.rounds):
+            info = RoundInfo(r, self.rounds, self.seed)
+            chosen = self.selector.select(infos, info, select_rng)
+            accepted, rejected = [], []
+            for update in self.runtime.train(self.trainer, params, chosen, info):
+                try:
+                    check_update(update, params, self.max_update_norm)
+                except FedmiError as e:
+                    log.warning("round %d: rejected %s", r + 1, e)
+                    rejected.append(update.site)
+                    continue
+                accepted.append(update)
+            if accepted:
+                params, state = self.aggregator.aggregate(state, params, accepted, info)
+            else:
+                log.error("round %d: no acceptable update; the global model is unchanged", r + 1)
+            record = self._record(r, accepted, rejected, params)
+            result.history.append(record)
+            if self.sink is not None:
+                self.sink(record)
+            if self.checkpoint is not None:
+                P.save(params, self.checkpoint, metadata={"round": str(r + 1), "seed": str(self.seed)})
+            if on_round is not None:
+                on_round(r + 1)
+        result.params = params
+        return result
+
+    def _record(self, r: int, accepted: list[Update], rejected: list[str], params: P.ParamsT) -> dict:
+        n = sum(u.num_examples for u in accepted)
+        record: dict = {**self.tags, "round": r + 1, "sites": [u.site for u in accepted], "rejected": rejected}
+        losses = [(u.num_examples, u.metrics.get("train_loss")) for u in accepted]
+        if n and all(loss is not None for _, loss in losses):
+            record["train_loss"] = sum(k * loss for k, loss in losses) / n
+        last = r + 1 == self.rounds
+        if last or (self.evaluate_every and (r + 1) % self.evaluate_every == 0):
+            record["test"] = self.runtime.evaluate(params)
+        return record

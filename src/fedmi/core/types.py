@@ -1,0 +1,93 @@
+"""The types that cross the client/server boundary, and a site's local data.
+
+Data stays at the site: `SiteData` lives only on the client side of the runtime. What reaches
+the server is an `Update` (parameters or a delta, a count, scalar metrics, declared extras) and
+a `SiteInfo` (name, number of training examples). `Update` checks its own contents so that
+nothing resembling a dataset can be smuggled across the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from fedmi.core.params import Params
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    round: int  # 0-based
+    num_rounds: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one site sends to the server after local training.
+
+    `delta` is the site's proposed change to the global parameters (local - global for
+    FedAvg-style trainers, the negative gradient for FedSGD). `extras` holds declared
+    side information (control variates, label histograms, spectra); each extra must be a
+    tensor no larger than the model, so raw data cannot pass as an extra.
+    """
+
+    site: str
+    delta: Params
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.site, str) or not self.site:
+            raise TypeError("Update.site must be a non-empty site name")
+        if int(self.num_examples) <= 0:
+            raise ValueError(f"Update from {self.site}: num_examples must be positive")
+        if not all(isinstance(v, torch.Tensor) for v in self.delta.values()):
+            raise TypeError(f"Update from {self.site}: delta must map names to tensors")
+        for k, v in self.metrics.items():
+            if not isinstance(v, (int, float)):
+                raise TypeError(f"Update from {self.site}: metric '{k}' must be a scalar")
+        model_size = sum(v.numel() for v in self.delta.values())
+        for k, v in self.extras.items():
+            if not isinstance(v, torch.Tensor) or v.numel() > model_size:
+                raise TypeError(
+                    f"Update from {self.site}: extra '{k}' must be a tensor no larger than the model"
+                )
+        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+        object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What the server may know about a site before training: its name and size."""
+
+    name: str
+    num_train: int
+
+
+@dataclass
+class SiteData:
+    """One site's local data, split into train and test. Never leaves the client side."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def info(self) -> SiteInfo:
+        return SiteInfo(self.name, self.num_train)
+
+    def label_counts(self, split: str = "train") -> dict[int, int]:
+        y = self.y_train if split == "train" else self.y_test
+        values, counts = np.unique(y.numpy().astype(int), return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts)}

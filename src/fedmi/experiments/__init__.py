@@ -1,0 +1,1 @@
+"""Experiment protocols (the survey's Table II) and their reports."""

@@ -1,0 +1,211 @@
+"""The survey's Table II protocol (§IX), generalised from two sites to N.
+
+Settings, each evaluated on every site's own test split:
+- Cross  "<A>-tr": train on site A's training split, test on each other site (domain shift).
+- Single: train and test within each site.
+- Mix:    train on all sites' pooled training data. Needs data sharing: NOT privacy-preserving.
+- FedAvg: each round every site runs `local_steps` (10) SGD iterations from the global model;
+          the server takes the sample-weighted average.
+- FedSGD: each round every site sends one full-batch gradient at the global model; the server
+          averages (weighted by sample count) and takes one step of size `fedsgd_lr`.
+- FedProx: local SGD for one pass over the site's data with the proximal term mu = 0.1.
+Each site is split 80/20 (stratified), repeated `repeats` times with different seeds (or the
+dataset's fixed split once); results are mean ± sample std over repeats.
+
+Centralised settings (Cross, Single, Mix) train the same model with the same local SGD for
+`epochs` passes, through the same trainer code the sites use.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fedmi.client.evaluation import evaluate_site
+from fedmi.client.trainers import SGDTrainer, make_trainer
+from fedmi.core import params as P
+from fedmi.core.rng import derive_seed, torch_generator
+from fedmi.core.runner import Runner
+from fedmi.core.types import RoundInfo, SiteData
+from fedmi.data.federation import Federation
+from fedmi.errors import FedmiError
+from fedmi.metrics import METRICS, summarize
+from fedmi.models import build_model
+from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.server.aggregation import make_aggregator
+
+CENTRALISED = ("cross", "single", "mix")
+FEDERATED = ("fedavg", "fedsgd", "fedprox")
+METHODS = (*CENTRALISED, *FEDERATED)
+LABELS = {"single": "Single", "mix": "Mix", "fedavg": "FedAvg", "fedsgd": "FedSGD", "fedprox": "FedProx"}
+
+
+@dataclass
+class Table2Config:
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    repeats: int = 5
+    rounds: int = 100
+    epochs: int = 100  # passes for the centralised settings
+    test_fraction: float = 0.2
+    seed: int = 0
+    model: str = "logistic"
+    lr: float = 0.05
+    batch_size: int = 32
+    local_steps: int = 10
+    mu: float = 0.1
+    fedsgd_lr: float = 1.0
+    evaluate_every: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise FedmiError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        for name in ("repeats", "rounds", "epochs", "batch_size", "local_steps"):
+            if getattr(self, name) < 1:
+                raise FedmiError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Table2Result:
+    dataset: str
+    synthetic: bool
+    description: str
+    sites: list[str]
+    config: Table2Config
+    rows: list[dict]  # {"label", "method", "privacy_preserving", "trained_on"}
+    results: dict[str, dict[str, dict[str, dict]]]  # label -> site -> metric -> summary
+    history: list[dict]  # per-round records of the federated methods
+    models: dict[str, P.Params]  # "<method>_r<repeat>" -> final global parameters
+
+    def to_json(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "synthetic": self.synthetic,
+            "description": self.description,
+            "sites": self.sites,
+            "config": asdict(self.config),
+            "rows": self.rows,
+            "results": self.results,
+        }
+
+
+def _rows(cfg: Table2Config, sites: list[str]) -> list[dict]:
+    rows = []
+    for m in cfg.methods:
+        if m == "cross":
+            rows += [{"label": f"{a}-tr", "method": "cross", "privacy_preserving": True, "trained_on": a} for a in sites]
+        else:
+            rows.append({"label": LABELS[m], "method": m, "privacy_preserving": m != "mix",
+                         "trained_on": "own site" if m == "single" else "all sites"})
+    return rows
+
+
+def _pooled(sites: list[SiteData]) -> SiteData:
+    return SiteData(
+        name="pooled",
+        x_train=torch.cat([s.x_train for s in sites]), y_train=torch.cat([s.y_train for s in sites]),
+        x_test=torch.empty(0), y_test=torch.empty(0),
+    )
+
+
+def fit_centralised(model: torch.nn.Module, init: P.ParamsT, data: SiteData, cfg: Table2Config,
+                    rng: torch.Generator) -> P.Params:
+    """Train on one dataset with the sites' own SGD trainer for `cfg.epochs` passes."""
+    trainer = SGDTrainer(lr=cfg.lr, batch_size=cfg.batch_size, local_steps=None, local_epochs=cfg.epochs)
+    update = trainer.train(model, init, data, RoundInfo(0, 1, cfg.seed), rng)
+    return P.add(init, update.delta)
+
+
+def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] | None = None,
+               advance: Callable[[int], None] | None = None) -> Table2Result:
+    """Run the protocol. `advance(k)` is called as work completes (for progress bars)."""
+    names = fed.site_names
+    if len(names) < 2 and any(m in cfg.methods for m in ("cross", "fedavg", "fedsgd", "fedprox")):
+        raise FedmiError(f"dataset {fed.name} has one site; Cross and the federated settings need two or more")
+    repeats = 1 if fed.has_fixed_split else cfg.repeats
+    rows = _rows(cfg, names)
+    values: dict[str, dict[str, dict[str, list]]] = {
+        r["label"]: {s: {m: [] for m in METRICS} for s in names} for r in rows
+    }
+    history: list[dict] = []
+    models: dict[str, P.Params] = {}
+    tick = advance or (lambda k: None)
+
+    def log_round(rec: dict) -> None:
+        history.append(rec)
+        if sink is not None:
+            sink(rec)
+
+    def record(label: str, site: str, metrics: dict) -> None:
+        for m in METRICS:
+            values[label][site][m].append(metrics[m])
+
+    for rep in range(repeats):
+        seed = derive_seed(cfg.seed, rep)
+        sites = fed.split(seed, cfg.test_fraction)
+        model = build_model(cfg.model, fed.input_shape, seed)
+        init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
+        by_name = {s.name: s for s in sites}
+
+        per_site_models: dict[str, P.Params] = {}  # Cross and Single share the per-site fits
+
+        def site_model(i: int, a: str) -> P.Params:
+            if a not in per_site_models:
+                per_site_models[a] = fit_centralised(model, init, by_name[a], cfg, torch_generator(seed, 1, i))
+            return per_site_models[a]
+
+        for method in cfg.methods:
+            if method in ("cross", "single"):
+                for i, a in enumerate(names):
+                    trained = site_model(i, a)
+                    for b in names:
+                        if (method == "single") == (a == b):
+                            label = "Single" if method == "single" else f"{a}-tr"
+                            record(label, b, evaluate_site(model, trained, by_name[b]))
+                    tick(1)
+            elif method == "mix":
+                trained = fit_centralised(model, init, _pooled(sites), cfg, torch_generator(seed, 2))
+                for b in names:
+                    record("Mix", b, evaluate_site(model, trained, by_name[b]))
+                tick(1)
+            else:
+                kwargs = {} if method == "fedsgd" else {"lr": cfg.lr, "batch_size": cfg.batch_size}
+                if method == "fedavg":
+                    kwargs["local_steps"] = cfg.local_steps
+                if method == "fedprox":
+                    kwargs["mu"] = cfg.mu
+                runner = Runner(
+                    runtime=InProcessRuntime(model, sites),
+                    trainer=make_trainer(method, **kwargs),
+                    aggregator=make_aggregator(method, cfg.fedsgd_lr if method == "fedsgd" else 1.0),
+                    rounds=cfg.rounds,
+                    seed=seed,
+                    evaluate_every=cfg.evaluate_every,
+                    sink=log_round,
+                    tags={"method": method, "repeat": rep},
+                )
+                result = runner.run(init)
+                models[f"{method}_r{rep}"] = result.params
+                for b, metrics in result.history[-1]["test"].items():
+                    record(LABELS[method], b, metrics)
+                tick(1)
+
+    results = {
+        label: {
+            site: {m: summarize(v) for m, v in per_site.items()}
+            for site, per_site in by_site.items()
+            if per_site["acc"]  # Cross has no entry for its own training site
+        }
+        for label, by_site in values.items()
+    }
+    return Table2Result(fed.name, fed.synthetic, fed.description, names, cfg, rows, results, history, models)
+
+
+def work_units(fed: Federation, cfg: Table2Config) -> int:
+    """How many `advance` ticks `run_table2` makes, for a progress bar's total."""
+    per_repeat = sum(len(fed.sites) if m in ("cross", "single") else 1 for m in cfg.methods)
+    return per_repeat * (1 if fed.has_fixed_split else cfg.repeats)

@@ -1,0 +1,21 @@
+"""The runtime interface: the only door between the server's round loop and the sites."""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol, Sequence
+
+from fedmi.client.trainers import LocalTrainer
+from fedmi.core import params as P
+from fedmi.core.types import RoundInfo, SiteInfo, Update
+
+
+class Runtime(Protocol):
+    def site_infos(self) -> list[SiteInfo]:
+        """Name and training-set size of every site."""
+
+    def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
+              round_info: RoundInfo) -> Iterator[Update]:
+        """Broadcast `params` to `sites`, run `trainer` at each, yield their updates as they arrive."""
+
+    def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
+        """Each site's metrics of `params` on its own split (metrics only cross the boundary)."""

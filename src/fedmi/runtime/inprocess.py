@@ -1,0 +1,40 @@
+"""In-process runtime: every site runs in this process, one after another, on one reused model."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from torch import nn
+
+from fedmi.client.evaluation import evaluate_site
+from fedmi.client.trainers import LocalTrainer
+from fedmi.core import params as P
+from fedmi.core.rng import torch_generator
+from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
+from fedmi.errors import FedmiError
+
+
+class InProcessRuntime:
+    def __init__(self, model: nn.Module, sites: Sequence[SiteData]):
+        self._model = model
+        self._sites = {s.name: s for s in sites}
+        self._index = {s.name: i for i, s in enumerate(sites)}
+
+    def site_infos(self) -> list[SiteInfo]:
+        return [s.info for s in self._sites.values()]
+
+    def _site(self, name: str) -> SiteData:
+        if name not in self._sites:
+            raise FedmiError(f"no site named '{name}' in this federation")
+        return self._sites[name]
+
+    def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
+              round_info: RoundInfo) -> Iterator[Update]:
+        for name in sites:
+            # Each site's randomness depends only on (seed, round, site): order and runtime do not matter.
+            rng = torch_generator(round_info.seed, round_info.round, self._index[name])
+            yield trainer.train(self._model, params, self._site(name), round_info, rng)
+
+    def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
+        names = list(self._sites) if sites is None else sites
+        return {n: evaluate_site(self._model, params, self._site(n), split) for n in names}

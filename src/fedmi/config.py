@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedmi.errors import FedmiError
 
@@ -54,6 +54,18 @@ class RunConfig(_Strict):
     evaluate_every: int = Field(1, ge=0)
     max_update_norm: float | None = Field(None, gt=0)
     out: str | None = None
+
+    @field_validator("aggregator")
+    @classmethod
+    def _pipeline_parses(cls, text: str | None) -> str | None:
+        if text is not None:
+            from fedmi.server.aggregation import parse_pipeline
+
+            try:
+                parse_pipeline(text)
+            except FedmiError as e:
+                raise ValueError(str(e)) from None
+        return text
 
 
 def _where(err: dict) -> str:

@@ -5,12 +5,14 @@ Every function returns new tensors; nothing mutates its inputs.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fedmi.errors import FedmiError
 
@@ -103,14 +105,20 @@ def check_compatible(candidate: ParamsT, reference: ParamsT, what: str) -> None:
             raise FedmiError(f"{what}: '{k}' holds NaN or Inf values")
 
 
+_ORDER_KEY = "fedmi.order"  # safetensors sorts tensors by name; the model's order is kept here
+
+
 def save(p: ParamsT, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in p.items()}, str(path), metadata=metadata)
+    meta = {**(metadata or {}), _ORDER_KEY: json.dumps(list(p))}
+    save_file({k: v.detach().contiguous() for k, v in p.items()}, str(path), metadata=meta)
 
 
 def load(path: str | Path) -> Params:
     path = Path(path)
     if not path.is_file():
         raise FedmiError(f"no parameter file at {path}")
-    return OrderedDict(load_file(str(path)))
+    with safe_open(str(path), framework="pt") as f:
+        order = json.loads((f.metadata() or {}).get(_ORDER_KEY, "null")) or sorted(f.keys())
+        return OrderedDict((k, f.get_tensor(k)) for k in order)

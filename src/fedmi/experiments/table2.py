@@ -34,7 +34,7 @@ from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError
 from fedmi.metrics import METRICS, summarize
-from fedmi.models import build_model
+from fedmi.models import MODELS, build_model
 from fedmi.runtime.inprocess import InProcessRuntime
 from fedmi.server.aggregation import make_aggregator
 
@@ -61,6 +61,8 @@ class Table2Config:
     evaluate_every: int = 1
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise FedmiError(f"unknown model '{self.model}'; choose one of {', '.join(MODELS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise FedmiError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")

@@ -12,7 +12,7 @@ import ast
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from fedmi.core import params as P
 from fedmi.core.types import RoundInfo, Update
@@ -21,6 +21,8 @@ from fedmi.errors import FedmiError
 
 class Step:
     """Base of all aggregation steps; `a | b` chains them into a pipeline."""
+
+    name: ClassVar[str]  # the name a pipeline text uses
 
     def __or__(self, other: "Step") -> "AggregationPipeline":
         return AggregationPipeline([self]) | other
@@ -56,6 +58,8 @@ class WeightedMean(Reducer):
     rounding of the final cast.
     """
 
+    name: ClassVar[str] = "weighted_mean"
+
     def reduce(self, updates: Sequence[Update], like: P.ParamsT) -> P.Params:
         n = sum(u.num_examples for u in updates)
         return _cast_like(P.weighted_sum((u.num_examples / n, u.delta) for u in updates), like)
@@ -65,6 +69,8 @@ class WeightedMean(Reducer):
 class Mean(Reducer):
     """Unweighted mean of the sites' deltas: every site counts the same."""
 
+    name: ClassVar[str] = "mean"
+
     def reduce(self, updates: Sequence[Update], like: P.ParamsT) -> P.Params:
         return _cast_like(P.weighted_sum((1.0 / len(updates), u.delta) for u in updates), like)
 
@@ -72,6 +78,8 @@ class Mean(Reducer):
 @dataclass
 class ServerSGD(ServerOptimizer):
     """w <- w + lr * delta. lr = 1 applies FedAvg's average as is; FedSGD's step size is lr."""
+
+    name: ClassVar[str] = "server_sgd"
 
     lr: float = 1.0
 
@@ -125,9 +133,8 @@ class AggregationPipeline:
 
 
 def _describe(step: Step) -> str:
-    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(step).__name__).lower()
     args = ", ".join(f"{k}={v}" for k, v in vars(step).items())
-    return f"{name}({args})"
+    return f"{step.name}({args})"
 
 
 def weighted_mean() -> WeightedMean:

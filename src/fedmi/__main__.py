@@ -1,0 +1,3 @@
+from fedmi.cli import main
+
+main()

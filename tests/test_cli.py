@@ -1,0 +1,132 @@
+"""The `fedmi` command end to end, and every kind of bad input: exit 2, one or two lines, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedmi.cli import main
+
+
+def fedmi(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["fedmi", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code or 0, out.out, out.err
+
+
+def write_csv(path, rows, header="site,label,f1,f2"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def toy_rows(sites=("A", "B", "C"), n=30, all_positive=()):
+    rows = []
+    for k, site in enumerate(sites):
+        for i in range(n):
+            label = 1 if site in all_positive else i % 2
+            rows.append(f"{site},{label},{(i % 7) * 0.3 + label + k * 0.1:.2f},{(i % 5) * 0.2 - label:.2f}")
+    return rows
+
+
+def test_table2_on_csv_end_to_end(monkeypatch, capsys, tmp_path):
+    csv = write_csv(tmp_path / "t.csv", toy_rows())
+    out = tmp_path / "out"
+    code, stdout, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{csv}", "--repeats", "2",
+                                 "--rounds", "3", "--epochs", "3", "--out", out)
+    assert code == 0, stderr
+    assert "Table II protocol" in stdout and "FedProx" in stdout and "A-tr" in stdout
+    for name in ("results.json", "table.md", "metrics.jsonl", "auc_by_site.png", "convergence.png"):
+        assert (out / name).is_file(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 3 * 3  # repeats x rounds x federated methods
+    assert json.loads(lines[0])["round"] == 1
+
+
+def test_single_class_site_warns_and_reports_na(monkeypatch, capsys, tmp_path):
+    csv = write_csv(tmp_path / "t.csv", toy_rows(all_positive=("C",)))
+    code, stdout, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{csv}", "--methods", "single,fedavg",
+                                 "--repeats", "2", "--rounds", "2", "--epochs", "2", "--out", tmp_path / "o")
+    assert code == 0
+    assert "site C" in stderr and "single class" in stderr
+    assert "n/a" in stdout
+
+
+def test_run_config_end_to_end(monkeypatch, capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {dataset: heart-disease}\ntrainer: {name: fedprox, mu: 0.01}\nrounds: 3\nseed: 1\n")
+    code, stdout, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "run")
+    assert code == 0, stderr
+    assert "Cleveland" in stdout and "after 3 rounds" in stdout
+    for name in ("metrics.jsonl", "model.safetensors", "checkpoint.safetensors", "summary.json", "convergence.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+
+
+def test_datasets_lists_embedded_data(monkeypatch, capsys):
+    code, stdout, _ = fedmi(monkeypatch, capsys, "datasets")
+    assert code == 0
+    for word in ("heart-disease", "Switzerland", "synthetic-adni (synthetic)", "breastmnist", "pneumoniamnist", "balanced subset"):
+        assert word in stdout
+
+
+BAD_CSVS = {
+    "no_site": ("hospital,label,f1\nA,0,1\nA,1,2\n", [], "no site column 'site'"),
+    "no_label": ("site,dx,f1\nA,0,1\nA,1,2\n", [], "no label column 'label'"),
+    "nan": ("site,label,f1\nA,0,1\nA,1,nan\n", [], "'f1' has missing, NaN or infinite values at line 3"),
+    "text": ("site,label,f1\nA,0,1\nA,1,high\n", [], "'f1' is not numeric"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CSVS))
+def test_bad_csv_input(monkeypatch, capsys, tmp_path, case):
+    text, extra, message = BAD_CSVS[case]
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{path}", *extra, "--out", tmp_path / "o")
+    assert code == 2
+    assert message in stderr and str(path) in stderr.replace("\n", "")
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["table2", "--dataset", "csv:/no/such/file.csv"], "no CSV file at /no/such/file.csv"),
+    (["table2", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["table2", "--methods", "fedavg,fedfoo"], "unknown method(s) ['fedfoo']"),
+    (["table2", "--model", "resnet"], "unknown model 'resnet'"),
+    (["run", "/no/such/config.yaml"], "no config file at /no/such/config.yaml"),
+])
+def test_bad_arguments(monkeypatch, capsys, tmp_path, args, message):
+    code, _, stderr = fedmi(monkeypatch, capsys, *args, *(["--out", tmp_path / "o"]))
+    assert code == 2
+    assert message in stderr.replace("\n", "")
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rounds: many\n", "field 'rounds': Input should be a valid integer"),
+    ("trainer: {name: fedavg, lr: fast}\n", "field 'trainer.lr'"),
+    ("trainer: {name: fedfoo}\n", "field 'trainer.name'"),
+    ("data: {dataset: heart-disease, colour: red}\n", "field 'data.colour': Extra inputs are not permitted"),
+    ("rounds: [1, 2\n", "not valid YAML at line"),
+    ("- just\n- a list\n", "a config must be a mapping"),
+    ("aggregator: 'weighted_mean | server_sgd(lr=)'\n", "cannot read the arguments"),
+])
+def test_bad_config(monkeypatch, capsys, tmp_path, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "o")
+    assert code == 2
+    assert message in stderr.replace("\n", "") and "bad.yaml" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 2
+
+
+def test_installed_command_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedmi", "table2", "--dataset", "nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown dataset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+    usage = subprocess.run([sys.executable, "-m", "fedmi", "table2", "--repeats", "many"],
+                           capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr

@@ -1,0 +1,152 @@
+import numpy as np
+import pytest
+
+from fedmi.data import load_federation, stratified_test_mask
+from fedmi.data.csv_features import load_csv
+from fedmi.data.heart_disease import load_heart_disease
+from fedmi.data.medmnist import load_medmnist
+from fedmi.data.partition import dirichlet_label_skew, iid, partition, quantity_skew
+from fedmi.data.shift import ScannerProfile, apply_profile, site_profiles
+from fedmi.data.synthetic_adni import FEATURES, make_synthetic_adni
+from fedmi.errors import FedmiError
+
+
+def test_heart_disease_matches_flamby_preprocessing():
+    fed = load_heart_disease()
+    assert fed.site_names == ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+    assert [s.n for s in fed.sites] == [303, 261, 46, 130]
+    assert fed.input_shape == (13,)
+    assert fed.feature_names[:3] == ["age", "sex", "cp=2"]
+    # label = num > 0, counted from the raw files
+    assert [s.class_counts()[1] for s in fed.sites] == [139, 98, 45, 101]
+    flamby = load_heart_disease(flamby_split=True)
+    assert [(int((~s.test_mask).sum()), int(s.test_mask.sum())) for s in flamby.sites] == \
+        [(199, 104), (172, 89), (30, 16), (85, 45)]
+
+
+def test_split_is_stratified_standardised_and_deterministic():
+    fed = load_heart_disease()
+    a, b, c = fed.split(1), fed.split(1), fed.split(2)
+    cle = a[0]
+    assert cle.num_train + len(cle.y_test) == 303
+    assert len(cle.y_test) == round(0.2 * 164) + round(0.2 * 139)
+    assert abs(float(cle.x_train[:, 0].mean())) < 1e-5  # z-scored with its own training stats
+    assert all(np.array_equal(x.y_test, y.y_test) for x, y in zip(a, b))
+    assert not all(np.array_equal(x.y_test, y.y_test) for x, y in zip(a, c))
+
+
+def test_stratified_mask_keeps_a_lone_class_in_training():
+    y = np.array([1] * 20 + [0])
+    m = stratified_test_mask(y, 0.2, np.random.default_rng(0))
+    assert m.sum() == 4 and not m[-1]
+
+
+def test_single_class_test_split_warns(caplog):
+    fed = load_heart_disease()
+    with caplog.at_level("WARNING", logger="fedmi"):
+        fed.split(0)
+    assert any("Switzerland" in r.getMessage() and "single class" in r.getMessage() for r in caplog.records)
+
+
+def test_partitioners_cover_every_sample_once():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    for parts in (iid(500, 5, rng), dirichlet_label_skew(y, 5, 0.3, rng), quantity_skew(500, 5, 0.5, rng)):
+        allidx = np.concatenate(parts)
+        assert len(parts) == 5 and sorted(allidx.tolist()) == list(range(500))
+        assert min(len(p) for p in parts) >= 10
+
+
+def test_dirichlet_alpha_controls_label_skew():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(1000, int), np.ones(1000, int)]
+
+    def spread(alpha):
+        parts = dirichlet_label_skew(y, 10, alpha, np.random.default_rng(3))
+        return np.std([y[p].mean() for p in parts])
+
+    assert spread(0.1) > 0.25 > 0.05 > spread(100.0)
+    sizes = [len(p) for p in quantity_skew(2000, 10, 0.2, rng)]
+    assert max(sizes) > 4 * min(sizes)
+    with pytest.raises(FedmiError, match="unknown partition"):
+        partition("stripes", y, 4, 1.0, rng)
+
+
+def test_acquisition_shift_changes_intensity_distribution():
+    rng = np.random.default_rng(0)
+    img = rng.random((20, 1, 28, 28)).astype(np.float32)
+    same = apply_profile(img, ScannerProfile(), rng)
+    assert np.allclose(same, img)
+    dark = apply_profile(img, ScannerProfile(gamma=1.5, gain=0.8), rng)
+    assert dark.mean() < img.mean() - 0.1
+    blurred = apply_profile(img, ScannerProfile(blur_sigma=1.0), rng)
+    assert blurred.std() < 0.6 * img.std()  # blur removes pixel-level variance
+    noisy = apply_profile(img, ScannerProfile(noise_std=0.1), rng)
+    assert 0.05 < np.abs(noisy - img).mean() < 0.12
+    profiles = site_profiles(4, rng)
+    assert len({p.gamma for p in profiles}) == 4
+    assert site_profiles(3, rng, strength=0.0) == [ScannerProfile()] * 3
+
+
+def test_medmnist_sites():
+    fed = load_medmnist("breastmnist", num_sites=3, partition_kind="dirichlet", alpha=0.5, seed=0)
+    assert fed.kind == "image" and fed.input_shape == (1, 28, 28)
+    assert sum(s.n for s in fed.sites) == 546 + 78 + 156
+    assert all(0.0 <= s.x.min() and s.x.max() <= 1.0 for s in fed.sites)
+    means = [s.x.mean() for s in fed.sites]
+    assert max(means) - min(means) > 0.02  # scanners differ
+    small = load_federation("pneumoniamnist", num_sites=2, max_samples=100)
+    assert sum(s.n for s in small.sites) == 100
+    assert "balanced subset" in small.description
+
+
+def test_synthetic_adni_cohorts():
+    fed = make_synthetic_adni()
+    assert fed.synthetic and "SYNTHETIC" in fed.description
+    assert [(s.class_counts()[1], s.class_counts()[0]) for s in fed.sites] == [(199, 229), (159, 201)]
+    assert len(FEATURES) == 90 and fed.input_shape == (90,)
+    assert all("synthetic" in s.name for s in fed.sites)
+    hip = FEATURES.index("Hippocampus_L")
+    occ = FEATURES.index("Occipital_Mid_L")
+    s = fed.sites[0]
+    effect = lambda j: s.x[s.y == 0, j].mean() - s.x[s.y == 1, j].mean()  # noqa: E731
+    assert effect(hip) > 5 * abs(effect(occ))  # atrophy where AD atrophies
+    # scanner shift: ADNI-2 (3T) is brighter on average for the same regions
+    assert fed.sites[1].x[fed.sites[1].y == 0].mean() > fed.sites[0].x[fed.sites[0].y == 0].mean()
+
+
+def _write(tmp_path, text, name="data.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_csv_source(tmp_path):
+    p = _write(tmp_path, "site,dx,f1,f2,split\nA,AD,1,2,train\nA,NC,2,3,test\nB,AD,3,4,train\nB,NC,1,1,test\nA,NC,0,1,train\n")
+    fed = load_csv(p, label_column="dx", positive_label="AD", split_column="split")
+    assert fed.site_names == ["A", "B"]
+    assert fed.feature_names == ["f1", "f2"]
+    assert fed.sites[0].y.tolist() == [1, 0, 0] and fed.sites[0].test_mask.tolist() == [False, True, False]
+    assert fed.has_fixed_split
+
+
+@pytest.mark.parametrize("text, kwargs, message", [
+    ("site,label,f1\nA,0,1\n", {"site_column": "hospital"}, "no site column 'hospital'"),
+    ("site,label,f1\nA,0,1\n", {"label_column": "dx"}, "no label column 'dx'"),
+    ("site,label,f1\nA,0,1\nA,1,\n", {}, "feature column 'f1' has missing.*line 3"),
+    ("site,label,f1\nA,0,1\nA,1,abc\n", {}, "feature column 'f1' is not numeric"),
+    ("site,label,f1\nA,AD,1\nA,NC,2\n", {}, "must hold 0/1"),
+    ("site,label,f1\nA,AD,1\nA,NC,2\n", {"positive_label": "MCI"}, "never occurs"),
+    ("site,label\nA,0\n", {}, "no feature columns"),
+    ("site,label,f1,split\nA,0,1,train\nA,1,2,validation\n", {"split_column": "split"}, "'train' or 'test'"),
+])
+def test_csv_errors_say_what_and_where(tmp_path, text, kwargs, message):
+    with pytest.raises(FedmiError, match=message):
+        load_csv(_write(tmp_path, text), **kwargs)
+
+
+def test_unknown_dataset_and_missing_file(tmp_path):
+    with pytest.raises(FedmiError, match="unknown dataset 'mnist'"):
+        load_federation("mnist")
+    with pytest.raises(FedmiError, match="no CSV file"):
+        load_federation(f"csv:{tmp_path / 'nope.csv'}")

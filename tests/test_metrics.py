@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
+
+from fedmi.metrics import binary_metrics, format_summary, summarize
+
+
+def test_hand_made_case():
+    y = [1, 1, 1, 0, 0]
+    p = [0.9, 0.6, 0.2, 0.4, 0.7]  # TP, TP, FN, TN, FP
+    m = binary_metrics(y, p)
+    assert m["acc"] == pytest.approx(3 / 5)
+    assert m["sen"] == pytest.approx(2 / 3)
+    assert m["spe"] == pytest.approx(1 / 2)
+    # pairs (pos, neg) ranked correctly: 0.9>0.4,0.9>0.7,0.6>0.4 -> 3 of 6
+    assert m["auc"] == pytest.approx(3 / 6)
+    assert m["bacc"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_agrees_with_scikit_learn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 80)
+    p = np.round(rng.random(80), 1)  # many ties
+    m = binary_metrics(y, p)
+    pred = (p >= 0.5).astype(int)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["acc"] == pytest.approx(accuracy_score(y, pred))
+    assert m["sen"] == pytest.approx(recall_score(y, pred, pos_label=1))
+    assert m["spe"] == pytest.approx(recall_score(y, pred, pos_label=0))
+    assert m["bacc"] == pytest.approx(balanced_accuracy_score(y, pred))
+
+
+def test_single_class_gives_undefined_not_error():
+    m = binary_metrics([1, 1, 1], [0.9, 0.2, 0.8])
+    assert m["acc"] == pytest.approx(2 / 3) and m["sen"] == pytest.approx(2 / 3)
+    assert m["spe"] is None and m["auc"] is None and m["bacc"] is None
+    m0 = binary_metrics([0, 0], [0.1, 0.7])
+    assert m0["sen"] is None and m0["spe"] == pytest.approx(0.5)
+
+
+def test_summarize_uses_sample_std_and_skips_undefined():
+    s = summarize([0.8, None, 0.9, 1.0])
+    assert s["mean"] == pytest.approx(0.9)
+    assert s["std"] == pytest.approx(np.std([0.8, 0.9, 1.0], ddof=1))
+    assert s["n"] == 3 and s["values"] == [0.8, None, 0.9, 1.0]
+    assert format_summary(s) == "0.900±0.100 (3/4)"
+    assert format_summary(summarize([None, None])) == "n/a"
+    assert summarize([0.7])["std"] is None

@@ -1,0 +1,47 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from fedmi.core import params as P
+from fedmi.errors import FedmiError
+
+
+def _p(a, b):
+    return OrderedDict(w=torch.tensor(a, dtype=torch.float32), b=torch.tensor(b, dtype=torch.float32))
+
+
+def test_arithmetic_and_flatten_roundtrip():
+    x, y = _p([[1.0, 2.0], [3.0, 4.0]], [0.5]), _p([[1.0, 1.0], [1.0, 1.0]], [1.5])
+    assert torch.equal(P.add(x, y)["w"], torch.tensor([[2.0, 3.0], [4.0, 5.0]]))
+    assert torch.equal(P.sub(x, y)["b"], torch.tensor([-1.0]))
+    assert torch.equal(P.axpy(2.0, y, x)["w"], torch.tensor([[3.0, 4.0], [5.0, 6.0]]))
+    flat = P.flatten(x)
+    assert flat.tolist() == [1.0, 2.0, 3.0, 4.0, 0.5]
+    assert P.allclose(P.unflatten(flat, x), x)
+    assert P.l2_norm(x) == pytest.approx((1 + 4 + 9 + 16 + 0.25) ** 0.5)
+    assert P.num_parameters(x) == 5
+
+
+def test_save_load_roundtrip(tmp_path):
+    x = _p([[1.0, 2.0]], [3.0])
+    P.save(x, tmp_path / "m.safetensors", metadata={"round": "3"})
+    y = P.load(tmp_path / "m.safetensors")
+    assert list(y) == ["w", "b"] and P.allclose(x, y)
+    with pytest.raises(FedmiError, match="no parameter file"):
+        P.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    "candidate, message",
+    [
+        (OrderedDict(w=torch.zeros(1, 2)), "names differ"),
+        (OrderedDict(w=torch.zeros(2, 2), b=torch.zeros(1)), "shape"),
+        (OrderedDict(w=torch.zeros(1, 2, dtype=torch.float64), b=torch.zeros(1)), "dtype"),
+        (OrderedDict(w=torch.tensor([[float("nan"), 0.0]]), b=torch.zeros(1)), "NaN"),
+        (OrderedDict(w=torch.tensor([[float("inf"), 0.0]]), b=torch.zeros(1)), "NaN or Inf"),
+    ],
+)
+def test_check_compatible_rejects(candidate, message):
+    with pytest.raises(FedmiError, match=message):
+        P.check_compatible(candidate, _p([[1.0, 2.0]], [3.0]), "update from site x")

@@ -1,0 +1,119 @@
+import logging
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from fedmi.client.trainers import make_trainer
+from fedmi.core import params as P
+from fedmi.core.runner import Runner
+from fedmi.core.types import SiteData, SiteInfo, Update
+from fedmi.models import build_model
+from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.server.aggregation import make_aggregator
+from fedmi.server.selection import FractionSelector
+
+
+def _init(model):
+    return OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
+
+
+class SpyRuntime:
+    """Wraps a runtime and records every object that crosses to the server."""
+
+    def __init__(self, inner):
+        self.inner, self.crossed = inner, []
+
+    def site_infos(self):
+        infos = self.inner.site_infos()
+        self.crossed.extend(infos)
+        return infos
+
+    def train(self, trainer, params, sites, round_info):
+        for u in self.inner.train(trainer, params, sites, round_info):
+            self.crossed.append(u)
+            yield u
+
+    def evaluate(self, params, sites=None, split="test"):
+        out = self.inner.evaluate(params, sites, split)
+        self.crossed.append(out)
+        return out
+
+
+def _leaves(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def test_server_receives_only_updates_infos_and_scalar_metrics(three_sites):
+    model = build_model("logistic", (5,), 0)
+    spy = SpyRuntime(InProcessRuntime(model, three_sites))
+    Runner(spy, make_trainer("fedavg"), make_aggregator("fedavg"), rounds=2).run(_init(model))
+    kinds = {type(o) for o in spy.crossed}
+    assert kinds == {SiteInfo, Update, dict}
+    assert not any(isinstance(o, SiteData) for o in spy.crossed)
+    for o in spy.crossed:
+        if isinstance(o, dict):  # evaluation results: numbers only
+            assert all(v is None or isinstance(v, (int, float)) for v in _leaves(o))
+        if isinstance(o, Update):
+            assert P.num_parameters(o.delta) == 6 and not o.extras
+
+
+class PoisonedSite:
+    """A trainer wrapper whose site 'b' sends a malformed or absurd update."""
+
+    def __init__(self, inner, poison):
+        self.inner, self.poison = inner, poison
+
+    def train(self, model, params, site, round_info, rng):
+        u = self.inner.train(model, params, site, round_info, rng)
+        if site.name != "b":
+            return u
+        return Update(u.site, self.poison(u.delta), u.num_examples)
+
+
+def test_malformed_updates_are_rejected_and_the_round_completes(three_sites, caplog):
+    poisons = {
+        "nan": lambda d: OrderedDict((k, torch.full_like(v, float("nan"))) for k, v in d.items()),
+        "shape": lambda d: OrderedDict((k, torch.zeros(v.numel() + 1)) for k, v in d.items()),
+        "names": lambda d: OrderedDict((f"x.{k}", v) for k, v in d.items()),
+        "norm": lambda d: OrderedDict((k, v * 1e6) for k, v in d.items()),
+    }
+    class HonestOnly:
+        def select(self, sites, round_info, rng):
+            return ["a", "c"]
+
+    model = build_model("logistic", (5,), 0)
+    init = _init(model)  # the runtime loads weights into `model`, so keep the start apart
+    expected = Runner(InProcessRuntime(model, three_sites), make_trainer("fedavg"), make_aggregator("fedavg"),
+                      rounds=2, seed=1, evaluate_every=0, selector=HonestOnly()).run(init).params
+    for name, poison in poisons.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fedmi"):
+            out = Runner(InProcessRuntime(model, three_sites), PoisonedSite(make_trainer("fedavg"), poison),
+                         make_aggregator("fedavg"), rounds=2, seed=1, max_update_norm=100.0).run(init)
+        assert out.history[0]["rejected"] == ["b"], name
+        assert out.history[0]["sites"] == ["a", "c"]
+        assert any("site b" in r.getMessage() for r in caplog.records), name
+        assert P.allclose(out.params, expected, rtol=0, atol=0), name  # left out of the aggregate
+
+
+def test_fraction_selection_and_checkpoint(three_sites, tmp_path):
+    model = build_model("logistic", (5,), 0)
+    records = []
+    res = Runner(InProcessRuntime(model, three_sites), make_trainer("fedavg"), make_aggregator("fedavg"),
+                 rounds=6, seed=3, selector=FractionSelector(0.34), evaluate_every=3,
+                 checkpoint=tmp_path / "ckpt.safetensors", sink=records.append, tags={"method": "fedavg"}).run(_init(model))
+    assert all(len(r["sites"]) == 1 for r in records)
+    assert len({r["sites"][0] for r in records}) > 1  # the draw varies by round
+    assert ["test" in r for r in records] == [False, False, True, False, False, True]
+    assert records[0]["method"] == "fedavg" and records[-1]["round"] == 6
+    assert P.allclose(P.load(tmp_path / "ckpt.safetensors"), res.params, rtol=0, atol=0)
+    assert set(records[2]["test"]) == {"a", "b", "c"}
+    assert np.isfinite(records[0]["train_loss"])

@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+
+from fedmi.data import load_federation
+from fedmi.data.federation import Federation
+from fedmi.experiments.report import markdown_table, write_table2_report
+from fedmi.experiments.table2 import Table2Config, run_table2, work_units
+from fedmi.errors import FedmiError
+
+
+@pytest.fixture(scope="module")
+def adni_result():
+    fed = load_federation("synthetic-adni")
+    ticks = []
+    cfg = Table2Config(repeats=2, rounds=20, epochs=20)
+    result = run_table2(fed, cfg, advance=ticks.append)
+    assert sum(ticks) == work_units(fed, cfg)
+    return result
+
+
+def test_two_site_layout_like_the_survey(adni_result):
+    r = adni_result
+    a1, a2 = r.sites
+    assert [row["label"] for row in r.rows] == [f"{a1}-tr", f"{a2}-tr", "Single", "Mix", "FedAvg", "FedSGD", "FedProx"]
+    assert set(r.results[f"{a1}-tr"]) == {a2}  # Cross: tested on the other site only
+    assert set(r.results["FedAvg"]) == {a1, a2}
+    assert [row["privacy_preserving"] for row in r.rows if row["label"] == "Mix"] == [False]
+    for label, by_site in r.results.items():
+        for site, metrics in by_site.items():
+            for m, s in metrics.items():
+                assert len(s["values"]) == 2
+                defined = [v for v in s["values"] if v is not None]
+                assert s["mean"] == pytest.approx(np.mean(defined))
+
+
+def test_methods_learn_the_synthetic_task(adni_result):
+    for label in ("Single", "Mix", "FedAvg", "FedSGD", "FedProx"):
+        for site, m in adni_result.results[label].items():
+            assert m["auc"]["mean"] > 0.75, (label, site)
+
+
+def test_fedavg_history_is_logged_per_round(adni_result):
+    fedavg = [h for h in adni_result.history if h["method"] == "fedavg"]
+    assert len(fedavg) == 2 * 20
+    assert {h["repeat"] for h in fedavg} == {0, 1}
+    first, last = fedavg[0]["train_loss"], fedavg[19]["train_loss"]
+    assert last < first
+
+
+def test_report_files(adni_result, tmp_path):
+    written = write_table2_report(adni_result, tmp_path)
+    names = {p.relative_to(tmp_path).as_posix() for p in written}
+    assert {"results.json", "table.md", "auc_by_site.png", "convergence.png", "models/fedavg_r0.safetensors"} <= names
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["synthetic"] is True
+    summary = data["results"]["FedAvg"][adni_result.sites[0]]["auc"]
+    assert set(summary) == {"mean", "std", "n", "values"}
+    md = (tmp_path / "table.md").read_text()
+    assert "SYNTHETIC" in md and "| FedProx |" in md and "not privacy-preserving" in md
+    assert (tmp_path / "auc_by_site.png").stat().st_size > 10_000
+
+
+def test_n_sites_and_single_class_site():
+    fed = load_federation("heart-disease")
+    r = run_table2(fed, Table2Config(methods=["cross", "fedavg"], repeats=2, rounds=3, epochs=3))
+    assert len([row for row in r.rows if row["method"] == "cross"]) == 4
+    assert all(len(r.results[f"{a}-tr"]) == 3 for a in fed.site_names)
+    swiss = r.results["FedAvg"]["Switzerland"]  # one negative patient: never in a test split
+    assert swiss["auc"]["mean"] is None and swiss["spe"]["mean"] is None and swiss["acc"]["mean"] is not None
+    assert "n/a" in markdown_table(r)
+
+
+def test_fixed_split_runs_once(small_federation):
+    for s in small_federation.sites:
+        s.test_mask = np.arange(s.n) % 5 == 0
+    r = run_table2(small_federation, Table2Config(methods=["single", "fedsgd"], repeats=5, rounds=2, epochs=2))
+    assert len(r.results["Single"]["site-0"]["acc"]["values"]) == 1
+
+
+def test_bad_protocol_settings(small_federation):
+    with pytest.raises(FedmiError, match="unknown method"):
+        Table2Config(methods=["fedavg", "fedfoo"])
+    with pytest.raises(FedmiError, match="repeats"):
+        Table2Config(repeats=0)
+    one = Federation("one", small_federation.sites[:1], kind="tabular")
+    with pytest.raises(FedmiError, match="one site"):
+        run_table2(one, Table2Config(methods=["fedavg"], repeats=1, rounds=1))

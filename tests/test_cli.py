@@ -130,3 +130,14 @@ def test_installed_command_reports_errors_without_traceback(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "fedmi", "table2", "--repeats", "many"],
                            capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from fedmi.config import load_config
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        load_config(path)

@@ -36,6 +36,8 @@ class TrainerConfig(_Strict):
     local_steps: int | None = Field(None, ge=1)
     local_epochs: int | None = Field(None, ge=1)
     mu: float | None = Field(None, ge=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
 
     def options(self) -> dict:
         """The options given, for `make_trainer` (which fills in the method's defaults)."""

@@ -15,7 +15,7 @@ def adni_result():
     fed = load_federation("synthetic-adni")
     ticks = []
     cfg = Table2Config(repeats=2, rounds=20, epochs=20)
-    result = run_table2(fed, cfg, advance=ticks.append)
+    result = run_table2(fed, cfg, advance=lambda k, note: ticks.append(k))
     assert sum(ticks) == work_units(fed, cfg)
     return result
 
@@ -87,3 +87,12 @@ def test_bad_protocol_settings(small_federation):
     one = Federation("one", small_federation.sites[:1], kind="tabular")
     with pytest.raises(FedmiError, match="one site"):
         run_table2(one, Table2Config(methods=["fedavg"], repeats=1, rounds=1))
+
+
+def test_same_seed_same_table(small_federation):
+    cfg = Table2Config(methods=["mix", "fedavg", "fedprox"], repeats=2, rounds=3, epochs=3, seed=4)
+    a, b = run_table2(small_federation, cfg), run_table2(small_federation, cfg)
+    assert a.results == b.results
+    c = run_table2(small_federation, Table2Config(methods=["mix", "fedavg", "fedprox"], repeats=2, rounds=3,
+                                                  epochs=3, seed=5))
+    assert c.results != a.results

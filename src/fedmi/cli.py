@@ -69,6 +69,7 @@ def table2(
     epochs: int = typer.Option(100, help="training passes of the centralised settings"),
     model: Optional[str] = typer.Option(None, help="logistic, mlp or cnn (default: logistic, cnn for images)"),
     lr: float = typer.Option(0.05, help="local SGD learning rate"),
+    momentum: float = typer.Option(0.0, help="local SGD momentum"),
     fedsgd_lr: float = typer.Option(1.0, help="FedSGD's server step size"),
     sites: int = typer.Option(4, help="image datasets: number of simulated sites"),
     partition: str = typer.Option("iid", help="image datasets: iid, dirichlet or quantity"),
@@ -90,7 +91,7 @@ def table2(
                           shift_strength=shift, max_samples=max_samples, seed=seed)
     cfg = Table2Config(
         methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
-        epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr,
+        epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr, momentum=momentum,
         fedsgd_lr=fedsgd_lr,
     )
     out = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
@@ -100,7 +101,7 @@ def table2(
     with (out / "metrics.jsonl").open("w") as log_file, _progress() as progress:
         task = progress.add_task(f"{fed.name}: {', '.join(cfg.methods)}", total=work_units(fed, cfg))
         result = run_table2(fed, cfg, sink=lambda rec: log_file.write(json.dumps(rec) + "\n"),
-                            advance=lambda k: progress.advance(task, k))
+                            advance=lambda k, note: progress.update(task, advance=k, description=f"{fed.name} {note}"))
     out_console.print(rich_table(result))
     written = write_table2_report(result, out)
     out_console.print(f"wrote {out}/: " + ", ".join(sorted({p.relative_to(out).parts[0] for p in written} | {"metrics.jsonl"})))

@@ -9,10 +9,8 @@ nothing resembling a dataset can be smuggled across the boundary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Mapping
 
-import numpy as np
 import torch
 
 from fedmi.core.params import Params
@@ -57,8 +55,9 @@ class Update:
                 raise TypeError(
                     f"Update from {self.site}: extra '{k}' must be a tensor no larger than the model"
                 )
-        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
-        object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+        # Own copies: the sender cannot change an update after handing it over.
+        object.__setattr__(self, "metrics", dict(self.metrics))
+        object.__setattr__(self, "extras", dict(self.extras))
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,3 @@ class SiteData:
     @property
     def info(self) -> SiteInfo:
         return SiteInfo(self.name, self.num_train)
-
-    def label_counts(self, split: str = "train") -> dict[int, int]:
-        y = self.y_train if split == "train" else self.y_test
-        values, counts = np.unique(y.numpy().astype(int), return_counts=True)
-        return {int(v): int(c) for v, c in zip(values, counts)}

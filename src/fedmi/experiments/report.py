@@ -42,8 +42,14 @@ def _table_rows(result: Table2Result) -> Iterable[tuple[str, str, list[str]]]:
 
 def _caption(result: Table2Result) -> str:
     cfg = result.config
-    split = "fixed split" if cfg.repeats == 1 else f"{cfg.repeats} repeats of a stratified {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split"
-    return (f"mean±std over {split}; model {cfg.model}; {cfg.rounds} rounds. "
+    ratio = f"stratified {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split"
+    if result.fixed_split:
+        split = "one fixed train/test split"
+    elif cfg.repeats == 1:
+        split = f"one {ratio}"
+    else:
+        split = f"mean±std over {cfg.repeats} repeats of a {ratio}"
+    return (f"{split}; model {cfg.model}; {cfg.rounds} rounds. "
             "n/a: undefined (a test split with one class); (k/n): defined in k of n repeats.")
 
 
@@ -87,6 +93,10 @@ def plot_auc_by_site(result: Table2Result, path: Path) -> None:
                 errs.append(s["std"] or 0.0)
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=row["label"], color=colors(j % 10),
                hatch="//" if row["method"] == "cross" else None, alpha=0.9)
+    for i, site in enumerate(result.sites):
+        if not any((result.results[r["label"]].get(site, {}).get("auc") or {}).get("mean") is not None
+                   for r in result.rows):
+            ax.text(i, 0.5, "AUC n/a\n(one class\nin test)", ha="center", va="center", fontsize=8, color="grey")
     ax.set_xticks(range(len(result.sites)), result.sites)
     ax.set_ylabel("test AUC (mean ± std)")
     ax.set_ylim(0, 1.05)

@@ -54,6 +54,7 @@ class Table2Config:
     seed: int = 0
     model: str = "logistic"
     lr: float = 0.05
+    momentum: float = 0.0
     batch_size: int = 32
     local_steps: int = 10
     mu: float = 0.1
@@ -75,6 +76,7 @@ class Table2Config:
 class Table2Result:
     dataset: str
     synthetic: bool
+    fixed_split: bool
     description: str
     sites: list[str]
     config: Table2Config
@@ -87,6 +89,7 @@ class Table2Result:
         return {
             "dataset": self.dataset,
             "synthetic": self.synthetic,
+            "fixed_split": self.fixed_split,
             "description": self.description,
             "sites": self.sites,
             "config": asdict(self.config),
@@ -117,14 +120,15 @@ def _pooled(sites: list[SiteData]) -> SiteData:
 def fit_centralised(model: torch.nn.Module, init: P.ParamsT, data: SiteData, cfg: Table2Config,
                     rng: torch.Generator) -> P.Params:
     """Train on one dataset with the sites' own SGD trainer for `cfg.epochs` passes."""
-    trainer = SGDTrainer(lr=cfg.lr, batch_size=cfg.batch_size, local_steps=None, local_epochs=cfg.epochs)
+    trainer = SGDTrainer(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, local_steps=None,
+                         local_epochs=cfg.epochs)
     update = trainer.train(model, init, data, RoundInfo(0, 1, cfg.seed), rng)
     return P.add(init, update.delta)
 
 
 def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] | None = None,
-               advance: Callable[[int], None] | None = None) -> Table2Result:
-    """Run the protocol. `advance(k)` is called as work completes (for progress bars)."""
+               advance: Callable[[int, str], None] | None = None) -> Table2Result:
+    """Run the protocol. `advance(k, note)` is called as work completes (for progress bars)."""
     names = fed.site_names
     if len(names) < 2 and any(m in cfg.methods for m in ("cross", "fedavg", "fedsgd", "fedprox")):
         raise FedmiError(f"dataset {fed.name} has one site; Cross and the federated settings need two or more")
@@ -135,7 +139,9 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     }
     history: list[dict] = []
     models: dict[str, P.Params] = {}
-    tick = advance or (lambda k: None)
+    def tick(rep: int, method: str) -> None:
+        if advance is not None:
+            advance(1, f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}")
 
     def log_round(rec: dict) -> None:
         history.append(rec)
@@ -168,14 +174,15 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                         if (method == "single") == (a == b):
                             label = "Single" if method == "single" else f"{a}-tr"
                             record(label, b, evaluate_site(model, trained, by_name[b]))
-                    tick(1)
+                    tick(rep, method)
             elif method == "mix":
                 trained = fit_centralised(model, init, _pooled(sites), cfg, torch_generator(seed, 2))
                 for b in names:
                     record("Mix", b, evaluate_site(model, trained, by_name[b]))
-                tick(1)
+                tick(rep, method)
             else:
-                kwargs = {} if method == "fedsgd" else {"lr": cfg.lr, "batch_size": cfg.batch_size}
+                kwargs = {} if method == "fedsgd" else {"lr": cfg.lr, "momentum": cfg.momentum,
+                                                         "batch_size": cfg.batch_size}
                 if method == "fedavg":
                     kwargs["local_steps"] = cfg.local_steps
                 if method == "fedprox":
@@ -194,7 +201,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 models[f"{method}_r{rep}"] = result.params
                 for b, metrics in result.history[-1]["test"].items():
                     record(LABELS[method], b, metrics)
-                tick(1)
+                tick(rep, method)
 
     results = {
         label: {
@@ -204,7 +211,8 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
         }
         for label, by_site in values.items()
     }
-    return Table2Result(fed.name, fed.synthetic, fed.description, names, cfg, rows, results, history, models)
+    return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, names, cfg, rows, results,
+                        history, models)
 
 
 def work_units(fed: Federation, cfg: Table2Config) -> int:

@@ -141,3 +141,12 @@ def test_shipped_configs_are_valid():
     assert len(configs) >= 3
     for path in configs:
         load_config(path)
+
+
+def test_bad_data_option_names_the_option(monkeypatch, capsys, tmp_path):
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", "breastmnist", "--partition", "stripes",
+                            "--out", tmp_path)
+    assert code == 2 and "option for 'partition'" in stderr and "stripes" in stderr
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", "breastmnist", "--alpha", "-1",
+                            "--out", tmp_path)
+    assert code == 2 and "'alpha'" in stderr

@@ -150,3 +150,10 @@ def test_unknown_dataset_and_missing_file(tmp_path):
         load_federation("mnist")
     with pytest.raises(FedmiError, match="no CSV file"):
         load_federation(f"csv:{tmp_path / 'nope.csv'}")
+
+
+def test_standardisation_can_be_switched_off():
+    fed = load_heart_disease()
+    fed.standardize = False
+    raw = fed.split(0)[0]
+    assert float(raw.x_train[:, 0].mean()) > 40  # age in years, untouched

@@ -76,19 +76,24 @@ def table2(
     alpha: float = typer.Option(1.0, help="Dirichlet concentration of the partition"),
     shift: float = typer.Option(1.0, help="image datasets: simulated acquisition shift strength (0 = none)"),
     max_samples: Optional[int] = typer.Option(None, help="image datasets: use a random subset of this size"),
+    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
+                                               help="z-score features per site (default: on for tabular data)"),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="output folder (default runs/table2-DATASET)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx) and report it."""
     _setup_logging(verbose)
-    from fedmi.data.registry import load_federation
+    from fedmi.config import DataConfig, validated
+    from fedmi.experiments.federated_run import federation_for
     from fedmi.experiments.report import rich_table, write_table2_report
     from fedmi.experiments.table2 import Table2Config, run_table2, work_units
 
-    fed = load_federation(dataset, site_column=site_column, label_column=label_column, split_column=split_column,
-                          positive_label=positive_label, num_sites=sites, partition=partition, alpha=alpha,
-                          shift_strength=shift, max_samples=max_samples, seed=seed)
+    data = validated(DataConfig, dict(
+        dataset=dataset, site_column=site_column, label_column=label_column, split_column=split_column,
+        positive_label=positive_label, num_sites=sites, partition=partition, alpha=alpha, shift_strength=shift,
+        max_samples=max_samples, standardize=standardize), "fedmi table2", prefix="option for ")
+    fed = federation_for(data, seed)
     cfg = Table2Config(
         methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
         epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr, momentum=momentum,

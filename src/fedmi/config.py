@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -13,6 +13,9 @@ from fedmi.errors import FedmiError
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class DataConfig(_Strict):
@@ -27,6 +30,7 @@ class DataConfig(_Strict):
     shift_strength: float = Field(1.0, ge=0)
     max_samples: int | None = Field(None, ge=2)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    standardize: bool | None = None  # z-score per site with its own training statistics; None: tabular only
 
 
 class TrainerConfig(_Strict):
@@ -70,21 +74,23 @@ class RunConfig(_Strict):
         return text
 
 
-def _where(err: dict) -> str:
-    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+def validated(model: type[M], raw: dict, source: str, prefix: str = "field ") -> M:
+    """`model` built from `raw`, or a FedmiError naming the first bad field and its value."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        got = f", got {first['input']!r}" if first["type"] != "missing" and not isinstance(first["input"], dict) else ""
+        raise FedmiError(f"{source}: {prefix}'{where}': {first['msg']}{got}{more}") from None
 
 
 def parse_config(raw: object, source: str) -> RunConfig:
     if not isinstance(raw, dict):
         raise FedmiError(f"{source}: a config must be a mapping of fields, got {type(raw).__name__}")
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as e:
-        errors = e.errors()
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        got = f", got {first['input']!r}" if first["type"] != "missing" and not isinstance(first["input"], dict) else ""
-        raise FedmiError(f"{source}: field '{_where(first)}': {first['msg']}{got}{more}") from None
+    return validated(RunConfig, raw, source)
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedmi.client.trainers import make_trainer
-from fedmi.config import RunConfig
+from fedmi.config import DataConfig, RunConfig
 from fedmi.core import params as P
 from fedmi.core.runner import Runner, RunResult
 from fedmi.data.federation import Federation
@@ -27,16 +27,19 @@ class FederatedRun:
     result: RunResult
 
 
-def federation_for(cfg: RunConfig) -> Federation:
-    d = cfg.data
-    return load_federation(d.dataset, site_column=d.site_column, label_column=d.label_column,
-                           split_column=d.split_column, positive_label=d.positive_label, num_sites=d.num_sites,
-                           partition=d.partition, alpha=d.alpha, shift_strength=d.shift_strength,
-                           max_samples=d.max_samples, seed=cfg.seed)
+def federation_for(d: DataConfig, seed: int) -> Federation:
+    """The federation a data config describes (`seed` fixes simulated partitions and scanners)."""
+    fed = load_federation(d.dataset, site_column=d.site_column, label_column=d.label_column,
+                          split_column=d.split_column, positive_label=d.positive_label, num_sites=d.num_sites,
+                          partition=d.partition, alpha=d.alpha, shift_strength=d.shift_strength,
+                          max_samples=d.max_samples, seed=seed)
+    if d.standardize is not None:
+        fed.standardize = d.standardize
+    return fed
 
 
 def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None) -> FederatedRun:
-    fed = federation_for(cfg)
+    fed = federation_for(cfg.data, cfg.seed)
     sites = fed.split(cfg.seed, cfg.data.test_fraction)
     model = build_model(cfg.model, fed.input_shape, cfg.seed)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())

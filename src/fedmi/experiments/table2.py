@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from fedmi.client.evaluation import evaluate_site
-from fedmi.client.trainers import SGDTrainer, make_trainer
+from fedmi.client.trainers import LocalTrainer, SGDTrainer, make_trainer
 from fedmi.core import params as P
 from fedmi.core.rng import derive_seed, torch_generator
 from fedmi.core.runner import Runner
@@ -126,70 +126,62 @@ def fit_centralised(model: torch.nn.Module, init: P.ParamsT, data: SiteData, cfg
     return P.add(init, update.delta)
 
 
+def _trainer(method: str, cfg: Table2Config) -> LocalTrainer:
+    if method == "fedsgd":
+        return make_trainer("fedsgd")
+    common = {"lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch_size}
+    if method == "fedavg":
+        return make_trainer("fedavg", local_steps=cfg.local_steps, **common)
+    return make_trainer("fedprox", mu=cfg.mu, **common)
+
+
 def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] | None = None,
                advance: Callable[[int, str], None] | None = None) -> Table2Result:
-    """Run the protocol. `advance(k, note)` is called as work completes (for progress bars)."""
+    """Run the protocol. `sink` receives each federated round's record; `advance(k, note)` is
+    called as work completes (for progress bars)."""
     names = fed.site_names
-    if len(names) < 2 and any(m in cfg.methods for m in ("cross", "fedavg", "fedsgd", "fedprox")):
+    if len(names) < 2 and any(m in cfg.methods for m in ("cross", *FEDERATED)):
         raise FedmiError(f"dataset {fed.name} has one site; Cross and the federated settings need two or more")
     repeats = 1 if fed.has_fixed_split else cfg.repeats
     rows = _rows(cfg, names)
-    values: dict[str, dict[str, dict[str, list]]] = {
-        r["label"]: {s: {m: [] for m in METRICS} for s in names} for r in rows
-    }
+    values = {r["label"]: {s: {m: [] for m in METRICS} for s in names} for r in rows}
     history: list[dict] = []
     models: dict[str, P.Params] = {}
-    def tick(rep: int, method: str) -> None:
-        if advance is not None:
-            advance(1, f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}")
 
     def log_round(rec: dict) -> None:
         history.append(rec)
         if sink is not None:
             sink(rec)
 
-    def record(label: str, site: str, metrics: dict) -> None:
-        for m in METRICS:
-            values[label][site][m].append(metrics[m])
-
     for rep in range(repeats):
         seed = derive_seed(cfg.seed, rep)
-        sites = fed.split(seed, cfg.test_fraction)
+        sites = {s.name: s for s in fed.split(seed, cfg.test_fraction)}
         model = build_model(cfg.model, fed.input_shape, seed)
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
-        by_name = {s.name: s for s in sites}
+        site_fits: dict[str, P.Params] = {}  # one fit per site serves both Cross and Single
 
-        per_site_models: dict[str, P.Params] = {}  # Cross and Single share the per-site fits
-
-        def site_model(i: int, a: str) -> P.Params:
-            if a not in per_site_models:
-                per_site_models[a] = fit_centralised(model, init, by_name[a], cfg, torch_generator(seed, 1, i))
-            return per_site_models[a]
+        def score(label: str, params: P.ParamsT, targets: list[str]) -> None:
+            for b in targets:
+                metrics = evaluate_site(model, params, sites[b])
+                for m in METRICS:
+                    values[label][b][m].append(metrics[m])
 
         for method in cfg.methods:
             if method in ("cross", "single"):
                 for i, a in enumerate(names):
-                    trained = site_model(i, a)
-                    for b in names:
-                        if (method == "single") == (a == b):
-                            label = "Single" if method == "single" else f"{a}-tr"
-                            record(label, b, evaluate_site(model, trained, by_name[b]))
-                    tick(rep, method)
+                    if a not in site_fits:
+                        site_fits[a] = fit_centralised(model, init, sites[a], cfg, torch_generator(seed, 1, i))
+                    if method == "single":
+                        score("Single", site_fits[a], [a])
+                    else:
+                        score(f"{a}-tr", site_fits[a], [b for b in names if b != a])
             elif method == "mix":
-                trained = fit_centralised(model, init, _pooled(sites), cfg, torch_generator(seed, 2))
-                for b in names:
-                    record("Mix", b, evaluate_site(model, trained, by_name[b]))
-                tick(rep, method)
+                pooled = fit_centralised(model, init, _pooled(list(sites.values())), cfg, torch_generator(seed, 2))
+                score("Mix", pooled, names)
             else:
-                kwargs = {} if method == "fedsgd" else {"lr": cfg.lr, "momentum": cfg.momentum,
-                                                         "batch_size": cfg.batch_size}
-                if method == "fedavg":
-                    kwargs["local_steps"] = cfg.local_steps
-                if method == "fedprox":
-                    kwargs["mu"] = cfg.mu
                 runner = Runner(
-                    runtime=InProcessRuntime(model, sites),
-                    trainer=make_trainer(method, **kwargs),
+                    runtime=InProcessRuntime(model, list(sites.values())),
+                    trainer=_trainer(method, cfg),
                     aggregator=make_aggregator(method, cfg.fedsgd_lr if method == "fedsgd" else 1.0),
                     rounds=cfg.rounds,
                     seed=seed,
@@ -199,16 +191,18 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 )
                 result = runner.run(init)
                 models[f"{method}_r{rep}"] = result.params
+                # the last round's record already holds every site's evaluation of the final model
                 for b, metrics in result.history[-1]["test"].items():
-                    record(LABELS[method], b, metrics)
-                tick(rep, method)
+                    for m in METRICS:
+                        values[LABELS[method]][b][m].append(metrics[m])
+            if advance is not None:
+                units = len(names) if method in ("cross", "single") else 1
+                advance(units, f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}")
 
     results = {
-        label: {
-            site: {m: summarize(v) for m, v in per_site.items()}
-            for site, per_site in by_site.items()
-            if per_site["acc"]  # Cross has no entry for its own training site
-        }
+        label: {site: {m: summarize(v) for m, v in per_site.items()}
+                for site, per_site in by_site.items()
+                if per_site["acc"]}  # Cross has no entry for its own training site
         for label, by_site in values.items()
     }
     return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, names, cfg, rows, results,
@@ -216,6 +210,6 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
 
 
 def work_units(fed: Federation, cfg: Table2Config) -> int:
-    """How many `advance` ticks `run_table2` makes, for a progress bar's total."""
+    """The total that `run_table2` reports through `advance`, for a progress bar."""
     per_repeat = sum(len(fed.sites) if m in ("cross", "single") else 1 for m in cfg.methods)
     return per_repeat * (1 if fed.has_fixed_split else cfg.repeats)

@@ -150,3 +150,15 @@ def test_bad_data_option_names_the_option(monkeypatch, capsys, tmp_path):
     code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", "breastmnist", "--alpha", "-1",
                             "--out", tmp_path)
     assert code == 2 and "'alpha'" in stderr
+
+
+def test_export_then_table2_on_the_csv(monkeypatch, capsys, tmp_path):
+    csv = tmp_path / "heart.csv"
+    code, stdout, _ = fedmi(monkeypatch, capsys, "export", "heart-disease", csv)
+    assert code == 0 and "740 rows, 4 sites, 13 features" in stdout.replace("\n", " ")
+    code, stdout, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{csv}", "--methods", "fedavg",
+                                 "--repeats", "1", "--rounds", "2", "--out", tmp_path / "o")
+    assert code == 0, stderr
+    assert "VA Long Beach" in stdout
+    code, _, stderr = fedmi(monkeypatch, capsys, "export", "breastmnist", csv)
+    assert code == 2 and "only tabular data" in stderr

@@ -157,3 +157,17 @@ def test_standardisation_can_be_switched_off():
     fed.standardize = False
     raw = fed.split(0)[0]
     assert float(raw.x_train[:, 0].mean()) > 40  # age in years, untouched
+
+
+def test_embedded_files_match_their_checksums():
+    import hashlib
+    from pathlib import Path
+
+    import fedmi.data
+
+    assets = Path(fedmi.data.__file__).parent / "assets"
+    lines = (assets / "checksums.md5").read_text().split("\n")
+    entries = [line.split() for line in lines if line.strip()]
+    assert len(entries) == 7
+    for md5, name in entries:
+        assert hashlib.md5((assets / name).read_bytes()).hexdigest() == md5, name

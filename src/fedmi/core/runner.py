@@ -82,6 +82,8 @@ class Runner:
             else:
                 log.error("round %d: no acceptable update; the global model is unchanged", r + 1)
             record = self._record(r, accepted, rejected, params)
+            log.info("round %d/%d: %d sites, training loss %s", r + 1, self.rounds, len(accepted),
+                     f"{record['train_loss']:.4f}" if "train_loss" in record else "n/a")
             result.history.append(record)
             if self.sink is not None:
                 self.sink(record)

@@ -71,6 +71,21 @@ class Federation:
     def has_fixed_split(self) -> bool:
         return all(s.test_mask is not None for s in self.sites)
 
+    def to_frame(self, site_column: str = "site", label_column: str = "label") -> "pd.DataFrame":
+        """The federation as one table (tabular data only): the format `csv:PATH` reads back."""
+        import pandas as pd
+
+        if self.kind != "tabular":
+            raise FedmiError(f"dataset {self.name} holds images; only tabular data can be exported as CSV")
+        names = self.feature_names or [f"f{j}" for j in range(self.input_shape[0])]
+        frames = []
+        for site in self.sites:
+            df = pd.DataFrame(site.x, columns=names)
+            df.insert(0, label_column, site.y)
+            df.insert(0, site_column, site.name)
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True)
+
     def split(self, seed: int, test_fraction: float = 0.2) -> list[SiteData]:
         """Each site's stratified train/test split for one repeat (or its fixed split).
 

@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from fedmi.client.trainers import SGDTrainer
 from fedmi.core import params as P
-from fedmi.core.rng import torch_generator
+from fedmi.core.rng import Stream, torch_generator
 from fedmi.core.runner import Runner
 from fedmi.data import load_federation
 from fedmi.models import build_model
@@ -47,7 +47,7 @@ def plain_fedavg(model, init, sites, rounds):
             model.load_state_dict(global_w)
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=LR)
-            g = torch_generator(SEED, r, i)
+            g = torch_generator(Stream.LOCAL_TRAINING, SEED, r, i)
             n = len(s.y_train)
             perm, pos = torch.randperm(n, generator=g), 0
             for _ in range(STEPS):

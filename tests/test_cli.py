@@ -51,7 +51,11 @@ def test_single_class_site_warns_and_reports_na(monkeypatch, capsys, tmp_path):
                                  "--repeats", "2", "--rounds", "2", "--epochs", "2", "--out", tmp_path / "o")
     assert code == 0
     assert "site C" in stderr and "single class" in stderr
-    assert "n/a" in stdout
+    c_block = stdout[stdout.index("│ C "):]
+    fedavg_row = next(line for line in c_block.splitlines() if "FedAvg" in line)
+    assert fedavg_row.rstrip(" │").endswith("n/a") and fedavg_row.count("n/a") == 2  # SPE and AUC
+    results = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
+    assert results["FedAvg"]["C"]["auc"]["mean"] is None and results["FedAvg"]["C"]["acc"]["mean"] is not None
 
 
 def test_run_config_end_to_end(monkeypatch, capsys, tmp_path):
@@ -162,3 +166,39 @@ def test_export_then_table2_on_the_csv(monkeypatch, capsys, tmp_path):
     assert "VA Long Beach" in stdout
     code, _, stderr = fedmi(monkeypatch, capsys, "export", "breastmnist", csv)
     assert code == 2 and "only tabular data" in stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["table2", "--methods", "fedavg,fedavg"], "methods repeat"),
+    (["table2", "--lr", "nan"], "lr must be a finite number"),
+    (["table2", "--fedsgd-lr", "-1"], "fedsgd_lr must be a finite number > 0"),
+    (["table2", "--momentum", "-1"], "momentum must be"),
+])
+def test_bad_hyperparameters(monkeypatch, capsys, tmp_path, args, message):
+    code, _, stderr = fedmi(monkeypatch, capsys, *args, "--out", tmp_path / "o")
+    assert code == 2 and message in stderr.replace("\n", "")
+    assert "Traceback" not in stderr
+
+
+def test_negative_seed_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--seed", "-1", "--out", tmp_path / "o")
+    assert code == 2 and "Traceback" not in stderr
+
+
+def test_output_paths_that_cannot_be_written(monkeypatch, capsys, tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--methods", "mix", "--out", a_file)
+    assert code == 2 and str(a_file) in stderr.replace("\n", "") and "Traceback" not in stderr
+    code, _, stderr = fedmi(monkeypatch, capsys, "export", "heart-disease", tmp_path)
+    assert code == 2 and "Traceback" not in stderr
+
+
+def test_config_problems_found_before_training(monkeypatch, capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("aggregator: \"weighted_mean | server_sgd(lr='x')\"\n")
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg)
+    assert code == 2 and "server_sgd lr must be a finite number" in stderr.replace("\n", "")
+    cfg.write_bytes(b"rounds: 3\n# \xff\xfe\n")
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg)
+    assert code == 2 and "not a UTF-8 text file" in stderr

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
+import torch
 
+from fedmi.core.rng import Stream, numpy_generator
 from fedmi.data import load_federation, stratified_test_mask
 from fedmi.data.csv_features import load_csv
 from fedmi.data.heart_disease import load_heart_disease
@@ -27,10 +29,19 @@ def test_heart_disease_matches_flamby_preprocessing():
 def test_split_is_stratified_standardised_and_deterministic():
     fed = load_heart_disease()
     a, b, c = fed.split(1), fed.split(1), fed.split(2)
-    cle = a[0]
-    assert cle.num_train + len(cle.y_test) == 303
-    assert len(cle.y_test) == round(0.2 * 164) + round(0.2 * 139)
-    assert abs(float(cle.x_train[:, 0].mean())) < 1e-5  # z-scored with its own training stats
+    for site, split in zip(fed.sites, a):
+        counts = site.class_counts()
+        assert split.num_train + len(split.y_test) == site.n
+        for cls in (0, 1):  # stratified: each class keeps its share in the test split
+            assert int((split.y_test == cls).sum()) == round(0.2 * counts[cls])
+    cle, raw = a[0], fed.sites[0]
+    # z-scored with the site's own training statistics, and the test split with the same ones
+    assert torch.allclose(cle.x_train[:, 0].mean(), torch.tensor(0.0), atol=1e-5)
+    assert torch.allclose(cle.x_train[:, 0].std(unbiased=False), torch.tensor(1.0), atol=1e-5)
+    mask = stratified_test_mask(raw.y, 0.2, numpy_generator(Stream.SPLIT, 1, 0))
+    age_train, age_test = raw.x[~mask, 0], raw.x[mask, 0]
+    expected = (age_test - age_train.mean()) / age_train.std()
+    assert np.allclose(cle.x_test[:, 0].numpy(), expected, atol=1e-5)
     assert all(np.array_equal(x.y_test, y.y_test) for x, y in zip(a, b))
     assert not all(np.array_equal(x.y_test, y.y_test) for x, y in zip(a, c))
 
@@ -171,3 +182,45 @@ def test_embedded_files_match_their_checksums():
     assert len(entries) == 7
     for md5, name in entries:
         assert hashlib.md5((assets / name).read_bytes()).hexdigest() == md5, name
+
+
+@pytest.mark.parametrize("header, message", [
+    ("site,label,f1,label", "appear more than once"),
+    (",site,label,f1", "column 1 of the header has no name"),
+])
+def test_csv_header_problems(tmp_path, header, message):
+    path = _write(tmp_path, header + "\n" + "\n".join(f"0,A,{i % 2},1" if header.startswith(",")
+                                                      else f"A,{i % 2},1,{i % 2}" for i in range(6)) + "\n")
+    with pytest.raises(FedmiError, match=message):
+        load_csv(path)
+
+
+def _npz(tmp_path, **overrides):
+    arrays = {}
+    for split, n in (("train", 20), ("val", 6), ("test", 8)):
+        arrays[f"{split}_images"] = np.zeros((n, 28, 28), np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
+    arrays.update(overrides)
+    path = tmp_path / "x.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"val_labels": np.zeros((5, 1), np.uint8)}, "6 val images but 5 val labels"),
+    ({"test_images": np.zeros((8, 32, 32), np.uint8)}, "test_images are"),
+    ({"train_images": np.zeros((20, 28, 28), np.float32)}, "uint8"),
+    ({"train_labels": np.full((20, 1), 2, np.uint8)}, "only binary labels"),
+])
+def test_npz_problems(tmp_path, overrides, message):
+    with pytest.raises(FedmiError, match=message):
+        load_medmnist("x", num_sites=2, path=_npz(tmp_path, **overrides))
+
+
+def test_npz_valid_and_not_an_npz(tmp_path):
+    fed = load_medmnist("x", num_sites=2, path=_npz(tmp_path))
+    assert sum(s.n for s in fed.sites) == 34
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not a zip")
+    with pytest.raises(FedmiError, match="cannot be read as a .npz"):
+        load_medmnist("x", path=bad)

@@ -9,7 +9,7 @@ from fedmi.client.trainers import GradientTrainer, SGDTrainer, make_trainer
 from fedmi.core import params as P
 from fedmi.core.runner import Runner
 from fedmi.core.types import RoundInfo
-from fedmi.core.rng import torch_generator
+from fedmi.core.rng import Stream, torch_generator
 from fedmi.models import build_model
 from fedmi.runtime.inprocess import InProcessRuntime
 from fedmi.server.aggregation import make_aggregator, server_sgd, weighted_mean
@@ -55,7 +55,7 @@ def test_fedavg_equals_a_plain_pytorch_loop(three_sites):
         for i, s in enumerate(three_sites):
             ref.load_state_dict(global_w)
             opt = torch.optim.SGD(ref.parameters(), lr=lr)
-            g = torch_generator(11, r, i)
+            g = torch_generator(Stream.LOCAL_TRAINING, 11, r, i)
             perm, taken = torch.randperm(s.num_train, generator=g), 0
             for _ in range(steps):
                 if taken >= s.num_train:
@@ -72,12 +72,14 @@ def test_fedavg_equals_a_plain_pytorch_loop(three_sites):
 
 
 def test_fedprox_with_mu_zero_equals_fedavg(three_sites):
+    """mu = 0 runs the proximal branch with a zero coefficient; it must leave FedAvg's result."""
     def run(trainer):
         model = build_model("logistic", (5,), seed=1)
         return Runner(InProcessRuntime(model, three_sites), trainer, make_aggregator("fedavg"),
                       rounds=5, seed=2, evaluate_every=0).run(_init(model)).params
 
     fedavg = run(make_trainer("fedavg", local_steps=None, local_epochs=1))
+    assert make_trainer("fedprox", mu=0.0).mu == 0.0 and make_trainer("fedavg").mu is None
     prox0 = run(make_trainer("fedprox", mu=0.0))
     prox = run(make_trainer("fedprox", mu=5.0))
     assert P.allclose(fedavg, prox0, rtol=0, atol=0)

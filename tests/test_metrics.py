@@ -47,3 +47,20 @@ def test_summarize_uses_sample_std_and_skips_undefined():
     assert format_summary(s) == "0.900±0.100 (3/4)"
     assert format_summary(summarize([None, None])) == "n/a"
     assert summarize([0.7])["std"] is None
+
+
+def test_a_diverged_model_is_reported_not_scored(three_sites):
+    from collections import OrderedDict
+
+    import torch
+
+    from fedmi.client.evaluation import evaluate_site
+    from fedmi.errors import FedmiError
+    from fedmi.models import build_model
+
+    model = build_model("logistic", (5,), 0)
+    nan = OrderedDict((k, torch.full_like(v, float("nan"))) for k, v in model.state_dict().items())
+    with pytest.raises(FedmiError, match="training diverged"):
+        evaluate_site(model, nan, three_sites[0])
+    with pytest.raises(ValueError, match="NaN"):
+        binary_metrics([0, 1], [0.2, float("nan")])

@@ -5,7 +5,6 @@ User errors (FedmiError, bad options) print one or two lines and exit with statu
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -78,7 +77,7 @@ def table2(
     max_samples: Optional[int] = typer.Option(None, help="image datasets: use a random subset of this size"),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="z-score features per site (default: on for tabular data)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     out: Optional[Path] = typer.Option(None, help="output folder (default runs/table2-DATASET)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -86,7 +85,7 @@ def table2(
     _setup_logging(verbose)
     from fedmi.config import DataConfig, validated
     from fedmi.experiments.federated_run import federation_for
-    from fedmi.experiments.report import rich_table, write_table2_report
+    from fedmi.experiments.report import JsonlWriter, rich_table, write_table2_report
     from fedmi.experiments.table2 import Table2Config, run_table2, work_units
 
     data = validated(DataConfig, dict(
@@ -103,9 +102,9 @@ def table2(
     out.mkdir(parents=True, exist_ok=True)
     if fed.synthetic:
         err_console.print(f"[bold yellow]SYNTHETIC DATA:[/] {fed.description}")
-    with (out / "metrics.jsonl").open("w") as log_file, _progress() as progress:
+    with JsonlWriter(out / "metrics.jsonl") as sink, _progress() as progress:
         task = progress.add_task(f"{fed.name}: {', '.join(cfg.methods)}", total=work_units(fed, cfg))
-        result = run_table2(fed, cfg, sink=lambda rec: log_file.write(json.dumps(rec) + "\n"),
+        result = run_table2(fed, cfg, sink=sink,
                             advance=lambda k, note: progress.update(task, advance=k, description=f"{fed.name} {note}"))
     out_console.print(rich_table(result))
     written = write_table2_report(result, out)
@@ -147,17 +146,18 @@ def datasets() -> None:
     """List the embedded datasets: sites, sizes, class balance."""
     from fedmi.data.registry import describe_datasets
 
+    described = describe_datasets()
     table = Table(title="Embedded datasets")
     for col in ("Dataset", "Site", "n", "class 0", "class 1"):
         table.add_column(col, justify="left" if col in ("Dataset", "Site") else "right")
-    for d in describe_datasets():
+    for d in described:
         name = d["name"] + (" (synthetic)" if d["synthetic"] else "")
         for i, s in enumerate(d["sites"]):
             table.add_row(name if i == 0 else "", s["name"], str(s["n"]), str(s["class_counts"][0]),
                           str(s["class_counts"][1]))
         table.add_section()
     out_console.print(table)
-    for d in describe_datasets():
+    for d in described:
         out_console.print(f"[bold]{d['name']}[/]: {d['description']}; labels 0 = {d['label_names'][0]}, "
                           f"1 = {d['label_names'][1]}; input {tuple(d['input_shape'])}")
 
@@ -166,7 +166,7 @@ def datasets() -> None:
 def export(
     dataset: str = typer.Argument(..., help="a tabular dataset: heart-disease or synthetic-adni"),
     path: Path = typer.Argument(..., help="CSV file to write"),
-    seed: int = typer.Option(0, help="synthetic-adni: the generator's seed"),
+    seed: int = typer.Option(0, min=0, help="synthetic-adni: the generator's seed"),
 ) -> None:
     """Write a tabular dataset as CSV (site, label, features): the format `--dataset csv:PATH` reads."""
     from fedmi.data.registry import load_federation
@@ -183,8 +183,14 @@ def main() -> None:
     try:
         app()  # usage errors (unknown option, bad value) are typer's: it prints them and exits 2
     except FedmiError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(e))
+    except OSError as e:  # an output path that is a folder, a read-only disk, ...
+        _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise FedmiError(f"no config file at {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FedmiError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -6,3 +6,21 @@ class FedmiError(Exception):
 
     The CLI prints it in one or two lines and exits with status 2, without a traceback.
     """
+
+
+def check_number(name: str, value: float, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """`value` if it is a finite number within the bounds, else a FedmiError naming `name`."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise FedmiError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}")
+    return value

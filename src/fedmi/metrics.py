@@ -29,6 +29,8 @@ def binary_metrics(y_true: Sequence[float], prob: Sequence[float], threshold: fl
         return {m: None for m in METRICS}
     if not np.isin(y, (0, 1)).all():
         raise ValueError("binary_metrics needs labels in {0, 1}")
+    if not np.isfinite(p).all():
+        raise ValueError("binary_metrics got NaN or infinite probabilities")
     pos, pred = y == 1, p >= threshold
     n1, n0 = int(pos.sum()), int((~pos).sum())
     tp, tn = int((pred & pos).sum()), int((~pred & ~pos).sum())

@@ -8,6 +8,7 @@ from torch import nn
 from fedmi.client.trainers import binary_loss
 from fedmi.core import params as P
 from fedmi.core.types import SiteData
+from fedmi.errors import FedmiError
 from fedmi.metrics import binary_metrics
 
 
@@ -24,7 +25,11 @@ def evaluate_site(model: nn.Module, params: P.ParamsT, site: SiteData, split: st
     """Metrics (ACC, SEN, SPE, AUC, balanced accuracy, loss, n) of `params` on one split of a site."""
     model.load_state_dict(params)
     x, y = (site.x_test, site.y_test) if split == "test" else (site.x_train, site.y_train)
-    out: dict = binary_metrics(y.numpy(), predict_proba(model, x).numpy())
+    prob = predict_proba(model, x)
+    if not torch.isfinite(prob).all() or not all(torch.isfinite(v).all() for v in params.values()):
+        raise FedmiError(f"site {site.name}: the model holds or predicts NaN or infinite values: training diverged "
+                         "(lower the learning rate)")
+    out: dict = binary_metrics(y.numpy(), prob.numpy())
     out["loss"] = float(binary_loss(model, x, y)) if len(y) else None
     out["n"] = int(len(y))
     return out

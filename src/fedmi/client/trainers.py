@@ -15,7 +15,7 @@ from torch import nn
 
 from fedmi.core import params as P
 from fedmi.core.types import RoundInfo, SiteData, Update
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, check_number
 
 
 class LocalTrainer(Protocol):
@@ -51,9 +51,10 @@ def batches(n: int, batch_size: int | None, steps: int | None, epochs: int | Non
 class SGDTrainer:
     """Local SGD from the global weights (FedAvg, McMahan et al. 2017, survey ref. [12]).
 
-    With mu > 0 this is FedProx (Li et al. 2020, survey ref. [165]): each site minimises
-        h_k(w) = F_k(w) + (mu / 2) * ||w - w_global||^2,
-    so mu = 0 is exactly FedAvg. Local work is `local_steps` mini-batch iterations or
+    With mu set this is FedProx (Li et al. 2020, survey ref. [165]): each site minimises
+        h_k(w) = F_k(w) + (mu / 2) * ||w - w_global||^2.
+    mu = None is FedAvg and skips the term; mu = 0 computes it with a zero coefficient, which
+    must give FedAvg's result (a test checks it). Local work is `local_steps` mini-batch iterations or
     `local_epochs` passes. The update is delta = w_local - w_global.
     """
 
@@ -61,18 +62,26 @@ class SGDTrainer:
     batch_size: int | None = 32
     local_steps: int | None = 10
     local_epochs: int | None = None
-    mu: float = 0.0
+    mu: float | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise FedmiError("trainer: give exactly one of local_steps and local_epochs")
-        if self.lr <= 0 or self.mu < 0:
-            raise FedmiError(f"trainer: lr must be positive and mu non-negative (lr={self.lr}, mu={self.mu})")
+        check_number("trainer lr", self.lr, 0, low_open=True)
+        check_number("trainer momentum", self.momentum, 0, 1, high_open=True)
+        check_number("trainer weight_decay", self.weight_decay, 0)
+        if self.mu is not None:
+            check_number("trainer mu", self.mu, 0)
+        for name in ("batch_size", "local_steps", "local_epochs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise FedmiError(f"trainer {name} must be a positive integer, got {value!r}")
 
     def train(self, model: nn.Module, global_params: P.ParamsT, site: SiteData, round_info: RoundInfo,
               rng: torch.Generator) -> Update:
+        global_params = P.clone(global_params)  # it may share storage with `model`
         model.load_state_dict(global_params)
         model.train()
         anchor = [global_params[name] for name, _ in model.named_parameters()]
@@ -84,7 +93,7 @@ class SGDTrainer:
             loss = binary_loss(model, site.x_train[idx], site.y_train[idx])
             total += float(loss.detach()) * len(idx)
             count += len(idx)
-            if self.mu > 0:
+            if self.mu is not None:
                 loss = loss + 0.5 * self.mu * sum(((w - a) ** 2).sum() for w, a in zip(model.parameters(), anchor))
             loss.backward()
             opt.step()
@@ -123,6 +132,8 @@ TRAINERS = ("fedavg", "fedprox", "fedsgd")
 def make_trainer(name: str, **kwargs) -> LocalTrainer:
     """A trainer by method name with the Table II defaults, overridden by `kwargs`."""
     if name in ("fedavg", "fedprox"):
+        if name == "fedavg" and kwargs.get("mu") is not None:
+            raise FedmiError("trainer fedavg has no proximal term mu; use fedprox")
         defaults = {"local_steps": 10} if name == "fedavg" else {"local_epochs": 1, "mu": 0.1}
         if "local_steps" in kwargs or "local_epochs" in kwargs:  # the user's budget replaces ours
             defaults = {k: v for k, v in defaults.items() if k not in ("local_steps", "local_epochs")}

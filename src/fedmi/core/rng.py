@@ -1,19 +1,34 @@
-"""Explicit random streams. Every draw takes a generator derived from (seed, purpose ...)."""
+"""Explicit random streams. Every draw takes a generator derived from (stream, seed, ...).
+
+Each use has its own `Stream` tag and a fixed number of key fields, so no two uses can end up
+on the same stream (a key of one use is never a prefix or a copy of another's).
+"""
 
 from __future__ import annotations
+
+from enum import IntEnum
 
 import numpy as np
 import torch
 
 
-def derive_seed(*key: int) -> int:
-    """A 63-bit seed from a tuple of non-negative integers (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
+class Stream(IntEnum):
+    REPEAT = 1  # (seed, repeat): the seed of one repeat of an experiment
+    SPLIT = 2  # (seed, site): a site's train/test split
+    SIMULATION = 3  # (seed,): simulated partitions, scanners, synthetic cohorts
+    LOCAL_TRAINING = 4  # (seed, round, site): a site's batches in a round
+    CENTRAL_TRAINING = 5  # (seed, which, site): centralised baselines
+    SELECTION = 6  # (seed,): which sites train in each round
 
 
-def torch_generator(*key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*key))
+def derive_seed(stream: Stream, *key: int) -> int:
+    """A 63-bit seed from a stream tag and non-negative integers (NumPy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(stream), *key]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def numpy_generator(*key: int) -> np.random.Generator:
-    return np.random.default_rng(derive_seed(*key))
+def torch_generator(stream: Stream, *key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(stream, *key))
+
+
+def numpy_generator(stream: Stream, *key: int) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(stream, *key))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
-from fedmi.core.rng import numpy_generator
+from fedmi.core.rng import Stream, numpy_generator
 from fedmi.core.types import RoundInfo, Update
 from fedmi.errors import FedmiError
 from fedmi.runtime.base import Runtime
@@ -63,7 +63,7 @@ class Runner:
         params = P.clone(params)
         state = self.aggregator.init(params)
         infos = self.runtime.site_infos()
-        select_rng = numpy_generator(self.seed, 7919)
+        select_rng = numpy_generator(Stream.SELECTION, self.seed)
         result = RunResult(params)
         for r in range(self.rounds):
             info = RoundInfo(r, self.rounds, self.seed)

@@ -9,6 +9,7 @@ is a feature and must be numeric and complete. An optional split column holding 
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,18 @@ def load_csv(
     if not path.is_file():
         raise FedmiError(f"no CSV file at {path}")
     try:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
         df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as e:
         raise FedmiError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    # pandas silently renames a repeated column (label -> label.1), which would make it a feature
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise FedmiError(f"{path}: column name(s) {repeated} appear more than once in the header")
+    if any(not c.strip() for c in header):
+        raise FedmiError(f"{path}: column {[c.strip() for c in header].index('') + 1} of the header has no name "
+                         "(an index column?); name it or remove it")
     for role, col in (("site", site_column), ("label", label_column), ("split", split_column)):
         if col is not None and col not in df.columns:
             raise FedmiError(f"{path}: no {role} column '{col}' (columns: {', '.join(map(str, df.columns[:12]))}"

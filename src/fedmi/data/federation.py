@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedmi.core.rng import Stream, numpy_generator
 from fedmi.core.types import SiteData
 from fedmi.errors import FedmiError
 
@@ -97,7 +98,7 @@ class Federation:
             if site.test_mask is not None:
                 test = site.test_mask
             else:
-                test = stratified_test_mask(site.y, test_fraction, np.random.default_rng([seed, i]))
+                test = stratified_test_mask(site.y, test_fraction, numpy_generator(Stream.SPLIT, seed, i))
             x_tr, x_te = site.x[~test], site.x[test]
             if self.standardize and len(x_tr):
                 mean = x_tr.mean(axis=0)

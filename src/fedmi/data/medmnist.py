@@ -8,10 +8,12 @@ train/test splits. Images are scaled to [0, 1], shape (n, 1, 28, 28).
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from fedmi.core.rng import Stream, numpy_generator
 from fedmi.data.federation import Federation, Site
 from fedmi.data.partition import partition
 from fedmi.data.shift import apply_profile, site_profiles
@@ -31,14 +33,25 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """All images (n, 1, h, w) float32 in [0, 1] and binary labels of a MedMNIST-format file."""
     if not path.is_file():
         raise FedmiError(f"no MedMNIST file at {path}")
-    with np.load(path) as f:
-        missing = [k for k in KEYS if k not in f]
-        if missing:
-            raise FedmiError(f"{path}: not a MedMNIST file, missing arrays {missing}")
-        images = np.concatenate([f[f"{s}_images"] for s in ("train", "val", "test")])
-        labels = np.concatenate([f[f"{s}_labels"].reshape(-1) for s in ("train", "val", "test")])
-    if images.ndim != 3:
-        raise FedmiError(f"{path}: expected 2-D grey images, got image array of shape {images.shape}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in KEYS if k not in f]
+            if missing:
+                raise FedmiError(f"{path}: not a MedMNIST file, missing arrays {missing}")
+            splits = [(s, f[f"{s}_images"], f[f"{s}_labels"]) for s in ("train", "val", "test")]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise FedmiError(f"{path}: cannot be read as a .npz file ({e})") from None
+    shape = splits[0][1].shape[1:]
+    for split, images, labels in splits:
+        if images.dtype != np.uint8 or images.ndim != 3:
+            raise FedmiError(f"{path}: {split}_images must be 2-D grey uint8 images (n, h, w), "
+                             f"got {images.dtype} of shape {images.shape}")
+        if images.shape[1:] != shape:
+            raise FedmiError(f"{path}: {split}_images are {images.shape[1:]}, train_images are {shape}")
+        if labels.size != len(images):
+            raise FedmiError(f"{path}: {len(images)} {split} images but {labels.size} {split} labels")
+    images = np.concatenate([s[1] for s in splits])
+    labels = np.concatenate([s[2].reshape(-1) for s in splits])
     if set(np.unique(labels)) - {0, 1}:
         raise FedmiError(f"{path}: only binary labels are supported, found {np.unique(labels).tolist()}")
     return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)
@@ -67,7 +80,7 @@ def load_medmnist(
     else:
         label_names, description = ("class 0", "class 1"), f"MedMNIST-format file {path.name}"
     images, labels = load_npz(path)
-    rng = np.random.default_rng([seed, 2024])
+    rng = numpy_generator(Stream.SIMULATION, seed)
     if max_samples is not None and max_samples < len(labels):
         keep = np.sort(rng.choice(len(labels), size=max_samples, replace=False))
         images, labels = images[keep], labels[keep]

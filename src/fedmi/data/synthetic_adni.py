@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedmi.core.rng import Stream, numpy_generator
 from fedmi.data.federation import Federation, Site
 
 AAL_REGIONS = [
@@ -44,7 +45,7 @@ STUDIES = {  # name -> (AD, NC, field strength)
 
 
 def make_synthetic_adni(seed: int = 0) -> Federation:
-    rng = np.random.default_rng([seed, 90])
+    rng = numpy_generator(Stream.SIMULATION, seed)
     base = rng.uniform(0.35, 0.65, size=len(FEATURES))  # mean GM fraction per region
     atrophy = np.array([ATROPHY.get(f.rsplit("_", 1)[0], 0.0) for f in FEATURES])
     atrophy *= np.where(np.char.endswith(FEATURES, "_L"), 1.1, 0.9)  # left-lateralised

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from fedmi.core import params as P
 from fedmi.core.runner import Runner, RunResult
 from fedmi.data.federation import Federation
 from fedmi.data.registry import load_federation
+from fedmi.experiments.report import JsonlWriter, to_json
 from fedmi.models import build_model
 from fedmi.runtime.inprocess import InProcessRuntime
 from fedmi.server.aggregation import make_aggregator, parse_pipeline
@@ -44,10 +44,7 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     model = build_model(cfg.model, fed.input_shape, cfg.seed)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     aggregator = parse_pipeline(cfg.aggregator) if cfg.aggregator else make_aggregator(cfg.trainer.name, cfg.server_lr)
-    log_file = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        log_file = (out / "metrics.jsonl").open("w")
+    sink = None if out is None else JsonlWriter(out / "metrics.jsonl")
     try:
         runner = Runner(
             runtime=InProcessRuntime(model, sites),
@@ -59,18 +56,18 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
             evaluate_every=cfg.evaluate_every,
             max_update_norm=cfg.max_update_norm,
             checkpoint=None if out is None else out / "checkpoint.safetensors",
-            sink=None if log_file is None else (lambda rec: log_file.write(json.dumps(rec) + "\n")),
+            sink=sink,
             tags={"method": cfg.trainer.name},
         )
         result = runner.run(init, on_round)
     finally:
-        if log_file is not None:
-            log_file.close()
+        if sink is not None:
+            sink.close()
     if out is not None:
         P.save(result.params, out / "model.safetensors",
                metadata={"dataset": fed.name, "model": cfg.model, "rounds": str(cfg.rounds)})
         summary = {"dataset": fed.name, "synthetic": fed.synthetic, "description": fed.description,
                    "config": cfg.model_dump(), "aggregator": str(aggregator),
                    "final": result.history[-1]["test"]}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.json").write_text(to_json(summary, indent=2) + "\n")
     return FederatedRun(cfg, fed, result)

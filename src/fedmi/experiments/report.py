@@ -22,6 +22,41 @@ NOT_PRIVATE = "†"
 FOOTNOTE = f"{NOT_PRIVATE} Mix pools the sites' data: not privacy-preserving, shown as a reference."
 
 
+def _finite(obj):
+    """JSON has no NaN: non-finite numbers become null."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj, indent: int | None = None) -> str:
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+class JsonlWriter:
+    """Appends one JSON record per line (the per-round `metrics.jsonl`)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("w")
+
+    def __call__(self, record: dict) -> None:
+        self._file.write(to_json(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _title(result: Table2Result) -> str:
     title = f"Table II protocol: {result.dataset}"
     if result.synthetic:
@@ -139,7 +174,8 @@ def plot_convergence(history: list[dict], path: Path, title: str) -> None:
     axes[0].set(xlabel="round", ylabel="training loss (sample-weighted)", title="training loss")
     axes[1].set(xlabel="round", ylabel="test AUC, mean over sites", title="test AUC")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -150,7 +186,7 @@ def write_table2_report(result: Table2Result, out: Path) -> list[Path]:
     """Write results.json, table.md, the plots and the final models; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "table.md", out / "auc_by_site.png"]
-    written[0].write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    written[0].write_text(to_json(result.to_json(), indent=2) + "\n")
     written[1].write_text(markdown_table(result))
     plot_auc_by_site(result, written[2])
     if result.history:

@@ -28,11 +28,11 @@ import torch
 from fedmi.client.evaluation import evaluate_site
 from fedmi.client.trainers import LocalTrainer, SGDTrainer, make_trainer
 from fedmi.core import params as P
-from fedmi.core.rng import derive_seed, torch_generator
+from fedmi.core.rng import Stream, derive_seed, torch_generator
 from fedmi.core.runner import Runner
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, check_number
 from fedmi.metrics import METRICS, summarize
 from fedmi.models import MODELS, build_model
 from fedmi.runtime.inprocess import InProcessRuntime
@@ -67,6 +67,15 @@ class Table2Config:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise FedmiError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise FedmiError(f"methods repeat: {self.methods}")
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("fedsgd_lr", self.fedsgd_lr, 0, low_open=True)
+        check_number("momentum", self.momentum, 0, 1, high_open=True)
+        check_number("mu", self.mu, 0)
+        check_number("test_fraction", self.test_fraction, 0, 1, low_open=True, high_open=True)
+        if self.seed < 0:
+            raise FedmiError(f"seed must be non-negative, got {self.seed}")
         for name in ("repeats", "rounds", "epochs", "batch_size", "local_steps"):
             if getattr(self, name) < 1:
                 raise FedmiError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -154,7 +163,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
             sink(rec)
 
     for rep in range(repeats):
-        seed = derive_seed(cfg.seed, rep)
+        seed = derive_seed(Stream.REPEAT, cfg.seed, rep)
         sites = {s.name: s for s in fed.split(seed, cfg.test_fraction)}
         model = build_model(cfg.model, fed.input_shape, seed)
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
@@ -170,13 +179,13 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
             if method in ("cross", "single"):
                 for i, a in enumerate(names):
                     if a not in site_fits:
-                        site_fits[a] = fit_centralised(model, init, sites[a], cfg, torch_generator(seed, 1, i))
+                        site_fits[a] = fit_centralised(model, init, sites[a], cfg, torch_generator(Stream.CENTRAL_TRAINING, seed, 0, i))
                     if method == "single":
                         score("Single", site_fits[a], [a])
                     else:
                         score(f"{a}-tr", site_fits[a], [b for b in names if b != a])
             elif method == "mix":
-                pooled = fit_centralised(model, init, _pooled(list(sites.values())), cfg, torch_generator(seed, 2))
+                pooled = fit_centralised(model, init, _pooled(list(sites.values())), cfg, torch_generator(Stream.CENTRAL_TRAINING, seed, 1, 0))
                 score("Mix", pooled, names)
             else:
                 runner = Runner(

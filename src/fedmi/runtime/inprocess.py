@@ -9,7 +9,7 @@ from torch import nn
 from fedmi.client.evaluation import evaluate_site
 from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
-from fedmi.core.rng import torch_generator
+from fedmi.core.rng import Stream, torch_generator
 from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
 from fedmi.errors import FedmiError
 
@@ -32,7 +32,7 @@ class InProcessRuntime:
               round_info: RoundInfo) -> Iterator[Update]:
         for name in sites:
             # Each site's randomness depends only on (seed, round, site): order and runtime do not matter.
-            rng = torch_generator(round_info.seed, round_info.round, self._index[name])
+            rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, self._index[name])
             yield trainer.train(self._model, params, self._site(name), round_info, rng)
 
     def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:

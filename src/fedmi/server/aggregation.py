@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Sequence
 
 from fedmi.core import params as P
 from fedmi.core.types import RoundInfo, Update
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, check_number
 
 
 class Step:
@@ -82,6 +82,9 @@ class ServerSGD(ServerOptimizer):
     name: ClassVar[str] = "server_sgd"
 
     lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_number("server_sgd lr", self.lr, 0, low_open=True)
 
     def step(self, params: P.ParamsT, delta: P.ParamsT, state: Any) -> tuple[P.Params, Any]:
         return P.axpy(self.lr, delta, params), state

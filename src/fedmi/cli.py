@@ -104,8 +104,12 @@ def table2(
         err_console.print(f"[bold yellow]SYNTHETIC DATA:[/] {fed.description}")
     with JsonlWriter(out / "metrics.jsonl") as sink, _progress() as progress:
         task = progress.add_task(f"{fed.name}: {', '.join(cfg.methods)}", total=work_units(fed, cfg))
-        result = run_table2(fed, cfg, sink=sink,
-                            advance=lambda k, note: progress.update(task, advance=k, description=f"{fed.name} {note}"))
+        rounds_task = progress.add_task("federated rounds", total=cfg.rounds, visible=False)
+        result = run_table2(
+            fed, cfg, sink=sink,
+            advance=lambda k, note: progress.update(task, advance=k, description=f"{fed.name} {note}"),
+            on_round=lambda r: progress.update(rounds_task, completed=r, visible=r < cfg.rounds),
+        )
     out_console.print(rich_table(result))
     written = write_table2_report(result, out)
     out_console.print(f"wrote {out}/: " + ", ".join(sorted({p.relative_to(out).parts[0] for p in written} | {"metrics.jsonl"})))

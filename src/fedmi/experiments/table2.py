@@ -145,9 +145,11 @@ def _trainer(method: str, cfg: Table2Config) -> LocalTrainer:
 
 
 def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] | None = None,
-               advance: Callable[[int, str], None] | None = None) -> Table2Result:
+               advance: Callable[[int, str], None] | None = None,
+               on_round: Callable[[int], None] | None = None) -> Table2Result:
     """Run the protocol. `sink` receives each federated round's record; `advance(k, note)` is
-    called as work completes (for progress bars)."""
+    called as work completes and `on_round(r)` after round r of each federated run (for
+    progress bars)."""
     names = fed.site_names
     if len(names) < 2 and any(m in cfg.methods for m in ("cross", *FEDERATED)):
         raise FedmiError(f"dataset {fed.name} has one site; Cross and the federated settings need two or more")
@@ -176,6 +178,9 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                     values[label][b][m].append(metrics[m])
 
         for method in cfg.methods:
+            note = f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}"
+            if advance is not None:
+                advance(0, note)  # say what is running before it runs
             if method in ("cross", "single"):
                 for i, a in enumerate(names):
                     if a not in site_fits:
@@ -198,15 +203,14 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                     sink=log_round,
                     tags={"method": method, "repeat": rep},
                 )
-                result = runner.run(init)
+                result = runner.run(init, on_round)
                 models[f"{method}_r{rep}"] = result.params
                 # the last round's record already holds every site's evaluation of the final model
                 for b, metrics in result.history[-1]["test"].items():
                     for m in METRICS:
                         values[LABELS[method]][b][m].append(metrics[m])
             if advance is not None:
-                units = len(names) if method in ("cross", "single") else 1
-                advance(units, f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}")
+                advance(len(names) if method in ("cross", "single") else 1, note)
 
     results = {
         label: {site: {m: summarize(v) for m, v in per_site.items()}

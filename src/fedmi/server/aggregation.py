@@ -140,19 +140,9 @@ def _describe(step: Step) -> str:
     return f"{step.name}({args})"
 
 
-def weighted_mean() -> WeightedMean:
-    return WeightedMean()
-
-
-def mean() -> Mean:
-    return Mean()
-
-
-def server_sgd(lr: float = 1.0) -> ServerSGD:
-    return ServerSGD(lr)
-
-
-STEPS = {"weighted_mean": weighted_mean, "mean": mean, "server_sgd": server_sgd}
+# The names pipelines are written with, in code (`weighted_mean() | server_sgd(0.5)`) and in text.
+weighted_mean, mean, server_sgd = WeightedMean, Mean, ServerSGD
+STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (WeightedMean, Mean, ServerSGD)}
 _STEP_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 
 
@@ -165,13 +155,15 @@ def parse_pipeline(text: str) -> AggregationPipeline:
             raise FedmiError(f"aggregation: unknown step '{part.strip()}'; steps: {', '.join(STEPS)}")
         kwargs = {}
         if m.group(2) and m.group(2).strip():
+            unreadable = FedmiError(f"aggregation: cannot read the arguments of '{part.strip()}' "
+                                    "(use name=value literals)")
             try:
                 call = ast.parse(f"f({m.group(2)})", mode="eval").body
-                assert isinstance(call, ast.Call) and not call.args
+                if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+                    raise unreadable
                 kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-            except (SyntaxError, ValueError, AssertionError):
-                raise FedmiError(f"aggregation: cannot read the arguments of '{part.strip()}' "
-                                 "(use name=value literals)") from None
+            except (SyntaxError, ValueError):
+                raise unreadable from None
         try:
             steps.append(STEPS[m.group(1)](**kwargs))
         except TypeError as e:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fedmi.core.rng import Stream, numpy_generator
@@ -72,10 +73,8 @@ class Federation:
     def has_fixed_split(self) -> bool:
         return all(s.test_mask is not None for s in self.sites)
 
-    def to_frame(self, site_column: str = "site", label_column: str = "label") -> "pd.DataFrame":
+    def to_frame(self, site_column: str = "site", label_column: str = "label") -> pd.DataFrame:
         """The federation as one table (tabular data only): the format `csv:PATH` reads back."""
-        import pandas as pd
-
         if self.kind != "tabular":
             raise FedmiError(f"dataset {self.name} holds images; only tabular data can be exported as CSV")
         names = self.feature_names or [f"f{j}" for j in range(self.input_shape[0])]

@@ -115,7 +115,7 @@ def markdown_table(result: Table2Result) -> str:
 
 def plot_auc_by_site(result: Table2Result, path: Path) -> None:
     labels = [r["label"] for r in result.rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(result.sites) + 0.25 * len(labels)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(result.sites) + 0.25 * len(labels)) + 1.8, 4.2))
     width = 0.8 / len(labels)
     colors = plt.get_cmap("tab10")
     for j, row in enumerate(result.rows):
@@ -126,7 +126,8 @@ def plot_auc_by_site(result: Table2Result, path: Path) -> None:
                 xs.append(i - 0.4 + width * (j + 0.5))
                 means.append(s["mean"])
                 errs.append(s["std"] or 0.0)
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=row["label"], color=colors(j % 10),
+        label = row["label"] + ("" if row["privacy_preserving"] else f" {NOT_PRIVATE} (pooled data)")
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=label, color=colors(j % 10),
                hatch="//" if row["method"] == "cross" else None, alpha=0.9)
     for i, site in enumerate(result.sites):
         if not any((result.results[r["label"]].get(site, {}).get("auc") or {}).get("mean") is not None
@@ -137,7 +138,7 @@ def plot_auc_by_site(result: Table2Result, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_title(_title(result) + ": AUC per site")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -95,8 +95,8 @@ def table2(
     fed = federation_for(data, seed)
     cfg = Table2Config(
         methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
-        epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr, momentum=momentum,
-        fedsgd_lr=fedsgd_lr,
+        epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr,
+        momentum=momentum, fedsgd_lr=fedsgd_lr,
     )
     out = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """The one error type for problems a user can cause (bad path, column, config, update)."""
 
+import math
+
 
 class FedmiError(Exception):
     """A user-facing error: the message says what is wrong and where.
@@ -11,8 +13,6 @@ class FedmiError(Exception):
 def check_number(name: str, value: float, low: float | None = None, high: float | None = None, *,
                  low_open: bool = False, high_open: bool = False) -> float:
     """`value` if it is a finite number within the bounds, else a FedmiError naming `name`."""
-    import math
-
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low

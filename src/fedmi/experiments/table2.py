@@ -28,7 +28,7 @@ from fedmi.client.evaluation import evaluate_site
 from fedmi.client.trainers import LocalTrainer, SGDTrainer, make_trainer
 from fedmi.core import params as P
 from fedmi.core.rng import Stream, derive_seed, torch_generator
-from fedmi.core.runner import Runner
+from fedmi.core.runner import Runner, check_update
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError, check_number
@@ -131,6 +131,7 @@ def fit_centralised(model: torch.nn.Module, init: P.ParamsT, data: SiteData, cfg
     trainer = SGDTrainer(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, local_steps=None,
                          local_epochs=cfg.epochs)
     update = trainer.train(model, init, data, RoundInfo(0, 1, cfg.seed), rng)
+    check_update(update, init, max_norm=None)  # the server's own check: NaN/Inf means training diverged
     return P.add(init, update.delta)
 
 
@@ -170,11 +171,13 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
         site_fits: dict[str, P.Params] = {}  # one fit per site serves both Cross and Single
 
+        def record(label: str, site: str, metrics: dict) -> None:
+            for m in METRICS:
+                values[label][site][m].append(metrics[m])
+
         def score(label: str, params: P.ParamsT, targets: list[str]) -> None:
             for b in targets:
-                metrics = evaluate_site(model, params, sites[b])
-                for m in METRICS:
-                    values[label][b][m].append(metrics[m])
+                record(label, b, evaluate_site(model, params, sites[b]))
 
         for method in cfg.methods:
             note = f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}"
@@ -183,13 +186,15 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
             if method in ("cross", "single"):
                 for i, a in enumerate(names):
                     if a not in site_fits:
-                        site_fits[a] = fit_centralised(model, init, sites[a], cfg, torch_generator(Stream.CENTRAL_TRAINING, seed, 0, i))
+                        rng = torch_generator(Stream.CENTRAL_TRAINING, seed, 0, i)
+                        site_fits[a] = fit_centralised(model, init, sites[a], cfg, rng)
                     if method == "single":
                         score("Single", site_fits[a], [a])
                     else:
                         score(f"{a}-tr", site_fits[a], [b for b in names if b != a])
             elif method == "mix":
-                pooled = fit_centralised(model, init, _pooled(list(sites.values())), cfg, torch_generator(Stream.CENTRAL_TRAINING, seed, 1, 0))
+                rng = torch_generator(Stream.CENTRAL_TRAINING, seed, 1, 0)
+                pooled = fit_centralised(model, init, _pooled(list(sites.values())), cfg, rng)
                 score("Mix", pooled, names)
             else:
                 runner = Runner(
@@ -206,8 +211,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 models[f"{method}_r{rep}"] = result.params
                 # the last round's record already holds every site's evaluation of the final model
                 for b, metrics in result.history[-1]["test"].items():
-                    for m in METRICS:
-                        values[LABELS[method]][b][m].append(metrics[m])
+                    record(LABELS[method], b, metrics)
             if advance is not None:
                 advance(len(names) if method in ("cross", "single") else 1, note)
 

@@ -1,3 +1,4 @@
+import weakref
 from collections import OrderedDict
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 from fedmi.core.types import RoundInfo, Update
 from fedmi.errors import FedmiError
-from fedmi.server.aggregation import mean, parse_pipeline, server_sgd, weighted_mean
+from fedmi.server.aggregation import krum, mean, median, parse_pipeline, server_sgd, weighted_mean
 
 INFO = RoundInfo(0, 1, 0)
 
@@ -63,3 +64,91 @@ def test_update_boundary_rejects_data_shaped_extras():
     with pytest.raises(TypeError, match="scalar"):
         Update("a", delta, 5, metrics={"labels": [0, 1, 1]})
     Update("a", delta, 5, extras={"label_histogram": torch.tensor([2.0, 3.0])})
+
+
+def _random_updates(k, shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [Update(f"s{i}", OrderedDict((name, torch.randn(*shape, generator=g)) for name, shape in shapes.items()),
+                   int(torch.randint(1, 200, (1,), generator=g)))
+            for i in range(k)]
+
+
+def test_streaming_weighted_mean_equals_batch_formula():
+    shapes = {"w": (7, 3), "b": (3,)}
+    updates = _random_updates(25, shapes)
+    like = OrderedDict((k, torch.zeros(s)) for k, s in shapes.items())
+    n = sum(u.num_examples for u in updates)
+    for k in shapes:  # the batch formula, all updates stacked at once, in float64
+        stacked = torch.stack([u.delta[k].double() * u.num_examples for u in updates])
+        expected = stacked.sum(0) / n
+        streamed = weighted_mean().reduce(updates, like)[k]
+        assert streamed.dtype == torch.float32
+        assert torch.allclose(streamed.double(), expected, rtol=1e-5, atol=1e-6)
+        reordered = weighted_mean().reduce(updates[::-1], like)[k]
+        assert torch.allclose(reordered, streamed, rtol=1e-5, atol=1e-6)
+
+
+class _TrackedUpdates:
+    """Yields updates one at a time and records how many earlier ones are still alive."""
+
+    def __init__(self, k, size):
+        self.k, self.size, self.alive_at_yield = k, size, []
+
+    def __iter__(self):
+        refs = []  # reference counting frees a dropped update at once; no collector run needed
+        for i in range(self.k):
+            self.alive_at_yield.append(sum(r() is not None for r in refs))
+            u = Update(f"s{i}", OrderedDict(w=torch.full((self.size,), float(i))), 1)
+            refs.append(weakref.ref(u.delta["w"]))
+            yield u
+            del u
+
+
+def test_streaming_round_holds_one_update_at_a_time():
+    params = OrderedDict(w=torch.zeros(1000))
+    stream = _TrackedUpdates(20, 1000)
+    pipe = weighted_mean() | server_sgd(1.0)
+    assert not pipe.needs_all_updates
+    new, _ = pipe.aggregate(pipe.init(params), params, stream, INFO)
+    assert max(stream.alive_at_yield) <= 1  # only the update being folded
+    assert torch.allclose(new["w"], torch.full((1000,), 9.5))
+    buffered = _TrackedUpdates(20, 1000)
+    pipe = median() | server_sgd(1.0)
+    assert pipe.needs_all_updates  # declared: it keeps every update
+    new, _ = pipe.aggregate(pipe.init(params), params, buffered, INFO)
+    assert buffered.alive_at_yield[-1] == 19
+    assert torch.allclose(new["w"], torch.full((1000,), 9.5))
+
+
+def test_median_by_hand():
+    like = OrderedDict(w=torch.zeros(2))
+    odd = [_u("a", [1.0, 5.0], 1), _u("b", [2.0, -1.0], 50), _u("c", [10.0, 0.0], 9)]
+    assert torch.equal(median().reduce(odd, like)["w"], torch.tensor([2.0, 0.0]))  # weights ignored
+    even = [*odd, _u("d", [4.0, 1.0], 1)]  # middle pairs (2, 4) and (0, 1)
+    assert torch.equal(median().reduce(even, like)["w"], torch.tensor([3.0, 0.5]))
+
+
+def test_median_blocks_match_torch_median():
+    updates = _random_updates(9, {"w": (300,), "b": (4, 5)}, seed=3)
+    like = OrderedDict(w=torch.zeros(300), b=torch.zeros(4, 5))
+    from fedmi.server import aggregation
+    got = aggregation.CoordinateMedian().reduce(updates, like)
+    for k in like:  # odd count: torch's median is the true median
+        assert torch.equal(got[k], torch.stack([u.delta[k] for u in updates]).median(0).values)
+    # tiny blocks: the column-block path must give the same answer
+    blocks = list(aggregation._column_blocks(updates, like, max_elements=20))
+    assert len(blocks) > 2 and sum(b.shape[1] for _, _, b in blocks) == 320
+
+
+def test_krum_by_hand():
+    # scalars 0, 1, 3, 10, 11 with f=1: each scores its 2 nearest squared distances:
+    # 0: 1+9=10, 1: 1+4=5, 3: 4+9=13, 10: 1+49=50, 11: 1+64=65 -> site "1" wins.
+    updates = [_u(f"v{v}", [float(v)], 1) for v in (0, 1, 3, 10, 11)]
+    like = OrderedDict(w=torch.zeros(1))
+    assert torch.allclose(krum(f=1).scores(updates, like), torch.tensor([10.0, 5, 13, 50, 65], dtype=torch.float64))
+    assert torch.equal(krum(f=1).reduce(updates, like)["w"], torch.tensor([1.0]))
+    assert torch.equal(krum(f=1, m=2).reduce(updates, like)["w"], torch.tensor([0.5]))  # Multi-Krum: 1 and 0
+    with pytest.raises(FedmiError, match="at least 5 updates"):
+        krum(f=1).reduce(updates[:4], like)
+    with pytest.raises(FedmiError, match="krum f"):
+        parse_pipeline("krum(f=-1)")

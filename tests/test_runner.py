@@ -117,3 +117,46 @@ def test_fraction_selection_and_checkpoint(three_sites, tmp_path):
     assert P.allclose(P.load(tmp_path / "ckpt.safetensors"), res.params, rtol=0, atol=0)
     assert set(records[2]["test"]) == {"a", "b", "c"}
     assert np.isfinite(records[0]["train_loss"])
+
+
+class SignFlipAttack:
+    """One site sends -20x its honest update: finite and well-formed, so only the aggregator can stop it."""
+
+    def __init__(self, inner, attacker):
+        self.inner, self.attacker = inner, attacker
+
+    def site_infos(self):
+        return self.inner.site_infos()
+
+    def train(self, trainer, params, sites, round_info):
+        for u in self.inner.train(trainer, params, sites, round_info):
+            if u.site == self.attacker:
+                u = Update(u.site, P.scale(u.delta, -20.0), u.num_examples, u.metrics)
+            yield u
+
+    def evaluate(self, params, sites=None, split="test"):
+        return self.inner.evaluate(params, sites, split)
+
+
+def test_robust_aggregators_stop_a_poisoning_site():
+    from tests.conftest import make_site_data
+
+    sites = [make_site_data(f"s{i}", 40, 5, seed=1) for i in range(6)]  # one population, six hospitals
+    model = build_model("logistic", (5,), 0)
+    init = _init(model)
+
+    def final(aggregator, attacked):
+        runtime = InProcessRuntime(model, sites)
+        if attacked:
+            runtime = SignFlipAttack(runtime, "s0")
+        return Runner(runtime, make_trainer("fedavg"), make_aggregator(aggregator), rounds=5).run(init).params
+
+    honest = final("fedavg", attacked=False)
+
+    def dist(p):
+        return float(P.l2_norm(P.sub(p, honest)))
+
+    poisoned = dist(final("fedavg", attacked=True))
+    assert poisoned > 1.0  # the attack works on the plain weighted mean
+    for robust in ("median", "krum(f=1)"):
+        assert dist(final(robust, attacked=True)) < 0.1 * poisoned

@@ -23,11 +23,26 @@ from fedmi.server.selection import AllSites, Selector
 log = logging.getLogger("fedmi")
 
 
+class RoundAggregator(Protocol):
+    def add(self, update: Update) -> None: ...
+
+    def finish(self) -> tuple[P.Params, Any]: ...
+
+
 class Aggregator(Protocol):
     def init(self, params: P.ParamsT) -> Any: ...
 
-    def aggregate(self, state: Any, params: P.ParamsT, updates: list[Update],
-                  round_info: RoundInfo) -> tuple[P.Params, Any]: ...
+    def begin_round(self, state: Any, params: P.ParamsT, round_info: RoundInfo) -> RoundAggregator:
+        """Updates are added one by one as they arrive, so a streaming aggregator holds O(model)."""
+
+
+@dataclass(frozen=True)
+class _Report:
+    """What the round's record keeps of an accepted update once its delta is folded in."""
+
+    site: str
+    num_examples: int
+    train_loss: float | None
 
 
 @dataclass
@@ -68,7 +83,9 @@ class Runner:
         for r in range(self.rounds):
             info = RoundInfo(r, self.rounds, self.seed)
             chosen = self.selector.select(infos, info, select_rng)
-            accepted, rejected = [], []
+            round_agg = self.aggregator.begin_round(state, params, info)
+            accepted: list[_Report] = []
+            rejected: list[str] = []
             for update in self.runtime.train(self.trainer, params, chosen, info):
                 try:
                     check_update(update, params, self.max_update_norm)
@@ -76,9 +93,11 @@ class Runner:
                     log.warning("round %d: rejected %s", r + 1, e)
                     rejected.append(update.site)
                     continue
-                accepted.append(update)
+                round_agg.add(update)
+                accepted.append(_Report(update.site, update.num_examples, update.metrics.get("train_loss")))
+            update = None  # the loop variable would keep the last update alive through aggregation
             if accepted:
-                params, state = self.aggregator.aggregate(state, params, accepted, info)
+                params, state = round_agg.finish()
             else:
                 log.error("round %d: no acceptable update; the global model is unchanged", r + 1)
             record = self._record(r, accepted, rejected, params)
@@ -94,12 +113,11 @@ class Runner:
         result.params = params
         return result
 
-    def _record(self, r: int, accepted: list[Update], rejected: list[str], params: P.ParamsT) -> dict:
-        n = sum(u.num_examples for u in accepted)
-        record: dict = {**self.tags, "round": r + 1, "sites": [u.site for u in accepted], "rejected": rejected}
-        losses = [(u.num_examples, u.metrics.get("train_loss")) for u in accepted]
-        if n and all(loss is not None for _, loss in losses):
-            record["train_loss"] = sum(k * loss for k, loss in losses) / n
+    def _record(self, r: int, accepted: list[_Report], rejected: list[str], params: P.ParamsT) -> dict:
+        n = sum(a.num_examples for a in accepted)
+        record: dict = {**self.tags, "round": r + 1, "sites": [a.site for a in accepted], "rejected": rejected}
+        if n and all(a.train_loss is not None for a in accepted):
+            record["train_loss"] = sum(a.num_examples * a.train_loss for a in accepted) / n
         last = r + 1 == self.rounds
         if last or (self.evaluate_every and (r + 1) % self.evaluate_every == 0):
             record["test"] = self.runtime.evaluate(params)

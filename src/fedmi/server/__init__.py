@@ -2,11 +2,16 @@
 
 from fedmi.server.aggregation import (
     AggregationPipeline,
+    CoordinateMedian,
+    Krum,
     Mean,
+    RoundAggregation,
     ServerSGD,
     WeightedMean,
+    krum,
     make_aggregator,
     mean,
+    median,
     parse_pipeline,
     server_sgd,
     weighted_mean,
@@ -14,6 +19,7 @@ from fedmi.server.aggregation import (
 from fedmi.server.selection import AllSites, FractionSelector, Selector
 
 __all__ = [
-    "AggregationPipeline", "AllSites", "FractionSelector", "Mean", "Selector", "ServerSGD",
-    "WeightedMean", "make_aggregator", "mean", "parse_pipeline", "server_sgd", "weighted_mean",
+    "AggregationPipeline", "AllSites", "CoordinateMedian", "FractionSelector", "Krum", "Mean", "RoundAggregation",
+    "Selector", "ServerSGD", "WeightedMean", "krum", "make_aggregator", "mean", "median", "parse_pipeline",
+    "server_sgd", "weighted_mean",
 ]

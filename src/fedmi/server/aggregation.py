@@ -4,15 +4,23 @@ A pipeline is zero or more update transforms (each maps the list of updates to a
 clipping, noise, ...), then one reducer (many updates -> one delta: weighted mean, median, ...),
 then one server optimiser (params, delta -> new params: SGD, Adam, ...). A missing optimiser
 means server_sgd(lr=1.0), i.e. w <- w + delta. Each survey method is then one pipeline line.
+
+Server memory: a streaming reducer (the means) folds each update into a running sum as it
+arrives, so a round holds one accumulator and one update, O(model) however many sites report.
+A reducer that needs every update at once (median, Krum) and any update transform declare it
+(`needs_all_updates`); the round then buffers the updates, O(sites x model).
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
+
+import torch
 
 from fedmi.core import params as P
 from fedmi.core.types import RoundInfo, Update
@@ -29,13 +37,35 @@ class Step:
 
 
 class UpdateTransform(Step):
+    needs_all_updates: ClassVar[bool] = True  # a transform sees the round's whole list
+
     def transform(self, updates: list[Update], state: Any, round_info: RoundInfo) -> list[Update]:
         raise NotImplementedError
 
 
 class Reducer(Step):
-    def reduce(self, updates: Sequence[Update], like: P.ParamsT) -> P.Params:
+    """Many updates -> one delta.
+
+    A streaming reducer implements start / fold / finish and keeps O(model) state; one that
+    needs all updates together sets `needs_all_updates` and overrides `reduce`.
+    """
+
+    needs_all_updates: ClassVar[bool] = False
+
+    def start(self, like: P.ParamsT) -> Any:
         raise NotImplementedError
+
+    def fold(self, acc: Any, update: Update) -> Any:
+        raise NotImplementedError
+
+    def finish(self, acc: Any, like: P.ParamsT) -> P.Params:
+        raise NotImplementedError
+
+    def reduce(self, updates: Sequence[Update], like: P.ParamsT) -> P.Params:
+        acc = self.start(like)
+        for u in updates:
+            acc = self.fold(acc, u)
+        return self.finish(acc, like)
 
 
 class ServerOptimizer(Step):
@@ -46,33 +76,125 @@ class ServerOptimizer(Step):
         raise NotImplementedError
 
 
-def _cast_like(total: P.ParamsT, like: P.ParamsT) -> P.Params:
-    return OrderedDict((k, total[k].to(like[k].dtype)) for k in like)
+class _RunningSum:
+    """sum_k w_k * delta_k and sum_k w_k, folded in place in the model's dtype (one model's memory)."""
+
+    def __init__(self, like: P.ParamsT):
+        self.total = P.zeros_like(like)
+        self.weight = 0.0
+
+    def add(self, weight: float, delta: P.ParamsT) -> "_RunningSum":
+        for k, v in self.total.items():
+            v.add_(delta[k], alpha=weight)
+        self.weight += weight
+        return self
+
+    def mean(self) -> P.Params:
+        if self.weight <= 0:
+            raise ValueError("mean of no updates")
+        for v in self.total.values():
+            v.div_(self.weight)
+        return self.total
 
 
 @dataclass
 class WeightedMean(Reducer):
     """FedAvg's aggregate: delta = sum_k (n_k / n) delta_k, n = sum_k n_k (McMahan et al. 2017).
 
-    Accumulates in float64 so the result does not depend on the order sites arrive in beyond
-    rounding of the final cast.
+    Folds n_k * delta_k into a running sum as updates arrive and divides by n at the end.
     """
 
     name: ClassVar[str] = "weighted_mean"
 
-    def reduce(self, updates: Sequence[Update], like: P.ParamsT) -> P.Params:
-        n = sum(u.num_examples for u in updates)
-        return _cast_like(P.weighted_sum((u.num_examples / n, u.delta) for u in updates), like)
+    def start(self, like: P.ParamsT) -> _RunningSum:
+        return _RunningSum(like)
+
+    def fold(self, acc: _RunningSum, update: Update) -> _RunningSum:
+        return acc.add(float(update.num_examples), update.delta)
+
+    def finish(self, acc: _RunningSum, like: P.ParamsT) -> P.Params:
+        return acc.mean()
 
 
 @dataclass
-class Mean(Reducer):
+class Mean(WeightedMean):
     """Unweighted mean of the sites' deltas: every site counts the same."""
 
     name: ClassVar[str] = "mean"
 
+    def fold(self, acc: _RunningSum, update: Update) -> _RunningSum:
+        return acc.add(1.0, update.delta)
+
+
+def _column_blocks(updates: Sequence[Update], like: P.ParamsT, max_elements: int = 1 << 24
+                   ) -> Iterable[tuple[str, slice, torch.Tensor]]:
+    """(name, columns, K x columns matrix of the updates' values) for blocks of each tensor.
+
+    Stacking block by block keeps the working set to `max_elements` beyond the updates themselves.
+    """
+    width = max(1, max_elements // len(updates))
+    for k, ref in like.items():
+        n = ref.numel()
+        for start in range(0, n, width):
+            cols = slice(start, min(n, start + width))
+            yield k, cols, torch.stack([u.delta[k].reshape(-1)[cols] for u in updates])
+
+
+@dataclass
+class CoordinateMedian(Reducer):
+    """Coordinate-wise median of the deltas (Yin et al. 2018), robust to a minority of bad sites.
+
+    delta[j] = median_k delta_k[j]; with an even number of sites, the mean of the two middle values.
+    """
+
+    name: ClassVar[str] = "median"
+    needs_all_updates: ClassVar[bool] = True
+
     def reduce(self, updates: Sequence[Update], like: P.ParamsT) -> P.Params:
-        return _cast_like(P.weighted_sum((1.0 / len(updates), u.delta) for u in updates), like)
+        out = P.zeros_like(like)
+        lo, hi = (len(updates) - 1) // 2, len(updates) // 2
+        for k, cols, block in _column_blocks(updates, like):
+            ordered = block.sort(dim=0).values
+            out[k].view(-1)[cols] = (ordered[lo] + ordered[hi]) / 2
+        return out
+
+
+@dataclass
+class Krum(Reducer):
+    """Krum (Blanchard et al. 2017): the update closest to its neighbours, tolerating f bad sites.
+
+    score(i) = sum of ||delta_i - delta_j||^2 over the K - f - 2 nearest other updates j; the
+    result is the update with the lowest score, or with m > 1 (Multi-Krum) the mean of the m
+    lowest-scoring updates. Needs K >= 2f + 3 updates.
+    """
+
+    name: ClassVar[str] = "krum"
+    needs_all_updates: ClassVar[bool] = True
+
+    f: int = 1
+    m: int = 1
+
+    def __post_init__(self) -> None:
+        for what, value, low in (("f", self.f, 0), ("m", self.m, 1)):
+            if not isinstance(value, int) or value < low:
+                raise FedmiError(f"krum {what} must be an integer of at least {low}, got {value!r}")
+
+    def scores(self, updates: Sequence[Update], like: P.ParamsT) -> torch.Tensor:
+        k = len(updates)
+        if k < 2 * self.f + 3:
+            raise FedmiError(f"krum with f={self.f} needs at least {2 * self.f + 3} updates, got {k}")
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        for _, _, block in _column_blocks(updates, like):
+            block = block.to(torch.float64)
+            gram += block @ block.T
+        sq = gram.diagonal()
+        dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+        dist.fill_diagonal_(math.inf)
+        return dist.sort(dim=1).values[:, : k - self.f - 2].sum(dim=1)
+
+    def reduce(self, updates: Sequence[Update], like: P.ParamsT) -> P.Params:
+        chosen = self.scores(updates, like).argsort()[: self.m].tolist()
+        return Mean().reduce([updates[i] for i in chosen], like)
 
 
 @dataclass
@@ -116,23 +238,65 @@ class AggregationPipeline:
                              f"got {self}")
         return transforms, reducers[0], optimisers[0] if optimisers else ServerSGD(1.0)
 
+    @property
+    def needs_all_updates(self) -> bool:
+        transforms, reducer, _ = self._parts()
+        return bool(transforms) or reducer.needs_all_updates
+
     def init(self, params: P.ParamsT) -> dict[str, Any]:
         _, _, opt = self._parts()
         return {"optimizer": opt.init(params)}
 
-    def aggregate(self, state: dict[str, Any], params: P.ParamsT, updates: list[Update],
+    def begin_round(self, state: dict[str, Any], params: P.ParamsT, round_info: RoundInfo) -> "RoundAggregation":
+        """Open a round: `add` each accepted update as it arrives, then `finish`."""
+        return RoundAggregation(self, state, params, round_info)
+
+    def aggregate(self, state: dict[str, Any], params: P.ParamsT, updates: Iterable[Update],
                   round_info: RoundInfo) -> tuple[P.Params, dict[str, Any]]:
-        transforms, reducer, opt = self._parts()
-        for t in transforms:
-            updates = t.transform(updates, state, round_info)
-        if not updates:
-            return P.clone(params), state
-        delta = reducer.reduce(updates, params)
-        new_params, state["optimizer"] = opt.step(params, delta, state["optimizer"])
-        return new_params, state
+        round_ = self.begin_round(state, params, round_info)
+        for u in updates:
+            round_.add(u)
+        return round_.finish()
 
     def __str__(self) -> str:
         return " | ".join(_describe(s) for s in self.steps)
+
+
+class RoundAggregation:
+    """One round's aggregation: streams updates into the reducer, or buffers them when a step
+    needs the whole list."""
+
+    def __init__(self, pipeline: AggregationPipeline, state: dict[str, Any], params: P.ParamsT,
+                 round_info: RoundInfo):
+        self._transforms, self._reducer, self._optimizer = pipeline._parts()
+        self._state, self._params, self._info = state, params, round_info
+        self._buffer: list[Update] | None = [] if pipeline.needs_all_updates else None
+        self._acc = None if self._buffer is not None else self._reducer.start(params)
+        self.count = 0
+
+    def add(self, update: Update) -> None:
+        if self._buffer is not None:
+            self._buffer.append(update)
+        else:
+            self._acc = self._reducer.fold(self._acc, update)
+        self.count += 1
+
+    def finish(self) -> tuple[P.Params, dict[str, Any]]:
+        """The new global parameters and server state (the parameters unchanged if nothing came)."""
+        if self._buffer is not None:
+            updates = self._buffer
+            for t in self._transforms:
+                updates = t.transform(updates, self._state, self._info)
+            if not updates:
+                return P.clone(self._params), self._state
+            delta = self._reducer.reduce(updates, self._params)
+        elif self.count:
+            delta = self._reducer.finish(self._acc, self._params)
+        else:
+            return P.clone(self._params), self._state
+        self._acc = self._buffer = None  # free the round's memory before the optimiser allocates
+        new_params, self._state["optimizer"] = self._optimizer.step(self._params, delta, self._state["optimizer"])
+        return new_params, self._state
 
 
 def _describe(step: Step) -> str:
@@ -141,8 +305,8 @@ def _describe(step: Step) -> str:
 
 
 # The names pipelines are written with, in code (`weighted_mean() | server_sgd(0.5)`) and in text.
-weighted_mean, mean, server_sgd = WeightedMean, Mean, ServerSGD
-STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (WeightedMean, Mean, ServerSGD)}
+weighted_mean, mean, median, krum, server_sgd = WeightedMean, Mean, CoordinateMedian, Krum, ServerSGD
+STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (WeightedMean, Mean, CoordinateMedian, Krum, ServerSGD)}
 _STEP_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 
 

@@ -1,0 +1,205 @@
+"""Vectorised runtime: many sites' copies of one model trained at once with torch.func.
+
+Sites are bucketed by their number of local steps. Within a bucket, step t of every site is one
+batched call, `vmap(grad(loss))` over the sites' stacked parameters: each site's mini-batch is
+padded to the bucket's largest and masked, so each site's loss is still the mean over its own
+real samples,
+
+    L_k(w_k) = sum_i m_ki * l(f(x_ki; w_k), y_ki) / sum_i m_ki  (+ mu/2 ||w_k - w_t||^2 for FedProx),
+
+and SGD (with momentum and weight decay, as torch.optim.SGD) updates every site's stacked
+parameters and momentum buffer in one tensor operation. Mini-batches come from the same
+per-site generators (seed, round, site) as the sequential runtime, so the updates equal its
+updates to float rounding. FedSGD is one masked full-batch gradient per site at the global weights.
+
+A trainer or model it cannot run (another trainer class, a model with buffers such as batch
+norm, a layer vmap cannot batch) falls back to the sequential runtime with a one-line notice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, defaultdict
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.utils.rnn import pad_sequence
+
+from fedmi.client.trainers import GradientTrainer, LocalTrainer, SGDTrainer, batches
+from fedmi.core import params as P
+from fedmi.core.rng import Stream, torch_generator
+from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
+from fedmi.errors import FedmiError
+from fedmi.runtime.inprocess import InProcessRuntime
+
+log = logging.getLogger("fedmi")
+
+# Work-size caps per batched call, in tensor elements: they bound memory, not results.
+MAX_BATCH_ELEMENTS = 1 << 25  # sites x padded batch x sample size
+MAX_PARAM_ELEMENTS = 1 << 26  # sites x model size (parameters, gradients, momentum)
+
+
+class VectorisedRuntime:
+    def __init__(self, model: nn.Module, sites: Sequence[SiteData]):
+        self._model = model
+        self._sequential = InProcessRuntime(model, sites)
+        self._sites = list(sites)
+        self._index = {s.name: i for i, s in enumerate(self._sites)}
+        # All training data in one tensor: a step gathers every site's batch with one index.
+        self._x = torch.cat([s.x_train for s in self._sites])
+        self._y = torch.cat([s.y_train for s in self._sites])
+        sizes = torch.tensor([s.num_train for s in self._sites])
+        self._offset = torch.cumsum(sizes, 0) - sizes
+        self._names = [name for name, _ in model.named_parameters()]
+        self._steps: dict[float | None, Callable] = {}
+        self._noticed: set[str] = set()
+        self._unsupported_model = self._check_model()
+
+    def site_infos(self) -> list[SiteInfo]:
+        return self._sequential.site_infos()
+
+    def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
+        return self._sequential.evaluate(params, sites, split)
+
+    def unsupported(self, trainer: LocalTrainer) -> str | None:
+        """Why this trainer and model cannot run vectorised, or None when they can."""
+        if type(trainer) not in (SGDTrainer, GradientTrainer):
+            return f"trainer {type(trainer).__name__} has no vectorised form"
+        return self._unsupported_model
+
+    def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
+              round_info: RoundInfo) -> Iterator[Update]:
+        reason = self.unsupported(trainer)
+        if reason is not None:
+            if reason not in self._noticed:
+                self._noticed.add(reason)
+                log.warning("vectorised runtime: %s; training the sites one after another", reason)
+            yield from self._sequential.train(trainer, params, sites, round_info)
+            return
+        unknown = [n for n in sites if n not in self._index]
+        if unknown:
+            raise FedmiError(f"no site named '{unknown[0]}' in this federation")
+        indices = [self._index[n] for n in sites]
+        params = OrderedDict((k, v.detach()) for k, v in params.items())
+        if isinstance(trainer, GradientTrainer):
+            yield from self._gradients(params, indices)
+        else:
+            yield from self._local_sgd(trainer, params, indices, round_info)
+
+    # -- support ------------------------------------------------------------------------
+
+    def _check_model(self) -> str | None:
+        named = dict(self._model.named_parameters())
+        if list(self._model.buffers()):
+            return f"model {type(self._model).__name__} has buffers (e.g. batch norm statistics)"
+        if set(named) != set(self._model.state_dict()):
+            return f"model {type(self._model).__name__} has state beyond its parameters"
+        if any(p.dtype != torch.float32 for p in named.values()):
+            return "model parameters are not all float32"
+        site = self._sites[0]
+        try:  # a dry run: some layers have no batching rule
+            probe = OrderedDict((k, v.detach().unsqueeze(0).expand(2, *v.shape)) for k, v in named.items())
+            x = site.x_train[:1].unsqueeze(0).expand(2, *site.x_train[:1].shape)
+            y = site.y_train[:1].unsqueeze(0).expand(2, 1)
+            self._step_fn(None)(probe, x, y, torch.ones(2, 1), probe)
+        except Exception as e:  # noqa: BLE001 - any failure means: not vectorisable
+            return f"model {type(self._model).__name__} cannot be batched with vmap ({type(e).__name__}: {e})"
+        return None
+
+    # -- the batched loss ---------------------------------------------------------------
+
+    def _site_loss(self, p: dict, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, anchor: dict,
+                   mu: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        per_sample = F.binary_cross_entropy_with_logits(functional_call(self._model, p, (x,)), y, reduction="none")
+        data_loss = (per_sample * m).sum() / m.sum().clamp_min(1.0)
+        loss = data_loss
+        if mu is not None:
+            loss = loss + 0.5 * mu * sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
+        return loss, data_loss.detach()
+
+    def _step_fn(self, mu: float | None) -> Callable:
+        """(stacked params, x, y, mask, anchor) -> (stacked grads, per-site data loss)."""
+        if mu not in self._steps:
+            def loss(p, x, y, m, anchor):
+                return self._site_loss(p, x, y, m, anchor, mu)
+            self._steps[mu] = vmap(grad(loss, has_aux=True), in_dims=(0, 0, 0, 0, None))
+        return self._steps[mu]
+
+    # -- FedAvg / FedProx ---------------------------------------------------------------
+
+    def _local_sgd(self, trainer: SGDTrainer, params: P.Params, indices: list[int],
+                   round_info: RoundInfo) -> Iterator[Update]:
+        plans: dict[int, list[tuple[int, list[torch.Tensor]]]] = defaultdict(list)
+        for i in indices:
+            rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, i)
+            plan = list(batches(self._sites[i].num_train, trainer.batch_size, trainer.local_steps,
+                                trainer.local_epochs, rng))
+            plans[len(plan)].append((i, plan))
+        for steps in sorted(plans):
+            for chunk in self._chunks(plans[steps], max(len(b) for _, plan in plans[steps] for b in plan)):
+                yield from self._train_bucket(trainer, params, chunk, steps)
+
+    def _chunks(self, members: list, batch: int) -> Iterator[list]:
+        sample = self._x[0].numel()
+        size = P.num_parameters(self._model.state_dict())
+        per_call = max(1, min(MAX_BATCH_ELEMENTS // max(1, batch * sample), MAX_PARAM_ELEMENTS // (3 * size)))
+        for start in range(0, len(members), per_call):
+            yield members[start : start + per_call]
+
+    def _train_bucket(self, trainer: SGDTrainer, params: P.Params, members: list[tuple[int, list[torch.Tensor]]],
+                      steps: int) -> Iterator[Update]:
+        sites = [i for i, _ in members]
+        s = len(sites)
+        flat = [b for _, plan in members for b in plan]  # site-major: site 0's steps, then site 1's, ...
+        lengths = torch.tensor([len(b) for b in flat])
+        idx = pad_sequence(flat, batch_first=True).view(s, steps, -1)
+        width = idx.shape[-1]
+        mask = (torch.arange(width) < lengths[:, None]).view(s, steps, width).float()
+        idx = (idx + self._offset[sites].view(s, 1, 1)).transpose(0, 1)  # (steps, sites, width)
+        mask = mask.transpose(0, 1)
+
+        anchor = {k: params[k] for k in self._names}
+        w = {k: v.unsqueeze(0).repeat(s, *([1] * v.dim())) for k, v in anchor.items()}
+        step = self._step_fn(trainer.mu)
+        momentum: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros(s, dtype=torch.float64)
+        for t in range(steps):
+            grads, data_loss = step(w, self._x[idx[t]], self._y[idx[t]], mask[t], anchor)
+            count = mask[t].sum(1)
+            loss_sum += (data_loss * count).double()  # as the sequential trainer: loss x batch size
+            with torch.no_grad():
+                for k in self._names:
+                    g = grads[k]
+                    if trainer.weight_decay:
+                        g = g.add(w[k], alpha=trainer.weight_decay)
+                    if trainer.momentum:
+                        g = momentum[k] = g.clone() if t == 0 else momentum[k].mul_(trainer.momentum).add_(g)
+                    w[k] = w[k] - trainer.lr * g
+        counts = mask.sum(dim=(0, 2)).double()
+        for j, i in enumerate(sites):
+            delta = OrderedDict((k, w[k][j] - params[k]) for k in params)
+            yield Update(self._sites[i].name, delta, self._sites[i].num_train,
+                         metrics={"train_loss": float(loss_sum[j] / counts[j].clamp_min(1))})
+
+    # -- FedSGD -------------------------------------------------------------------------
+
+    def _gradients(self, params: P.Params, indices: list[int]) -> Iterator[Update]:
+        """delta_k = -grad F_k(w_t) over site k's whole training set, many sites per call."""
+        members = [(i, [torch.arange(self._sites[i].num_train)]) for i in indices]
+        widest = max(self._sites[i].num_train for i in indices)
+        grad_fn = vmap(grad(lambda p, x, y, m: self._site_loss(p, x, y, m, p, None), has_aux=True),
+                       in_dims=(None, 0, 0, 0))
+        weights = {k: params[k] for k in self._names}
+        for chunk in self._chunks(members, widest):
+            sites = [i for i, _ in chunk]
+            idx = pad_sequence([plan[0] for _, plan in chunk], batch_first=True)
+            mask = (torch.arange(idx.shape[1]) < torch.tensor([len(plan[0]) for _, plan in chunk])[:, None]).float()
+            idx = idx + self._offset[sites].view(-1, 1)
+            grads, data_loss = grad_fn(weights, self._x[idx], self._y[idx], mask)
+            for j, i in enumerate(sites):
+                delta = OrderedDict((k, -grads[k][j].clone()) for k in params)
+                yield Update(self._sites[i].name, delta, self._sites[i].num_train,
+                             metrics={"train_loss": float(data_loss[j])})

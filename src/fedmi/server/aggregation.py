@@ -77,10 +77,17 @@ class ServerOptimizer(Step):
 
 
 class _RunningSum:
-    """sum_k w_k * delta_k and sum_k w_k, folded in place in the model's dtype (one model's memory)."""
+    """sum_k w_k * delta_k and sum_k w_k, folded in place: one model's memory.
+
+    Floating tensors accumulate in their own dtype; integer ones (batch norm's step counter)
+    in float64, rounded back at the end.
+    """
 
     def __init__(self, like: P.ParamsT):
-        self.total = P.zeros_like(like)
+        self.like = like
+        self.total = OrderedDict(
+            (k, torch.zeros_like(v, dtype=v.dtype if v.is_floating_point() else torch.float64))
+            for k, v in like.items())
         self.weight = 0.0
 
     def add(self, weight: float, delta: P.ParamsT) -> "_RunningSum":
@@ -92,8 +99,10 @@ class _RunningSum:
     def mean(self) -> P.Params:
         if self.weight <= 0:
             raise ValueError("mean of no updates")
-        for v in self.total.values():
+        for k, v in self.total.items():
             v.div_(self.weight)
+            if v.dtype != self.like[k].dtype:
+                self.total[k] = v.round().to(self.like[k].dtype)
         return self.total
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import pad_sequence
 
-from fedmi.client.trainers import GradientTrainer, LocalTrainer, SGDTrainer, batches
+from fedmi.client.trainers import GradientTrainer, LocalTrainer, SGDTrainer, batches, sgd_direction
 from fedmi.core import params as P
 from fedmi.core.rng import Stream, torch_generator
 from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
@@ -164,7 +164,7 @@ class VectorisedRuntime:
         anchor = {k: params[k] for k in self._names}
         w = {k: v.unsqueeze(0).repeat(s, *([1] * v.dim())) for k, v in anchor.items()}
         step = self._step_fn(trainer.mu)
-        momentum: dict[str, torch.Tensor] = {}
+        momentum: dict[str, torch.Tensor | None] = dict.fromkeys(self._names)
         loss_sum = torch.zeros(s, dtype=torch.float64)
         for t in range(steps):
             grads, data_loss = step(w, self._x[idx[t]], self._y[idx[t]], mask[t], anchor)
@@ -172,12 +172,9 @@ class VectorisedRuntime:
             loss_sum += (data_loss * count).double()  # as the sequential trainer: loss x batch size
             with torch.no_grad():
                 for k in self._names:
-                    g = grads[k]
-                    if trainer.weight_decay:
-                        g = g.add(w[k], alpha=trainer.weight_decay)
-                    if trainer.momentum:
-                        g = momentum[k] = g.clone() if t == 0 else momentum[k].mul_(trainer.momentum).add_(g)
-                    w[k] = w[k] - trainer.lr * g
+                    g, momentum[k] = sgd_direction(grads[k], w[k], momentum[k], trainer.momentum,
+                                                   trainer.weight_decay)
+                    w[k].add_(g, alpha=-trainer.lr)
         counts = mask.sum(dim=(0, 2)).double()
         for j, i in enumerate(sites):
             delta = OrderedDict((k, w[k][j] - params[k]) for k in params)

@@ -78,6 +78,7 @@ def table2(
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="z-score features per site (default: on for tabular data)"),
     seed: int = typer.Option(0, min=0),
+    runtime: str = typer.Option("auto", help="auto, sequential, vectorised or processes (how sites are simulated)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default runs/table2-DATASET)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -96,7 +97,7 @@ def table2(
     cfg = Table2Config(
         methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
         epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr,
-        momentum=momentum, fedsgd_lr=fedsgd_lr,
+        momentum=momentum, fedsgd_lr=fedsgd_lr, runtime=runtime,
     )
     out = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
     out.mkdir(parents=True, exist_ok=True)

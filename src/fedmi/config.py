@@ -59,6 +59,8 @@ class RunConfig(_Strict):
     seed: int = Field(0, ge=0)
     evaluate_every: int = Field(1, ge=0)
     max_update_norm: float | None = Field(None, gt=0)
+    runtime: Literal["auto", "sequential", "vectorised", "processes"] = "auto"
+    workers: int | None = Field(None, ge=1)  # processes runtime; default: one per core
     out: str | None = None
 
     @field_validator("aggregator")

@@ -41,8 +41,11 @@ def scale(a: ParamsT, s: float) -> Params:
 
 
 def axpy(alpha: float, x: ParamsT, y: ParamsT) -> Params:
-    """alpha * x + y."""
-    return OrderedDict((k, y[k] + alpha * x[k]) for k in y)
+    """alpha * x + y (one new tensor per entry, no temporary); integer entries are rounded."""
+    return OrderedDict(
+        (k, torch.add(y[k], x[k], alpha=alpha) if y[k].is_floating_point()
+         else (y[k] + alpha * x[k]).round().to(y[k].dtype))
+        for k in y)
 
 
 def weighted_sum(items: Iterable[tuple[float, ParamsT]]) -> Params:

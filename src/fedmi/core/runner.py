@@ -87,15 +87,13 @@ class Runner:
             accepted: list[_Report] = []
             rejected: list[str] = []
             for update in self.runtime.train(self.trainer, params, chosen, info):
-                try:
-                    check_update(update, params, self.max_update_norm)
-                except FedmiError as e:
-                    log.warning("round %d: rejected %s", r + 1, e)
-                    rejected.append(update.site)
-                    continue
-                round_agg.add(update)
-                accepted.append(_Report(update.site, update.num_examples, update.metrics.get("train_loss")))
-            update = None  # the loop variable would keep the last update alive through aggregation
+                report = self._take(update, params, round_agg, r)
+                site = update.site
+                del update  # released before the runtime builds the next one: O(model) server memory
+                if report is None:
+                    rejected.append(site)
+                else:
+                    accepted.append(report)
             if accepted:
                 params, state = round_agg.finish()
             else:
@@ -112,6 +110,16 @@ class Runner:
                 on_round(r + 1)
         result.params = params
         return result
+
+    def _take(self, update: Update, params: P.ParamsT, round_agg: RoundAggregator, r: int) -> _Report | None:
+        """Check an update and fold it into the round's aggregate; None if it was rejected."""
+        try:
+            check_update(update, params, self.max_update_norm)
+        except FedmiError as e:
+            log.warning("round %d: rejected %s", r + 1, e)
+            return None
+        round_agg.add(update)
+        return _Report(update.site, update.num_examples, update.metrics.get("train_loss"))
 
     def _record(self, r: int, accepted: list[_Report], rejected: list[str], params: P.ParamsT) -> dict:
         n = sum(a.num_examples for a in accepted)

@@ -15,7 +15,7 @@ from fedmi.data.federation import Federation
 from fedmi.data.registry import load_federation
 from fedmi.experiments.report import JsonlWriter, to_json
 from fedmi.models import build_model
-from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.runtime import make_runtime
 from fedmi.server.aggregation import make_aggregator, parse_pipeline
 from fedmi.server.selection import make_selector
 
@@ -45,9 +45,10 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     aggregator = parse_pipeline(cfg.aggregator) if cfg.aggregator else make_aggregator(cfg.trainer.name, cfg.server_lr)
     sink = None if out is None else JsonlWriter(out / "metrics.jsonl")
+    runtime = make_runtime(cfg.runtime, model, sites, cfg.workers)
     try:
         runner = Runner(
-            runtime=InProcessRuntime(model, sites),
+            runtime=runtime,
             trainer=make_trainer(cfg.trainer.name, **cfg.trainer.options()),
             aggregator=aggregator,
             rounds=cfg.rounds,
@@ -61,6 +62,7 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
         )
         result = runner.run(init, on_round)
     finally:
+        runtime.close()
         if sink is not None:
             sink.close()
     if out is not None:

@@ -34,7 +34,7 @@ from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError, check_number
 from fedmi.metrics import METRICS, summarize
 from fedmi.models import MODELS, build_model
-from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.runtime import RUNTIMES, make_runtime
 from fedmi.server.aggregation import make_aggregator
 
 CENTRALISED = ("cross", "single", "mix")
@@ -59,8 +59,11 @@ class Table2Config:
     mu: float = 0.1
     fedsgd_lr: float = 1.0
     evaluate_every: int = 1
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise FedmiError(f"unknown runtime '{self.runtime}'; choose one of {', '.join(RUNTIMES)}")
         if self.model not in MODELS:
             raise FedmiError(f"unknown model '{self.model}'; choose one of {', '.join(MODELS)}")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -197,8 +200,9 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 pooled = fit_centralised(model, init, _pooled(list(sites.values())), cfg, rng)
                 score("Mix", pooled, names)
             else:
+                runtime = make_runtime(cfg.runtime, model, list(sites.values()))
                 runner = Runner(
-                    runtime=InProcessRuntime(model, list(sites.values())),
+                    runtime=runtime,
                     trainer=_trainer(method, cfg),
                     aggregator=make_aggregator(method, cfg.fedsgd_lr if method == "fedsgd" else 1.0),
                     rounds=cfg.rounds,
@@ -207,7 +211,10 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                     sink=log_round,
                     tags={"method": method, "repeat": rep},
                 )
-                result = runner.run(init, on_round)
+                try:
+                    result = runner.run(init, on_round)
+                finally:
+                    runtime.close()
                 models[f"{method}_r{rep}"] = result.params
                 # the last round's record already holds every site's evaluation of the final model
                 for b, metrics in result.history[-1]["test"].items():

@@ -1,6 +1,37 @@
-"""Runtimes: how a round's local training reaches the sites. Algorithms never know which one runs them."""
+"""Runtimes: how a round's local training reaches the sites. Algorithms never know which one runs them.
 
+- sequential: every site in this process, one after another, on one reused model;
+- vectorised: many sites' copies of the model trained at once (torch.func); falls back to
+  sequential, with a notice, for a model or trainer it cannot batch;
+- processes: sites spread over worker processes sharing the data read-only (heavy models).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from fedmi.core.types import SiteData
+from fedmi.errors import FedmiError
 from fedmi.runtime.base import Runtime
 from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.runtime.vectorised import VectorisedRuntime
 
-__all__ = ["InProcessRuntime", "Runtime"]
+RUNTIMES = ("auto", "sequential", "vectorised", "processes")
+
+
+def make_runtime(kind: str, model: nn.Module, sites: Sequence[SiteData], workers: int | None = None) -> Runtime:
+    """A runtime by name; "auto" is the vectorised runtime, which falls back by itself."""
+    if kind == "sequential":
+        return InProcessRuntime(model, sites)
+    if kind in ("auto", "vectorised"):
+        return VectorisedRuntime(model, sites)
+    if kind == "processes":
+        from fedmi.runtime.process_pool import ProcessPoolRuntime
+
+        return ProcessPoolRuntime(model, sites, workers=workers)
+    raise FedmiError(f"unknown runtime '{kind}'; choose one of {', '.join(RUNTIMES)}")
+
+
+__all__ = ["RUNTIMES", "InProcessRuntime", "Runtime", "VectorisedRuntime", "make_runtime"]

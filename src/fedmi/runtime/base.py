@@ -19,3 +19,6 @@ class Runtime(Protocol):
 
     def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
         """Each site's metrics of `params` on its own split (metrics only cross the boundary)."""
+
+    def close(self) -> None:
+        """Release workers and shared memory; a no-op for in-process runtimes."""

@@ -20,6 +20,9 @@ class InProcessRuntime:
         self._sites = {s.name: s for s in sites}
         self._index = {s.name: i for i, s in enumerate(sites)}
 
+    def close(self) -> None:
+        pass
+
     def site_infos(self) -> list[SiteInfo]:
         return [s.info for s in self._sites.values()]
 
@@ -31,9 +34,10 @@ class InProcessRuntime:
     def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update]:
         for name in sites:
+            site = self._site(name)
             # Each site's randomness depends only on (seed, round, site): order and runtime do not matter.
             rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, self._index[name])
-            yield trainer.train(self._model, params, self._site(name), round_info, rng)
+            yield trainer.train(self._model, params, site, round_info, rng)
 
     def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
         names = list(self._sites) if sites is None else sites

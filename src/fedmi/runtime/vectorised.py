@@ -1,16 +1,19 @@
 """Vectorised runtime: many sites' copies of one model trained at once with torch.func.
 
 Sites are bucketed by their number of local steps. Within a bucket, step t of every site is one
-batched call, `vmap(grad(loss))` over the sites' stacked parameters: each site's mini-batch is
-padded to the bucket's largest and masked, so each site's loss is still the mean over its own
-real samples,
+batched call: `vmap(functional_call)` runs the model on every site's own parameters (stacked
+along a leading site axis) and its own mini-batch, padded to the bucket's widest and masked, so
+each site's loss is still the mean over its own real samples,
 
-    L_k(w_k) = sum_i m_ki * l(f(x_ki; w_k), y_ki) / sum_i m_ki  (+ mu/2 ||w_k - w_t||^2 for FedProx),
+    L_k(w_k) = sum_i m_ki * l(f(x_ki; w_k), y_ki) / sum_i m_ki  (+ mu/2 ||w_k - w_t||^2 for FedProx).
 
-and SGD (with momentum and weight decay, as torch.optim.SGD) updates every site's stacked
-parameters and momentum buffer in one tensor operation. Mini-batches come from the same
-per-site generators (seed, round, site) as the sequential runtime, so the updates equal its
-updates to float rounding. FedSGD is one masked full-batch gradient per site at the global weights.
+The sites' losses share no parameters, so one backward pass of sum_k L_k(w_k) gives every
+site's own gradient dL_k/dw_k (the same as vmap(grad(L)), without torch.func.grad's one-off
+import of the compiler stack, about 2 s). SGD (momentum and weight decay as torch.optim.SGD)
+then updates every site's stacked parameters and momentum buffers in one tensor operation.
+Mini-batches come from the same per-site generators (seed, round, site) as the sequential
+runtime, so the updates equal its updates to float rounding. FedSGD is one masked full-batch
+gradient per site at the global weights.
 
 A trainer or model it cannot run (another trainer class, a model with buffers such as batch
 norm, a layer vmap cannot batch) falls back to the sequential runtime with a one-line notice.
@@ -20,12 +23,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, defaultdict
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from fedmi.client.trainers import GradientTrainer, LocalTrainer, SGDTrainer, batches, sgd_direction
@@ -54,9 +57,11 @@ class VectorisedRuntime:
         sizes = torch.tensor([s.num_train for s in self._sites])
         self._offset = torch.cumsum(sizes, 0) - sizes
         self._names = [name for name, _ in model.named_parameters()]
-        self._steps: dict[float | None, Callable] = {}
         self._noticed: set[str] = set()
         self._unsupported_model = self._check_model()
+
+    def close(self) -> None:
+        pass
 
     def site_infos(self) -> list[SiteInfo]:
         return self._sequential.site_infos()
@@ -101,32 +106,32 @@ class VectorisedRuntime:
             return "model parameters are not all float32"
         site = self._sites[0]
         try:  # a dry run: some layers have no batching rule
-            probe = OrderedDict((k, v.detach().unsqueeze(0).expand(2, *v.shape)) for k, v in named.items())
+            probe = self._stacked({k: v.detach() for k, v in named.items()}, 2)
             x = site.x_train[:1].unsqueeze(0).expand(2, *site.x_train[:1].shape)
             y = site.y_train[:1].unsqueeze(0).expand(2, 1)
-            self._step_fn(None)(probe, x, y, torch.ones(2, 1), probe)
+            self._gradients_of(probe, x, y, torch.ones(2, 1), None, None)
         except Exception as e:  # noqa: BLE001 - any failure means: not vectorisable
             return f"model {type(self._model).__name__} cannot be batched with vmap ({type(e).__name__}: {e})"
         return None
 
-    # -- the batched loss ---------------------------------------------------------------
+    # -- the batched loss and its per-site gradients --------------------------------------
 
-    def _site_loss(self, p: dict, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, anchor: dict,
-                   mu: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        per_sample = F.binary_cross_entropy_with_logits(functional_call(self._model, p, (x,)), y, reduction="none")
-        data_loss = (per_sample * m).sum() / m.sum().clamp_min(1.0)
-        loss = data_loss
+    def _stacked(self, params: P.ParamsT, sites: int) -> dict[str, torch.Tensor]:
+        """`sites` trainable copies of the parameters along a new leading axis."""
+        return {k: params[k].unsqueeze(0).repeat(sites, *([1] * params[k].dim())).requires_grad_()
+                for k in self._names}
+
+    def _gradients_of(self, w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m: torch.Tensor,
+                      anchor: P.ParamsT | None, mu: float | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each site's gradient of its own loss at its own weights, and each site's data loss."""
+        logits = vmap(lambda p, xb: functional_call(self._model, p, (xb,)))(w, x)
+        per_sample = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        data_loss = (per_sample * m).sum(1) / m.sum(1).clamp_min(1.0)
+        total = data_loss.sum()
         if mu is not None:
-            loss = loss + 0.5 * mu * sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
-        return loss, data_loss.detach()
-
-    def _step_fn(self, mu: float | None) -> Callable:
-        """(stacked params, x, y, mask, anchor) -> (stacked grads, per-site data loss)."""
-        if mu not in self._steps:
-            def loss(p, x, y, m, anchor):
-                return self._site_loss(p, x, y, m, anchor, mu)
-            self._steps[mu] = vmap(grad(loss, has_aux=True), in_dims=(0, 0, 0, 0, None))
-        return self._steps[mu]
+            total = total + 0.5 * mu * sum(((w[k] - anchor[k]) ** 2).sum() for k in self._names)
+        grads = torch.autograd.grad(total, [w[k] for k in self._names])
+        return list(grads), data_loss.detach()
 
     # -- FedAvg / FedProx ---------------------------------------------------------------
 
@@ -161,23 +166,20 @@ class VectorisedRuntime:
         idx = (idx + self._offset[sites].view(s, 1, 1)).transpose(0, 1)  # (steps, sites, width)
         mask = mask.transpose(0, 1)
 
-        anchor = {k: params[k] for k in self._names}
-        w = {k: v.unsqueeze(0).repeat(s, *([1] * v.dim())) for k, v in anchor.items()}
-        step = self._step_fn(trainer.mu)
+        w = self._stacked(params, s)
         momentum: dict[str, torch.Tensor | None] = dict.fromkeys(self._names)
         loss_sum = torch.zeros(s, dtype=torch.float64)
         for t in range(steps):
-            grads, data_loss = step(w, self._x[idx[t]], self._y[idx[t]], mask[t], anchor)
+            grads, data_loss = self._gradients_of(w, self._x[idx[t]], self._y[idx[t]], mask[t], params, trainer.mu)
             count = mask[t].sum(1)
             loss_sum += (data_loss * count).double()  # as the sequential trainer: loss x batch size
             with torch.no_grad():
-                for k in self._names:
-                    g, momentum[k] = sgd_direction(grads[k], w[k], momentum[k], trainer.momentum,
-                                                   trainer.weight_decay)
+                for k, g in zip(self._names, grads):
+                    g, momentum[k] = sgd_direction(g, w[k], momentum[k], trainer.momentum, trainer.weight_decay)
                     w[k].add_(g, alpha=-trainer.lr)
         counts = mask.sum(dim=(0, 2)).double()
         for j, i in enumerate(sites):
-            delta = OrderedDict((k, w[k][j] - params[k]) for k in params)
+            delta = OrderedDict((k, w[k][j].detach() - params[k]) for k in params)
             yield Update(self._sites[i].name, delta, self._sites[i].num_train,
                          metrics={"train_loss": float(loss_sum[j] / counts[j].clamp_min(1))})
 
@@ -187,16 +189,15 @@ class VectorisedRuntime:
         """delta_k = -grad F_k(w_t) over site k's whole training set, many sites per call."""
         members = [(i, [torch.arange(self._sites[i].num_train)]) for i in indices]
         widest = max(self._sites[i].num_train for i in indices)
-        grad_fn = vmap(grad(lambda p, x, y, m: self._site_loss(p, x, y, m, p, None), has_aux=True),
-                       in_dims=(None, 0, 0, 0))
-        weights = {k: params[k] for k in self._names}
         for chunk in self._chunks(members, widest):
             sites = [i for i, _ in chunk]
             idx = pad_sequence([plan[0] for _, plan in chunk], batch_first=True)
             mask = (torch.arange(idx.shape[1]) < torch.tensor([len(plan[0]) for _, plan in chunk])[:, None]).float()
             idx = idx + self._offset[sites].view(-1, 1)
-            grads, data_loss = grad_fn(weights, self._x[idx], self._y[idx], mask)
+            grads, data_loss = self._gradients_of(self._stacked(params, len(sites)), self._x[idx], self._y[idx],
+                                                  mask, None, None)
+            by_name = dict(zip(self._names, grads))
             for j, i in enumerate(sites):
-                delta = OrderedDict((k, -grads[k][j].clone()) for k in params)
+                delta = OrderedDict((k, -by_name[k][j].clone()) for k in params)
                 yield Update(self._sites[i].name, delta, self._sites[i].num_train,
                              metrics={"train_loss": float(data_loss[j])})

@@ -135,18 +135,18 @@ class Mean(WeightedMean):
         return acc.add(1.0, update.delta)
 
 
-def _column_blocks(updates: Sequence[Update], like: P.ParamsT, max_elements: int = 1 << 24
+def _column_blocks(updates: Sequence[Update], like: P.ParamsT, max_elements: int = 1 << 22
                    ) -> Iterable[tuple[str, slice, torch.Tensor]]:
-    """(name, columns, K x columns matrix of the updates' values) for blocks of each tensor.
+    """(name, columns, columns x K matrix of the updates' values) for blocks of each tensor.
 
-    Stacking block by block keeps the working set to `max_elements` beyond the updates themselves.
+    Stacking block by block keeps the working set to about `max_elements` beyond the updates.
     """
     width = max(1, max_elements // len(updates))
     for k, ref in like.items():
         n = ref.numel()
         for start in range(0, n, width):
             cols = slice(start, min(n, start + width))
-            yield k, cols, torch.stack([u.delta[k].reshape(-1)[cols] for u in updates])
+            yield k, cols, torch.stack([u.delta[k].reshape(-1)[cols] for u in updates], dim=1)
 
 
 @dataclass
@@ -163,8 +163,8 @@ class CoordinateMedian(Reducer):
         out = P.zeros_like(like)
         lo, hi = (len(updates) - 1) // 2, len(updates) // 2
         for k, cols, block in _column_blocks(updates, like):
-            ordered = block.sort(dim=0).values
-            out[k].view(-1)[cols] = (ordered[lo] + ordered[hi]) / 2
+            ordered = block.sort(dim=1).values
+            out[k].view(-1)[cols] = (ordered[:, lo] + ordered[:, hi]) / 2
         return out
 
 
@@ -195,7 +195,7 @@ class Krum(Reducer):
         gram = torch.zeros(k, k, dtype=torch.float64)
         for _, _, block in _column_blocks(updates, like):
             block = block.to(torch.float64)
-            gram += block @ block.T
+            gram += block.T @ block
         sq = gram.diagonal()
         dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
         dist.fill_diagonal_(math.inf)
@@ -265,6 +265,7 @@ class AggregationPipeline:
         round_ = self.begin_round(state, params, round_info)
         for u in updates:
             round_.add(u)
+            del u  # released before the next one arrives
         return round_.finish()
 
     def __str__(self) -> str:

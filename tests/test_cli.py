@@ -68,6 +68,20 @@ def test_run_config_end_to_end(monkeypatch, capsys, tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
 
 
+def test_every_runtime_gives_the_same_run(monkeypatch, capsys, tmp_path):
+    finals = {}
+    for runtime in ("sequential", "vectorised", "processes"):
+        cfg = tmp_path / f"{runtime}.yaml"
+        cfg.write_text(f"data: {{dataset: heart-disease}}\ntrainer: {{name: fedavg}}\naggregator: median\n"
+                       f"rounds: 3\nruntime: {runtime}\nworkers: 2\n")
+        code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / runtime)
+        assert code == 0, stderr
+        finals[runtime] = json.loads((tmp_path / runtime / "summary.json").read_text())["final"]
+    for runtime in ("vectorised", "processes"):
+        for site, metrics in finals["sequential"].items():
+            assert finals[runtime][site]["loss"] == pytest.approx(metrics["loss"], rel=1e-5), (runtime, site)
+
+
 def test_datasets_lists_embedded_data(monkeypatch, capsys):
     code, stdout, _ = fedmi(monkeypatch, capsys, "datasets")
     assert code == 0
@@ -100,6 +114,7 @@ def test_bad_csv_input(monkeypatch, capsys, tmp_path, case):
     (["table2", "--methods", "fedavg,fedfoo"], "unknown method(s) ['fedfoo']"),
     (["table2", "--model", "resnet"], "unknown model 'resnet'"),
     (["run", "/no/such/config.yaml"], "no config file at /no/such/config.yaml"),
+    (["table2", "--runtime", "gpu"], "unknown runtime 'gpu'"),
 ])
 def test_bad_arguments(monkeypatch, capsys, tmp_path, args, message):
     code, _, stderr = fedmi(monkeypatch, capsys, *args, *(["--out", tmp_path / "o"]))
@@ -116,6 +131,9 @@ def test_bad_arguments(monkeypatch, capsys, tmp_path, args, message):
     ("rounds: [1, 2\n", "not valid YAML at line"),
     ("- just\n- a list\n", "a config must be a mapping"),
     ("aggregator: 'weighted_mean | server_sgd(lr=)'\n", "cannot read the arguments"),
+    ("aggregator: 'krum(f=-1)'\n", "krum f must be an integer"),
+    ("runtime: threads\n", "field 'runtime'"),
+    ("runtime: processes\nworkers: 0\n", "field 'workers'"),
 ])
 def test_bad_config(monkeypatch, capsys, tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"

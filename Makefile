@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is pinned and installed first: a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +23,17 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The benchmark's own environment: fedmi plus Flower and Ray, which are not fedmi dependencies.
+BENCH_VENV := benchmarks/.venv
+
+$(BENCH_VENV)/.installed: pyproject.toml benchmarks/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -e . -r benchmarks/requirements.txt
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/simulation.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache

@@ -154,17 +154,22 @@ class VectorisedRuntime:
         for start in range(0, len(members), per_call):
             yield members[start : start + per_call]
 
+    def _padded(self, members: list[tuple[int, list[torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices into the pooled data, (sites, steps, width), of each member site's batches,
+        padded to the widest batch, and the mask that is 1 on real samples."""
+        sites = [i for i, _ in members]
+        steps = len(members[0][1])
+        flat = [b for _, plan in members for b in plan]  # site-major: site 0's steps, then site 1's, ...
+        lengths = torch.tensor([len(b) for b in flat])
+        idx = pad_sequence(flat, batch_first=True).view(len(sites), steps, -1)
+        mask = (torch.arange(idx.shape[-1]) < lengths[:, None]).view(idx.shape).float()
+        return idx + self._offset[sites].view(-1, 1, 1), mask
+
     def _train_bucket(self, trainer: SGDTrainer, params: P.Params, members: list[tuple[int, list[torch.Tensor]]],
                       steps: int) -> Iterator[Update]:
         sites = [i for i, _ in members]
         s = len(sites)
-        flat = [b for _, plan in members for b in plan]  # site-major: site 0's steps, then site 1's, ...
-        lengths = torch.tensor([len(b) for b in flat])
-        idx = pad_sequence(flat, batch_first=True).view(s, steps, -1)
-        width = idx.shape[-1]
-        mask = (torch.arange(width) < lengths[:, None]).view(s, steps, width).float()
-        idx = (idx + self._offset[sites].view(s, 1, 1)).transpose(0, 1)  # (steps, sites, width)
-        mask = mask.transpose(0, 1)
+        idx, mask = (t.transpose(0, 1) for t in self._padded(members))  # (steps, sites, width)
 
         w = self._stacked(params, s)
         momentum: dict[str, torch.Tensor | None] = dict.fromkeys(self._names)
@@ -191,9 +196,7 @@ class VectorisedRuntime:
         widest = max(self._sites[i].num_train for i in indices)
         for chunk in self._chunks(members, widest):
             sites = [i for i, _ in chunk]
-            idx = pad_sequence([plan[0] for _, plan in chunk], batch_first=True)
-            mask = (torch.arange(idx.shape[1]) < torch.tensor([len(plan[0]) for _, plan in chunk])[:, None]).float()
-            idx = idx + self._offset[sites].view(-1, 1)
+            idx, mask = (t[:, 0] for t in self._padded(chunk))  # one full batch per site
             grads, data_loss = self._gradients_of(self._stacked(params, len(sites)), self._x[idx], self._y[idx],
                                                   mask, None, None)
             by_name = dict(zip(self._names, grads))

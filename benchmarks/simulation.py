@@ -17,11 +17,7 @@ reducers that need every update at once.
 
 from __future__ import annotations
 
-import time
-
-T0 = time.perf_counter()
-
-import argparse  # noqa: E402 - the clock starts before the imports
+import argparse
 import json
 import os
 import platform
@@ -30,7 +26,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+
+T0 = time.perf_counter()  # a child's import time counts from here (the standard library is already in)
 
 HERE = Path(__file__).resolve().parent
 CONTENDERS = ("plain", "sequential", "vectorised", "processes", "flower")
@@ -198,8 +197,6 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def speed_table(args: argparse.Namespace) -> list[str]:
-    import torch
-
     sys.path.insert(0, str(HERE))
     from workloads import WORKLOADS
 
@@ -210,7 +207,6 @@ def speed_table(args: argparse.Namespace) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.workloads:
-            w = WORKLOADS[key]
             results: dict[str, dict] = {}
             for contender in args.contenders:
                 if contender == "flower" and key == "W4" and args.skip_flower_w4:
@@ -244,9 +240,7 @@ def speed_table(args: argparse.Namespace) -> list[str]:
                     f"| {key} | {contender} | {_fmt(r['round'], 4)} | {_fmt(r['setup_s'], 2)} | "
                     f"{_fmt(r['imports_s'], 2)} | {_fmt(r['wall_s'], 1)} | {r['peak_bytes'] / 2**20:.0f} | "
                     f"{_fmt(ratio_plain, 2)} | {_fmt(ratio_flower, 1)} | {'–' if diff is None else f'{diff:.1e}'} |")
-            del torch  # only imported to fail early when the environment lacks it
-            import torch  # noqa: F811
-    return lines
+    return [*lines, "", *(f"- {k}: {WORKLOADS[k].title}, {WORKLOADS[k].rounds} rounds" for k in args.workloads)]
 
 
 def memory_table(args: argparse.Namespace) -> list[str]:
@@ -298,20 +292,29 @@ def main() -> None:
     ap.add_argument("--skip-flower-w4", action="store_true", help="Flower on 1,000 clients takes minutes")
     ap.add_argument("--w5-updates", type=int, default=1000)
     ap.add_argument("--w5-size", type=int, default=1_000_000)
-    ap.add_argument("--w5-reducers", default="weighted_mean,median,krum(f=100)", type=lambda s: s.split(","))
+    ap.add_argument("--w5-reducers", default="weighted_mean,median,krum(f=100)", type=lambda s: s.split(";"),
+                    help="reducers separated by ';'")
+    ap.add_argument("--out", type=Path, help="also write the report to this Markdown file")
     args = ap.parse_args()
     if args.skip_flower:
         args.contenders = [c for c in args.contenders if c != "flower"]
     unknown = [c for c in args.contenders if c not in CONTENDERS]
     if unknown:
         ap.error(f"unknown contender(s) {unknown}; choose from {', '.join(CONTENDERS)}")
-    print(f"# {machine()}", flush=True)
-    print(f"# {' '.join(sys.argv)}; median of {args.runs} run(s)\n")
+    report = [f"Machine: {machine()}", "",
+              f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; median of {args.runs} run(s)", ""]
+    print("\n".join(report), flush=True)
     speed = [w for w in args.workloads if w != "W5"]
+    sections = []
     if speed:
-        print("\n".join(speed_table(argparse.Namespace(**{**vars(args), "workloads": speed}))) + "\n")
+        sections.append(speed_table(argparse.Namespace(**{**vars(args), "workloads": speed})))
     if "W5" in args.workloads:
-        print("\n".join(memory_table(args)))
+        sections.append(memory_table(args))
+    for lines in sections:
+        print("\n".join(lines) + "\n", flush=True)
+        report += [*lines, ""]
+    if args.out:
+        args.out.write_text("\n".join(report) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from fedmi.client.trainers import GradientTrainer, SGDTrainer, make_trainer
 from fedmi.core import params as P
+from fedmi.core.rng import Stream, torch_generator
 from fedmi.core.runner import Runner
 from fedmi.core.types import RoundInfo
-from fedmi.core.rng import Stream, torch_generator
 from fedmi.models import build_model
 from fedmi.runtime.inprocess import InProcessRuntime
 from fedmi.server.aggregation import make_aggregator, server_sgd, weighted_mean

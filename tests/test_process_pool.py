@@ -4,7 +4,6 @@ import os
 from collections import OrderedDict
 
 import pytest
-import torch
 
 from fedmi.client.trainers import GradientTrainer, SGDTrainer
 from fedmi.core import params as P

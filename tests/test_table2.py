@@ -5,9 +5,9 @@ import pytest
 
 from fedmi.data import load_federation
 from fedmi.data.federation import Federation
+from fedmi.errors import FedmiError
 from fedmi.experiments.report import markdown_table, write_table2_report
 from fedmi.experiments.table2 import Table2Config, run_table2, work_units
-from fedmi.errors import FedmiError
 
 
 @pytest.fixture(scope="module")

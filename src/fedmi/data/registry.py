@@ -7,7 +7,8 @@ from pathlib import Path
 from fedmi.data.csv_features import load_csv
 from fedmi.data.federation import Federation
 from fedmi.data.heart_disease import load_heart_disease
-from fedmi.data.medmnist import EMBEDDED as MEDMNIST, load_medmnist
+from fedmi.data.medmnist import EMBEDDED as MEDMNIST
+from fedmi.data.medmnist import load_medmnist
 from fedmi.data.synthetic_adni import make_synthetic_adni
 from fedmi.errors import FedmiError
 

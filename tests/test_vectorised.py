@@ -112,3 +112,15 @@ def test_unknown_site_is_a_clear_error(uneven_sites):
     runtime = VectorisedRuntime(model, uneven_sites)
     with pytest.raises(FedmiError, match="no site named 'nowhere'"):
         list(runtime.train(make_trainer("fedavg"), _init(model), ["nowhere"], RoundInfo(0, 1, 0)))
+
+
+@pytest.mark.parametrize("model_name, shape", [("logistic", (6,)), ("mlp", (6,)), ("logistic", (1, 4, 4))])
+def test_stacked_forward_equals_vmap_of_the_model(model_name, shape):
+    from torch.func import functional_call, vmap
+
+    model = build_model(model_name, shape, 0)
+    g = torch.Generator().manual_seed(1)
+    stacked = {k: v.detach() + 0.1 * torch.randn(3, *v.shape, generator=g) for k, v in model.named_parameters()}
+    x = torch.randn(3, 5, *shape, generator=g)
+    expected = vmap(lambda p, xb: functional_call(model, p, (xb,)))(stacked, x)
+    assert torch.allclose(type(model).stacked_forward(stacked, x), expected, atol=1e-6)

@@ -7,8 +7,10 @@ Each contender runs each workload (see workloads.py) in a fresh child process of
 start-up, whole-process time and peak memory are its own: the parent samples the resident
 memory of the child's whole process tree (Ray's helper processes included) every 20 ms. The
 child reports its import time, its set-up time (imports done -> round 1 starts: data, model,
-runtime, workers) and the duration of every round; s/round is the median round. Every
-contender's final weights are compared with the plain loop's: they did the same work.
+runtime, workers) and the duration of every round; s/round is the median round, and "fixed s"
+is whole-process time minus rounds x s/round: start-up, first-round warm-up (Flower starts
+Ray's workers inside round 1) and shutdown. Every contender's final weights are compared with
+the plain loop's: they did the same work.
 
 W5 measures the server alone: peak memory above its baseline while aggregating 1,000 updates of
 a 1M-parameter model that arrive one at a time, for the streaming weighted mean and for the
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -76,7 +79,7 @@ def child(workload: str, contender: str, weights_out: str) -> None:
         from flower_sim import run_flower
 
         marks.append(time.perf_counter())
-        round_s, final = run_flower(w, sites, model, init)
+        round_s, final = run_flower(w, sites, model, init, progress=True)
         for s in round_s:  # Flower's own start-up happens inside run_flower, before round 1
             marks.append(marks[-1] + s)
         marks[0] = marks[-1] - sum(round_s)
@@ -160,8 +163,11 @@ def run_child(args: list[str], timeout: float, env: dict[str, str] | None = None
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_tree(proc.pid)
-        proc.communicate()
-        return {"error": f"did not finish within {timeout:.0f} s"}
+        _, err = proc.communicate()
+        done_rounds = [float(m) for m in re.findall(r"^round \d+: ([0-9.]+) s$", err or "", re.M)]
+        partial = (f"; {len(done_rounds)} rounds done, median of rounds 2+ "
+                   f"{statistics.median(done_rounds[1:]):.2f} s" if len(done_rounds) > 1 else "")
+        return {"error": f"did not finish within {timeout:.0f} s{partial}"}
     finally:
         done.set()
         sampler.join()
@@ -202,9 +208,9 @@ def speed_table(args: argparse.Namespace) -> list[str]:
 
     from fedmi.core import params as P
 
-    lines = ["| workload | contender | s/round | set-up s | imports s | whole process s | peak MiB "
+    lines = ["| workload | contender | s/round | set-up s | imports s | fixed s | whole process s | peak MiB "
              "| fedmi / plain (round) | Flower / fedmi (round) | max weight diff vs plain |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.workloads:
             results: dict[str, dict] = {}
@@ -213,9 +219,11 @@ def speed_table(args: argparse.Namespace) -> list[str]:
                     results[contender] = {"error": "skipped (--skip-flower-w4)"}
                     continue
                 runs = []
-                for _ in range(1 if contender == "flower" and key == "W4" else args.runs):
+                w4_flower = contender == "flower" and key == "W4"
+                for _ in range(args.w4_runs if key == "W4" else args.runs):
                     path = str(Path(tmp) / f"{key}-{contender}.safetensors")
-                    runs.append(run_child(["--child", key, contender, path], args.timeout))
+                    runs.append(run_child(["--child", key, contender, path],
+                                          args.flower_w4_timeout if w4_flower else args.timeout))
                     runs[-1]["weights"] = path
                     if "error" in runs[-1]:
                         break
@@ -228,7 +236,7 @@ def speed_table(args: argparse.Namespace) -> list[str]:
             best_fedmi = min((results[c]["round"] for c in FEDMI if results.get(c, {}).get("round")), default=None)
             for contender, r in results.items():
                 if "error" in r:
-                    lines.append(f"| {key} | {contender} | {r['error']} |  |  |  |  |  |  |  |")
+                    lines.append(f"| {key} | {contender} | {r['error']} |  |  |  |  |  |  |  |  |")
                     continue
                 diff = None
                 if plain_w is not None:
@@ -236,9 +244,11 @@ def speed_table(args: argparse.Namespace) -> list[str]:
                     diff = max(float((plain_w[k] - other[k]).abs().max()) for k in plain_w)
                 ratio_plain = r["round"] / plain["round"] if contender in FEDMI and plain.get("round") else None
                 ratio_flower = r["round"] / best_fedmi if contender == "flower" and best_fedmi else None
+                fixed = r["wall_s"] - len(r["round_s"]) * r["round"]  # start-up, warm-up, shutdown
                 lines.append(
                     f"| {key} | {contender} | {_fmt(r['round'], 4)} | {_fmt(r['setup_s'], 2)} | "
-                    f"{_fmt(r['imports_s'], 2)} | {_fmt(r['wall_s'], 1)} | {r['peak_bytes'] / 2**20:.0f} | "
+                    f"{_fmt(r['imports_s'], 2)} | {_fmt(fixed, 1)} | {_fmt(r['wall_s'], 1)} | "
+                    f"{r['peak_bytes'] / 2**20:.0f} | "
                     f"{_fmt(ratio_plain, 2)} | {_fmt(ratio_flower, 1)} | {'–' if diff is None else f'{diff:.1e}'} |")
     return [*lines, "", *(f"- {k}: {WORKLOADS[k].title}, {WORKLOADS[k].rounds} rounds" for k in args.workloads)]
 
@@ -290,6 +300,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a contender's run is stopped")
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--skip-flower-w4", action="store_true", help="Flower on 1,000 clients takes minutes")
+    ap.add_argument("--w4-runs", type=int, default=1, help="runs per contender on W4 (each takes minutes)")
+    ap.add_argument("--flower-w4-timeout", type=float, default=300,
+                    help="stop Flower's W4 after this many seconds and report the rounds it finished")
     ap.add_argument("--w5-updates", type=int, default=1000)
     ap.add_argument("--w5-size", type=int, default=1_000_000)
     ap.add_argument("--w5-reducers", default="weighted_mean,median,krum(f=100)", type=lambda s: s.split(";"),
@@ -301,8 +314,9 @@ def main() -> None:
     unknown = [c for c in args.contenders if c not in CONTENDERS]
     if unknown:
         ap.error(f"unknown contender(s) {unknown}; choose from {', '.join(CONTENDERS)}")
+    command = " ".join([Path(sys.executable).name, *sys.argv])
     report = [f"Machine: {machine()}", "",
-              f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; median of {args.runs} run(s)", ""]
+              f"Command: `{command}`; median of {args.runs} run(s), W4: {args.w4_runs}", ""]
     print("\n".join(report), flush=True)
     speed = [w for w in args.workloads if w != "W5"]
     sections = []

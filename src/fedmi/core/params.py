@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -46,19 +46,6 @@ def axpy(alpha: float, x: ParamsT, y: ParamsT) -> Params:
         (k, torch.add(y[k], x[k], alpha=alpha) if y[k].is_floating_point()
          else (y[k] + alpha * x[k]).round().to(y[k].dtype))
         for k in y)
-
-
-def weighted_sum(items: Iterable[tuple[float, ParamsT]]) -> Params:
-    total: Params | None = None
-    for w, p in items:
-        if total is None:
-            total = OrderedDict((k, v.detach().to(torch.float64) * w) for k, v in p.items())
-        else:
-            for k in total:
-                total[k] += p[k].detach().to(torch.float64) * w
-    if total is None:
-        raise ValueError("weighted_sum of no items")
-    return total
 
 
 def flatten(p: ParamsT) -> torch.Tensor:

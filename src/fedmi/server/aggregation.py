@@ -280,8 +280,9 @@ class RoundAggregation:
                  round_info: RoundInfo):
         self._transforms, self._reducer, self._optimizer = pipeline._parts()
         self._state, self._params, self._info = state, params, round_info
-        self._buffer: list[Update] | None = [] if pipeline.needs_all_updates else None
-        self._acc = None if self._buffer is not None else self._reducer.start(params)
+        needs_all = pipeline.needs_all_updates
+        self._buffer: list[Update] | None = [] if needs_all else None
+        self._acc = None if needs_all else self._reducer.start(params)
         self.count = 0
 
     def add(self, update: Update) -> None:
@@ -293,18 +294,18 @@ class RoundAggregation:
 
     def finish(self) -> tuple[P.Params, dict[str, Any]]:
         """The new global parameters and server state (the parameters unchanged if nothing came)."""
+        delta = None
         if self._buffer is not None:
-            updates = self._buffer
+            updates, self._buffer = self._buffer, None
             for t in self._transforms:
                 updates = t.transform(updates, self._state, self._info)
-            if not updates:
-                return P.clone(self._params), self._state
-            delta = self._reducer.reduce(updates, self._params)
+            if updates:
+                delta = self._reducer.reduce(updates, self._params)
+            del updates  # the round's buffer goes before the optimiser allocates
         elif self.count:
-            delta = self._reducer.finish(self._acc, self._params)
-        else:
+            delta, self._acc = self._reducer.finish(self._acc, self._params), None
+        if delta is None:
             return P.clone(self._params), self._state
-        self._acc = self._buffer = None  # free the round's memory before the optimiser allocates
         new_params, self._state["optimizer"] = self._optimizer.step(self._params, delta, self._state["optimizer"])
         return new_params, self._state
 

@@ -17,8 +17,13 @@ from fedmi.errors import FedmiError
 
 
 def _stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (sites, batch, in) @ weight (sites, out, in)^T + bias (sites, out), one product per site."""
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    """x (sites, batch, in) @ weight (sites, out, in)^T + bias (sites, out), one product per site.
+
+    Computed as weight @ x^T, (sites, out, batch), and returned as a transposed view: the
+    backward's weight gradient is then grad @ x, which reads x row by row (several times faster
+    on the CPU than x^T @ grad, the product that x @ weight^T leads to).
+    """
+    return torch.baddbmm(bias.unsqueeze(2), weight, x.transpose(1, 2)).transpose(1, 2)
 
 
 class LogisticRegression(nn.Module):

@@ -125,12 +125,15 @@ class VectorisedRuntime:
         return {k: params[k].unsqueeze(0).repeat(sites, *([1] * params[k].dim())).requires_grad_()
                 for k in self._names}
 
-    def _gradients_of(self, w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m: torch.Tensor,
+    def _gradients_of(self, w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                       anchor: P.ParamsT | None, mu: float | None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Each site's gradient of its own loss at its own weights, and each site's data loss."""
+        """Each site's gradient of its own loss at its own weights, and each site's data loss.
+
+        `weight` (sites, width) is 1/batch size on a site's real samples and 0 on padding, so
+        each site's loss is the mean over its own batch.
+        """
         logits = self._forward(w, x)
-        per_sample = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-        data_loss = (per_sample * m).sum(1) / m.sum(1).clamp_min(1.0)
+        data_loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * weight).sum(1)
         total = data_loss.sum()
         if mu is not None:
             total = total + 0.5 * mu * sum(((w[k] - anchor[k]) ** 2).sum() for k in self._names)
@@ -164,14 +167,22 @@ class VectorisedRuntime:
         sites = [i for i, _ in members]
         steps = len(members[0][1])
         flat = [b for _, plan in members for b in plan]  # site-major: site 0's steps, then site 1's, ...
-        lengths = torch.tensor([len(b) for b in flat])
+        lengths = torch.tensor([b.shape[0] for b in flat])
         idx = pad_sequence(flat, batch_first=True).view(len(sites), steps, -1)
         mask = (torch.arange(idx.shape[-1]) < lengths[:, None]).view(idx.shape).float()
         return idx + self._offset[sites].view(-1, 1, 1), mask
 
-    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Samples at `idx` (sites, width) of the pooled data: whole rows copied, faster than x[idx]."""
-        rows = torch.index_select(self._x_rows, 0, idx.reshape(-1))
+    @staticmethod
+    def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
+        return mask / mask.sum(-1, keepdim=True).clamp_min(1.0)
+
+    def _gather(self, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples at `idx` (sites, width) of the pooled data: whole rows copied, faster than x[idx].
+
+        `out` (idx.numel() rows) is reused across a bucket's steps: a fresh tensor of this size
+        every step costs more in page faults than the copy itself.
+        """
+        rows = torch.index_select(self._x_rows, 0, idx.reshape(-1), out=out)
         return rows.view(*idx.shape, *self._x.shape[1:])
 
     def _train_bucket(self, trainer: SGDTrainer, params: P.Params, members: list[tuple[int, list[torch.Tensor]]],
@@ -179,20 +190,22 @@ class VectorisedRuntime:
         sites = [i for i, _ in members]
         s = len(sites)
         idx, mask = (t.transpose(0, 1) for t in self._padded(members))  # (steps, sites, width)
+        y, weight, count = self._y[idx], self._mean_weights(mask), mask.sum(-1)
 
         w = self._stacked(params, s)
         momentum: dict[str, torch.Tensor | None] = dict.fromkeys(self._names)
-        loss_sum = torch.zeros(s, dtype=torch.float64)
+        data_losses = []
+        rows = self._x_rows.new_empty(idx[0].numel(), self._x_rows.shape[1])
         for t in range(steps):
-            grads, data_loss = self._gradients_of(w, self._gather(idx[t]), self._y[idx[t]], mask[t], params,
-                                                  trainer.mu)
-            count = mask[t].sum(1)
-            loss_sum += (data_loss * count).double()  # as the sequential trainer: loss x batch size
+            grads, data_loss = self._gradients_of(w, self._gather(idx[t], rows), y[t], weight[t], params, trainer.mu)
+            data_losses.append(data_loss)
             with torch.no_grad():
                 for k, g in zip(self._names, grads):
                     g, momentum[k] = sgd_direction(g, w[k], momentum[k], trainer.momentum, trainer.weight_decay)
                     w[k].add_(g, alpha=-trainer.lr)
-        counts = mask.sum(dim=(0, 2)).double()
+        # As the sequential trainer: the mean of the steps' losses, each weighted by its batch size.
+        loss_sum = (torch.stack(data_losses).double() * count).sum(0)
+        counts = count.sum(0).double()
         for j, i in enumerate(sites):
             delta = OrderedDict((k, w[k][j].detach() - params[k]) for k in params)
             yield Update(self._sites[i].name, delta, self._sites[i].num_train,
@@ -208,7 +221,7 @@ class VectorisedRuntime:
             sites = [i for i, _ in chunk]
             idx, mask = (t[:, 0] for t in self._padded(chunk))  # one full batch per site
             grads, data_loss = self._gradients_of(self._stacked(params, len(sites)), self._gather(idx), self._y[idx],
-                                                  mask, None, None)
+                                                  self._mean_weights(mask), None, None)
             by_name = dict(zip(self._names, grads))
             for j, i in enumerate(sites):
                 delta = OrderedDict((k, -by_name[k][j].clone()) for k in params)

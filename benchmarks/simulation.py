@@ -223,21 +223,23 @@ def speed_table(args: argparse.Namespace) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.workloads:
-            results: dict[str, dict] = {}
-            for contender in args.contenders:
-                if contender == "flower" and key == "W4" and args.skip_flower_w4:
-                    results[contender] = {"error": "skipped (--skip-flower-w4)"}
-                    continue
-                runs = []
-                w4_flower = contender == "flower" and key == "W4"
-                for _ in range(args.w4_runs if key == "W4" else args.runs):
+            runs: dict[str, list[dict]] = {c: [] for c in args.contenders}
+            if "flower" in runs and key == "W4" and args.skip_flower_w4:
+                runs["flower"].append({"error": "skipped (--skip-flower-w4)"})
+            # Runs interleaved (plain, sequential, ..., then again): a slow spell of the shared
+            # machine then touches every contender alike instead of whichever ran during it.
+            for _ in range(args.w4_runs if key == "W4" else args.runs):
+                for contender, done in runs.items():
+                    if done and "error" in done[-1]:
+                        continue
+                    w4_flower = contender == "flower" and key == "W4"
                     path = str(Path(tmp) / f"{key}-{contender}.safetensors")
-                    runs.append(run_child(["--child", key, contender, path],
+                    done.append(run_child(["--child", key, contender, path],
                                           args.flower_w4_timeout if w4_flower else args.timeout))
-                    runs[-1]["weights"] = path
-                    if "error" in runs[-1]:
-                        break
-                results[contender] = r = _median_run(runs)
+                    done[-1]["weights"] = path
+            results: dict[str, dict] = {}
+            for contender, done in runs.items():
+                results[contender] = r = _median_run(done)
                 r["round"] = statistics.median(r["round_s"]) if "round_s" in r else None
                 print(f"  {key} {contender}: " + (r["error"] if "error" in r else
                       f"{r['round']:.4f} s/round, whole {r['wall_s']:.1f} s"), file=sys.stderr, flush=True)

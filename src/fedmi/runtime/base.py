@@ -6,7 +6,8 @@ from typing import Iterator, Protocol, Sequence
 
 from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
-from fedmi.core.types import RoundInfo, SiteInfo, Update
+from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
+from fedmi.errors import FedmiError
 
 
 class Runtime(Protocol):
@@ -22,3 +23,19 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """Release workers and shared memory; a no-op for in-process runtimes."""
+
+
+class SitesByName:
+    """The sites a runtime holds in this process, by name; an unknown name is a clear error."""
+
+    def __init__(self, sites: Sequence[SiteData]):
+        self._sites = {s.name: s for s in sites}
+        self._index = {s.name: i for i, s in enumerate(sites)}  # the site's key in its random streams
+
+    def site_infos(self) -> list[SiteInfo]:
+        return [s.info for s in self._sites.values()]
+
+    def _site(self, name: str) -> SiteData:
+        if name not in self._sites:
+            raise FedmiError(f"no site named '{name}' in this federation")
+        return self._sites[name]

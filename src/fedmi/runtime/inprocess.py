@@ -10,26 +10,17 @@ from fedmi.client.evaluation import evaluate_site
 from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
 from fedmi.core.rng import Stream, torch_generator
-from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
-from fedmi.errors import FedmiError
+from fedmi.core.types import RoundInfo, SiteData, Update
+from fedmi.runtime.base import SitesByName
 
 
-class InProcessRuntime:
+class InProcessRuntime(SitesByName):
     def __init__(self, model: nn.Module, sites: Sequence[SiteData]):
+        super().__init__(sites)
         self._model = model
-        self._sites = {s.name: s for s in sites}
-        self._index = {s.name: i for i, s in enumerate(sites)}
 
     def close(self) -> None:
         pass
-
-    def site_infos(self) -> list[SiteInfo]:
-        return [s.info for s in self._sites.values()]
-
-    def _site(self, name: str) -> SiteData:
-        if name not in self._sites:
-            raise FedmiError(f"no site named '{name}' in this federation")
-        return self._sites[name]
 
     def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update]:

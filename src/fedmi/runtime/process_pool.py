@@ -26,8 +26,9 @@ from fedmi.client.evaluation import evaluate_site
 from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
 from fedmi.core.rng import Stream, torch_generator
-from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
+from fedmi.core.types import RoundInfo, SiteData, Update
 from fedmi.errors import FedmiError
+from fedmi.runtime.base import SitesByName
 
 # Several chunks per worker so that a worker that draws large sites does not hold up the round.
 _CHUNKS_PER_WORKER = 4
@@ -73,7 +74,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-class ProcessPoolRuntime:
+class ProcessPoolRuntime(SitesByName):
     """Sites train in `workers` processes (default: one per core); evaluation runs in this process.
 
     Use it as a context manager, or call `close()`, to stop the workers. A closed runtime can
@@ -85,9 +86,9 @@ class ProcessPoolRuntime:
             workers = os.cpu_count() or 1
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise FedmiError(f"process pool: workers must be a positive integer, got {workers!r}")
+        super().__init__(sites)
         self._model = model
         self._site_list = list(sites)
-        self._sites = {s.name: s for s in self._site_list}
         self._workers = workers
         self._executor: ProcessPoolExecutor | None = None
         self._closed = False
@@ -106,14 +107,6 @@ class ProcessPoolRuntime:
     def worker_pids(self) -> frozenset[int]:
         """Process ids of the workers that have trained sites so far."""
         return frozenset(self._pids)
-
-    def site_infos(self) -> list[SiteInfo]:
-        return [s.info for s in self._sites.values()]
-
-    def _site(self, name: str) -> SiteData:
-        if name not in self._sites:
-            raise FedmiError(f"no site named '{name}' in this federation")
-        return self._sites[name]
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:

@@ -42,6 +42,14 @@ FEDMI = ("sequential", "vectorised", "processes")
 
 # -- child side ------------------------------------------------------------------------------
 
+def _rss_kib(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS now, VmHWM peak), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def child(workload: str, contender: str, weights_out: str) -> None:
     import torch
 
@@ -90,13 +98,6 @@ def child(workload: str, contender: str, weights_out: str) -> None:
     rounds = [b - a for a, b in zip(marks, marks[1:])]
     print(json.dumps({"imports_s": imported - T0, "setup_s": marks[0] - imported, "round_s": rounds,
                       "threads": torch.get_num_threads(), "own_peak_bytes": _rss_kib("VmHWM") * 1024}))
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def child_w5(reducer: str, updates: int, size: int) -> None:
@@ -280,11 +281,12 @@ def memory_table(args: argparse.Namespace) -> list[str]:
         # resident size measures live tensors rather than the allocator's free lists.
         r = run_child(["--child-w5", reducer, str(args.w5_updates), str(args.w5_size)], args.timeout,
                       env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+        needs = "yes" if needs_all else "no (streaming)"
         if "error" in r:
-            lines.append(f"| {reducer} | {'yes' if needs_all else 'no (streaming)'} | {r['error']} |  |")
+            lines.append(f"| {reducer} | {needs} | {r['error']} |  |")
             continue
         print(f"  W5 {reducer}: {r['extra_bytes'] / r['model_bytes']:.2f} x model", file=sys.stderr, flush=True)
-        lines.append(f"| {reducer} | {'yes' if needs_all else 'no (streaming)'} | "
+        lines.append(f"| {reducer} | {needs} | "
                      f"{r['extra_bytes'] / r['model_bytes']:.2f} | {r['seconds']:.1f} |")
     return lines
 

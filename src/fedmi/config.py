@@ -48,6 +48,15 @@ class TrainerConfig(_Strict):
         return self.model_dump(exclude={"name"}, exclude_none=True)
 
 
+class DeploymentConfig(_Strict):
+    """How the server waits for sites on Flower's runtimes (`fedmi submit`, `runtime: flower-sim`)."""
+
+    sites: int | None = Field(None, ge=1)  # start once this many have connected (default: min_sites)
+    connect_timeout: float = Field(300.0, gt=0)  # seconds to wait for them
+    round_timeout: float = Field(600.0, gt=0)  # seconds a round waits for replies; late ones are left out
+    max_message_mb: float | None = Field(None, gt=0)  # larger replies are refused; default 3 x model + 1 MiB
+
+
 class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     model: Literal["logistic", "mlp", "cnn"] = "logistic"
@@ -59,8 +68,11 @@ class RunConfig(_Strict):
     seed: int = Field(0, ge=0)
     evaluate_every: int = Field(1, ge=0)
     max_update_norm: float | None = Field(None, gt=0)
-    runtime: Literal["auto", "sequential", "vectorised", "processes"] = "auto"
-    workers: int | None = Field(None, ge=1)  # processes runtime; default: one per core
+    min_sites: int = Field(1, ge=1)  # a round with fewer acceptable updates is run again
+    max_retries: int = Field(2, ge=0)  # ... at most this many times
+    runtime: Literal["auto", "sequential", "vectorised", "processes", "flower-sim"] = "auto"
+    workers: int | None = Field(None, ge=1)  # processes: worker processes; flower-sim: concurrent clients
+    deployment: DeploymentConfig = DeploymentConfig()
     out: str | None = None
 
     @field_validator("aggregator")
@@ -96,15 +108,30 @@ def parse_config(raw: object, source: str) -> RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
+    return load_yaml_model(RunConfig, path, "config")
+
+
+class SiteConfig(DataConfig):
+    """A deployed site's own data (`fedmi site --data FILE`): which dataset, and which of its sites.
+
+    `site` may be left out when the dataset holds a single site. The split into train and test
+    follows the run (its seed and test_fraction), so every repeat of a protocol splits alike.
+    """
+
+    site: str | None = None
+
+
+def load_yaml_model(model: type[M], path: str | Path, what: str) -> M:
     path = Path(path)
     if not path.is_file():
-        raise FedmiError(f"no config file at {path}")
+        raise FedmiError(f"no {what} file at {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise FedmiError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise FedmiError(f"{path}: not valid YAML{where}") from None
-    return parse_config(raw, str(path))
+        raise FedmiError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    if not isinstance(raw, dict):
+        raise FedmiError(f"{path}: a {what} must be a mapping of fields, got {type(raw).__name__}")
+    return validated(model, raw, str(path))

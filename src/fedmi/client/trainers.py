@@ -6,7 +6,7 @@ A trainer never sees other sites' data and returns only an `Update`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Protocol
 
 import torch
@@ -166,3 +166,25 @@ def make_trainer(name: str, **kwargs) -> LocalTrainer:
             raise FedmiError(f"trainer fedsgd takes no options, got {sorted(kwargs)}")
         return GradientTrainer()
     raise FedmiError(f"unknown trainer '{name}'; choose one of {', '.join(TRAINERS)}")
+
+
+_TRAINER_TYPES = {cls.__name__: cls for cls in (SGDTrainer, GradientTrainer)}
+
+
+def trainer_spec(trainer: LocalTrainer) -> dict:
+    """A trainer as plain data (its type and fields), for sending it to a site in another process."""
+    kind = type(trainer).__name__
+    if _TRAINER_TYPES.get(kind) is not type(trainer):
+        raise FedmiError(f"trainer {kind} cannot be sent to a remote site; known: {', '.join(_TRAINER_TYPES)}")
+    return {"type": kind, "fields": asdict(trainer)}
+
+
+def trainer_from_spec(spec: object) -> LocalTrainer:
+    """The trainer `trainer_spec` described; its own checks run again on the receiving side."""
+    if not isinstance(spec, dict) or spec.get("type") not in _TRAINER_TYPES or not isinstance(spec.get("fields"), dict):
+        raise FedmiError(f"not a trainer description: {spec!r:.200}")
+    cls = _TRAINER_TYPES[spec["type"]]
+    known = {f.name for f in fields(cls)}
+    if unknown := sorted(set(spec["fields"]) - known):
+        raise FedmiError(f"trainer {spec['type']} has no options {unknown}")
+    return cls(**spec["fields"])

@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
+from fedmi.core.checkpoint import Checkpoint, save_checkpoint
 from fedmi.core.rng import Stream, numpy_generator
 from fedmi.core.types import RoundInfo, Update
 from fedmi.errors import FedmiError
@@ -68,21 +69,65 @@ class Runner:
     selector: Selector = field(default_factory=AllSites)
     evaluate_every: int = 1  # 0: evaluate only after the last round
     max_update_norm: float | None = None
-    checkpoint: Path | None = None  # written after every round
+    min_sites: int = 1  # a round with fewer accepted updates is run again
+    max_retries: int = 2  # ... at most this many times, then the run stops with an error
+    checkpoint: Path | None = None  # resumable checkpoint, written after every round
     sink: Callable[[dict], None] | None = None  # receives one record per round
     tags: dict = field(default_factory=dict)  # added to every record (method, repeat, ...)
 
-    def run(self, params: P.ParamsT, on_round: Callable[[int], None] | None = None) -> RunResult:
+    def run(self, params: P.ParamsT, on_round: Callable[[int], None] | None = None,
+            resume: Checkpoint | None = None) -> RunResult:
+        """Run the rounds from `params`, or continue after the last round `resume` completed.
+
+        Local training is keyed by (seed, round, site) and the selection generator is restored
+        from the checkpoint, so a resumed run reaches the uninterrupted run's model.
+        """
         if self.rounds < 1:
             raise FedmiError(f"rounds must be at least 1, got {self.rounds}")
-        params = P.clone(params)
-        state = self.aggregator.init(params)
-        infos = self.runtime.site_infos()
+        if self.min_sites < 1:
+            raise FedmiError(f"min_sites must be at least 1, got {self.min_sites}")
         select_rng = numpy_generator(Stream.SELECTION, self.seed)
-        result = RunResult(params)
-        for r in range(self.rounds):
+        if resume is None:
+            params = P.clone(params)
+            state = self.aggregator.init(params)
+            result, first = RunResult(params), 0
+        else:
+            if resume.seed != self.seed:
+                raise FedmiError(f"the checkpoint was made with seed {resume.seed}, this run has seed {self.seed}")
+            if resume.completed_rounds > self.rounds:
+                raise FedmiError(f"the checkpoint has {resume.completed_rounds} rounds, this run only {self.rounds}")
+            P.check_compatible(resume.params, params, "checkpoint")
+            params, state, first = P.clone(resume.params), resume.aggregator_state, resume.completed_rounds
+            if resume.selection_rng is not None:
+                select_rng.bit_generator.state = resume.selection_rng
+            result = RunResult(params, list(resume.history))
+            log.info("resuming after round %d of %d", first, self.rounds)
+        infos = self.runtime.site_infos()
+        for r in range(first, self.rounds):
             info = RoundInfo(r, self.rounds, self.seed)
             chosen = self.selector.select(infos, info, select_rng)
+            if len(chosen) < self.min_sites:
+                raise FedmiError(f"round {r + 1}: {len(chosen)} sites selected but min_sites is {self.min_sites}")
+            params, state, accepted, rejected = self._round(params, state, chosen, info)
+            record = self._record(r, accepted, rejected, params)
+            log.info("round %d/%d: %d sites, training loss %s", r + 1, self.rounds, len(accepted),
+                     f"{record['train_loss']:.4f}" if "train_loss" in record else "n/a")
+            result.history.append(record)
+            if self.sink is not None:
+                self.sink(record)
+            if self.checkpoint is not None:
+                save_checkpoint(Checkpoint(r + 1, params, state, select_rng.bit_generator.state, result.history,
+                                           self.seed), self.checkpoint)
+            if on_round is not None:
+                on_round(r + 1)
+        result.params = params
+        return result
+
+    def _round(self, params: P.Params, state: Any, chosen: list[str], info: RoundInfo
+               ) -> tuple[P.Params, Any, list[_Report], list[str]]:
+        """One round, run again (same sites, same randomness) while fewer than min_sites updates are accepted."""
+        r = info.round
+        for attempt in range(self.max_retries + 1):
             round_agg = self.aggregator.begin_round(state, params, info)
             accepted: list[_Report] = []
             rejected: list[str] = []
@@ -94,22 +139,19 @@ class Runner:
                     rejected.append(site)
                 else:
                     accepted.append(report)
-            if accepted:
+            if len(accepted) >= self.min_sites:
+                if len(accepted) < len(chosen):
+                    missing = sorted(set(chosen) - {a.site for a in accepted})
+                    log.warning("round %d: completed with %d of %d sites (min_sites %d); left out: %s",
+                                r + 1, len(accepted), len(chosen), self.min_sites, ", ".join(missing))
                 params, state = round_agg.finish()
-            else:
-                log.error("round %d: no acceptable update; the global model is unchanged", r + 1)
-            record = self._record(r, accepted, rejected, params)
-            log.info("round %d/%d: %d sites, training loss %s", r + 1, self.rounds, len(accepted),
-                     f"{record['train_loss']:.4f}" if "train_loss" in record else "n/a")
-            result.history.append(record)
-            if self.sink is not None:
-                self.sink(record)
-            if self.checkpoint is not None:
-                P.save(params, self.checkpoint, metadata={"round": str(r + 1), "seed": str(self.seed)})
-            if on_round is not None:
-                on_round(r + 1)
-        result.params = params
-        return result
+                return params, state, accepted, rejected
+            what = f"round {r + 1}: {len(accepted)} of {len(chosen)} sites gave an acceptable update, " \
+                   f"min_sites is {self.min_sites}"
+            if attempt < self.max_retries:
+                log.warning("%s; running the round again (retry %d of %d)", what, attempt + 1, self.max_retries)
+        raise FedmiError(f"{what}, still after {self.max_retries} retries; the run stops here "
+                         f"(the last checkpoint holds round {r})")
 
     def _take(self, update: Update, params: P.ParamsT, round_agg: RoundAggregator, r: int) -> _Report | None:
         """Check an update and fold it into the round's aggregate; None if it was rejected."""

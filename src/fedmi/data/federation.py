@@ -92,35 +92,45 @@ class Federation:
         Tabular features are z-scored per site with the site's own training statistics: a
         purely local step, so no statistics leave the site.
         """
-        out = []
-        for i, site in enumerate(self.sites):
-            if site.test_mask is not None:
-                test = site.test_mask
-            else:
-                test = stratified_test_mask(site.y, test_fraction, numpy_generator(Stream.SPLIT, seed, i))
-            x_tr, x_te = site.x[~test], site.x[test]
-            if self.standardize and len(x_tr):
-                mean = x_tr.mean(axis=0)
-                std = x_tr.std(axis=0)
-                std[std < 1e-8] = 1.0  # a constant column (e.g. chol = 0 throughout Switzerland)
-                x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
-            data = SiteData(
-                name=site.name,
-                x_train=torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
-                y_train=torch.as_tensor(site.y[~test], dtype=torch.float32),
-                x_test=torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32),
-                y_test=torch.as_tensor(site.y[test], dtype=torch.float32),
-            )
-            if data.num_train == 0:
-                raise FedmiError(f"site {site.name}: its training split is empty")
-            for part, y in (("training", data.y_train), ("test", data.y_test)):
-                if len(y) and len(torch.unique(y)) < 2:
-                    log.warning(
-                        "site %s: its %s split holds a single class (%d); metrics undefined there are n/a",
-                        site.name, part, int(y[0]),
-                    )
-            out.append(data)
-        return out
+        return [self.split_site(site.name, seed, test_fraction, key=i) for i, site in enumerate(self.sites)]
+
+    def split_site(self, name: str, seed: int, test_fraction: float = 0.2, key: int | None = None) -> SiteData:
+        """One site's split; `key` (default: its position here) keys the split's random stream.
+
+        A deployed site holds only itself, so the server sends it the key it has in the whole
+        federation: the split is then the one a simulation of that federation makes.
+        """
+        index = {s.name: i for i, s in enumerate(self.sites)}
+        if name not in index:
+            raise FedmiError(f"dataset {self.name} has no site '{name}'; its sites: {', '.join(index)}")
+        site = self.sites[index[name]]
+        key = index[name] if key is None else key
+        if site.test_mask is not None:
+            test = site.test_mask
+        else:
+            test = stratified_test_mask(site.y, test_fraction, numpy_generator(Stream.SPLIT, seed, key))
+        x_tr, x_te = site.x[~test], site.x[test]
+        if self.standardize and len(x_tr):
+            mean = x_tr.mean(axis=0)
+            std = x_tr.std(axis=0)
+            std[std < 1e-8] = 1.0  # a constant column (e.g. chol = 0 throughout Switzerland)
+            x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+        data = SiteData(
+            name=site.name,
+            x_train=torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
+            y_train=torch.as_tensor(site.y[~test], dtype=torch.float32),
+            x_test=torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32),
+            y_test=torch.as_tensor(site.y[test], dtype=torch.float32),
+        )
+        if data.num_train == 0:
+            raise FedmiError(f"site {site.name}: its training split is empty")
+        for part, y in (("training", data.y_train), ("test", data.y_test)):
+            if len(y) and len(torch.unique(y)) < 2:
+                log.warning(
+                    "site %s: its %s split holds a single class (%d); metrics undefined there are n/a",
+                    site.name, part, int(y[0]),
+                )
+        return data
 
 
 def stratified_test_mask(y: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:

@@ -10,14 +10,19 @@ from typing import Callable
 from fedmi.client.trainers import make_trainer
 from fedmi.config import DataConfig, RunConfig
 from fedmi.core import params as P
+from fedmi.core.checkpoint import load_checkpoint
 from fedmi.core.runner import Runner, RunResult
 from fedmi.data.federation import Federation
 from fedmi.data.registry import load_federation
+from fedmi.errors import FedmiError
 from fedmi.experiments.report import JsonlWriter, to_json
 from fedmi.models import build_model
-from fedmi.runtime import make_runtime
+from fedmi.runtime import Runtime, make_runtime
 from fedmi.server.aggregation import make_aggregator, parse_pipeline
 from fedmi.server.selection import make_selector
+
+
+CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass
@@ -39,13 +44,44 @@ def federation_for(d: DataConfig, seed: int) -> Federation:
 
 
 def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None) -> FederatedRun:
+    """`cfg` on a simulation runtime in this process (or Flower's simulation runtime)."""
+    if cfg.runtime == "flower-sim":
+        from fedmi.runtime.flower.simulation import run_flower_simulation
+
+        return run_flower_simulation(cfg, out, on_round)
     fed = federation_for(cfg.data, cfg.seed)
     sites = fed.split(cfg.seed, cfg.data.test_fraction)
     model = build_model(cfg.model, fed.input_shape, cfg.seed)
+    runtime = make_runtime(cfg.runtime, model, sites, cfg.workers)
+    try:
+        result = train_federation(cfg, runtime, fed.input_shape, out, on_round,
+                                  summary={"dataset": fed.name, "synthetic": fed.synthetic,
+                                           "description": fed.description})
+    finally:
+        runtime.close()
+    return FederatedRun(cfg, fed, result)
+
+
+def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, ...], out: Path | None,
+                     on_round: Callable[[int], None] | None = None, resume: bool = False,
+                     summary: dict | None = None) -> RunResult:
+    """The run's rounds on `runtime`, whichever it is; with `out`, a resumable checkpoint after every
+    round, metrics.jsonl, the final model and summary.json. `resume` continues from out's checkpoint."""
+    model = build_model(cfg.model, input_shape, cfg.seed)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     aggregator = parse_pipeline(cfg.aggregator) if cfg.aggregator else make_aggregator(cfg.trainer.name, cfg.server_lr)
-    sink = None if out is None else JsonlWriter(out / "metrics.jsonl")
-    runtime = make_runtime(cfg.runtime, model, sites, cfg.workers)
+    checkpoint = None if out is None else out / CHECKPOINT
+    start = None
+    if resume:
+        if checkpoint is None:
+            raise FedmiError("resuming needs the run's folder")
+        start = load_checkpoint(checkpoint)
+    sink = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        sink = JsonlWriter(out / "metrics.jsonl")
+        for record in start.history if start else []:  # the rounds before the crash, then the new ones
+            sink(record)
     try:
         runner = Runner(
             runtime=runtime,
@@ -56,20 +92,21 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
             selector=make_selector(cfg.fraction),
             evaluate_every=cfg.evaluate_every,
             max_update_norm=cfg.max_update_norm,
-            checkpoint=None if out is None else out / "checkpoint.safetensors",
+            min_sites=cfg.min_sites,
+            max_retries=cfg.max_retries,
+            checkpoint=checkpoint,
             sink=sink,
             tags={"method": cfg.trainer.name},
         )
-        result = runner.run(init, on_round)
+        result = runner.run(init, on_round, resume=start)
     finally:
-        runtime.close()
         if sink is not None:
             sink.close()
     if out is not None:
+        summary = summary or {}
         P.save(result.params, out / "model.safetensors",
-               metadata={"dataset": fed.name, "model": cfg.model, "rounds": str(cfg.rounds)})
-        summary = {"dataset": fed.name, "synthetic": fed.synthetic, "description": fed.description,
-                   "config": cfg.model_dump(), "aggregator": str(aggregator),
-                   "final": result.history[-1]["test"]}
+               metadata={"dataset": str(summary.get("dataset", "")), "model": cfg.model, "rounds": str(cfg.rounds)})
+        summary = {**summary, "config": cfg.model_dump(), "aggregator": str(aggregator),
+                   "final": result.history[-1].get("test")}
         (out / "summary.json").write_text(to_json(summary, indent=2) + "\n")
-    return FederatedRun(cfg, fed, result)
+    return result

@@ -1,0 +1,213 @@
+"""`GridRuntime`: fedmi's `Runtime` over a Flower `Grid`, the server's view of the SuperNodes.
+
+The runner's round loop is unchanged: `train` sends one request per selected site and yields
+each reply's `Update` as it arrives (a streaming aggregate holds one at a time). A reply that
+is an error, too large, or malformed is logged with the site's name and left out; a site that
+does not answer within `round_timeout` is left out too; the runner decides whether enough
+sites answered (`min_sites`).
+
+Sites are known by the name they report; their key in the random streams (data split, local
+batches) is their position in the name-sorted list, as a simulation of the same federation
+uses its order. A second node claiming a name already taken is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedmi.client.trainers import LocalTrainer, trainer_spec
+from fedmi.config import DeploymentConfig
+from fedmi.core import params as P
+from fedmi.core.types import RoundInfo, SiteInfo, Update
+from fedmi.errors import FedmiError
+from fedmi.runtime.flower import codec
+
+log = logging.getLogger("fedmi")
+QUERY_TIMEOUT = 120.0
+
+
+@dataclass
+class _Site:
+    name: str
+    node_id: int
+    num_train: int
+    input_shape: tuple[int, ...]
+    key: int = 0
+    partition: int | None = None  # a simulated site's position in its federation
+
+
+class GridRuntime:
+    def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig = DeploymentConfig(),
+                 poll_interval: float = 0.05):
+        """`task`: what every request carries (seed, test_fraction, model, the run's data section)."""
+        self.grid = grid
+        self.task = dict(task)
+        self.deployment = deployment
+        self.poll_interval = poll_interval
+        self._sites: dict[str, _Site] = {}
+        self._max_bytes: int | None = None
+
+    # -- sites ---------------------------------------------------------------------------------
+    def connect(self, want: int) -> list[SiteInfo]:
+        """Wait until `want` sites have connected and introduced themselves (name, size, input shape)."""
+        deadline = time.monotonic() + self.deployment.connect_timeout
+        asked: set[int] = set()
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            asked.update(new)
+            if new:
+                self._introduce(new, deadline)
+            if len(self._sites) >= want:
+                break
+            if time.monotonic() > deadline:
+                raise FedmiError(f"{len(self._sites)} of the {want} sites needed connected within "
+                                 f"{self.deployment.connect_timeout:g} s: {', '.join(self._sites) or 'none'}")
+            time.sleep(0.5)
+        # Keyed as a simulation of the same federation keys them: by position in the federation when
+        # the sites are simulated partitions, else by position in the name-sorted list.
+        partitions = [s.partition for s in self._sites.values()]
+        for key, name in enumerate(sorted(self._sites)):
+            self._sites[name].key = key if None in partitions else self._sites[name].partition
+        shapes = {s.input_shape for s in self._sites.values()}
+        if len(shapes) > 1:
+            raise FedmiError("the sites' data have different shapes: " +
+                             ", ".join(f"{s.name} {s.input_shape}" for s in self._sites.values()))
+        log.info("sites connected: %s", ", ".join(f"{s.name} ({s.num_train} training examples)"
+                                                 for s in self._sites.values()))
+        return self.site_infos()
+
+    def _introduce(self, node_ids: Sequence[int], deadline: float) -> None:
+        content = RecordDict({"config": ConfigRecord({codec.TASK: json.dumps(self.task)})})
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        for node_id, reply in self._exchange(messages, max(deadline - time.monotonic(), QUERY_TIMEOUT), "query"):
+            if reply is None:
+                log.warning("node %d did not introduce itself in time; it is left out", node_id)
+                continue
+            if reply.has_error():
+                log.warning("node %d refused to introduce itself: %s", node_id, _reason(reply))
+                continue
+            try:
+                info = reply.content.config_records["site"]
+                site = _Site(str(info["name"]), node_id, int(info["num-train"]),
+                             tuple(int(d) for d in info["input-shape"]),
+                             partition=int(info["partition"]) if "partition" in info else None)
+            except (KeyError, TypeError, ValueError):
+                log.warning("node %d answered its introduction with a malformed reply; it is left out", node_id)
+                continue
+            if site.name in self._sites:
+                log.error("node %d claims the name '%s', already taken by node %d; it is refused",
+                          node_id, site.name, self._sites[site.name].node_id)
+                continue
+            self._sites[site.name] = site
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return next(iter(self._sites.values())).input_shape
+
+    def site_infos(self) -> list[SiteInfo]:
+        return [SiteInfo(s.name, s.num_train) for s in sorted(self._sites.values(), key=lambda s: s.key)]
+
+    def _site(self, name: str) -> _Site:
+        if name not in self._sites:
+            raise FedmiError(f"no site named '{name}' is connected")
+        return self._sites[name]
+
+    # -- messages ------------------------------------------------------------------------------
+    def _exchange(self, messages: list[Message], timeout: float, what: str
+                  ) -> Iterator[tuple[int, Message | None]]:
+        """Push `messages`, yield (node id, reply) as replies arrive, then (node id, None) for the silent."""
+        destination = {m.metadata.dst_node_id for m in messages}
+        ids = list(self.grid.push_messages(messages))
+        pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+        for node in destination - set(pending.values()):
+            yield node, None  # the SuperLink did not accept the message (node gone)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            replies: Iterable[Message] = self.grid.pull_messages(list(pending))
+            for reply in replies:
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    yield node, reply
+            if pending:
+                time.sleep(self.poll_interval)
+        for node in pending.values():
+            yield node, None
+
+    def _request(self, kind: str, params: P.ParamsT, sites: Sequence[str], task: dict,
+                 server_round: int) -> list[Message]:
+        arrays = codec.params_record(params)
+        out = []
+        for name in sites:
+            site = self._site(name)
+            content = RecordDict({"arrays": arrays, "config": codec.task_config(
+                server_round, {**self.task, **task, "site_index": site.key})})
+            out.append(Message(content, dst_node_id=site.node_id, message_type=kind, group_id=str(server_round)))
+        return out
+
+    def _name(self, node_id: int) -> str:
+        return next((s.name for s in self._sites.values() if s.node_id == node_id), f"node {node_id}")
+
+    def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
+              round_info: RoundInfo) -> Iterator[Update]:
+        r = round_info.round + 1
+        task = {"trainer": trainer_spec(trainer), "round": round_info.round, "num_rounds": round_info.num_rounds}
+        limit = self.max_message_bytes(params)
+        messages = self._request(MessageType.TRAIN, params, sites, task, r)
+        for node_id, reply in self._exchange(messages, self.deployment.round_timeout, "train"):
+            name = self._name(node_id)
+            if reply is None:
+                log.warning("round %d: no reply from site %s within %g s", r, name, self.deployment.round_timeout)
+                continue
+            if reply.has_error():
+                log.warning("round %d: site %s failed: %s", r, name, _reason(reply))
+                continue
+            size = codec.content_bytes(reply.content)
+            if size > limit:
+                log.warning("round %d: rejected the reply of site %s: %d bytes, more than the limit of %d",
+                            r, name, size, limit)
+                continue
+            try:
+                update = codec.content_update(reply.content, name, params)
+            except FedmiError as e:
+                log.warning("round %d: rejected %s", r, e)
+                continue
+            del reply
+            yield update
+
+    def max_message_bytes(self, params: P.ParamsT) -> int:
+        if self.deployment.max_message_mb is not None:
+            return int(self.deployment.max_message_mb * 2**20)
+        model_bytes = sum(v.numel() * v.element_size() for v in params.values())
+        return 3 * model_bytes + 2**20  # the update, as many bytes of extras again, headers
+
+    def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
+        names = sorted(self._sites, key=lambda n: self._sites[n].key) if sites is None else list(sites)
+        messages = self._request(MessageType.EVALUATE, params, names, {"split": split}, 0)
+        out: dict[str, dict] = {}
+        for node_id, reply in self._exchange(messages, self.deployment.round_timeout, "evaluate"):
+            name = self._name(node_id)
+            if reply is None or reply.has_error() or "metrics" not in reply.content.metric_records:
+                why = "no reply" if reply is None else _reason(reply) if reply.has_error() else "no metrics"
+                log.warning("evaluation: site %s gave no metrics (%s)", name, why)
+                continue
+            metrics = dict(reply.content["metrics"])
+            metrics["n"] = int(metrics.pop("num-examples", 0))
+            for k in ("acc", "sen", "spe", "auc", "bacc", "loss"):
+                metrics.setdefault(k, None)
+            out[name] = metrics
+        return {n: out[n] for n in names if n in out}
+
+    def close(self) -> None:
+        pass
+
+
+def _reason(reply: Message) -> str:
+    reason = (reply.error.reason or "").strip().splitlines()
+    return f"error {reply.error.code}: {reason[-1] if reason else 'no reason given'}"

@@ -1,0 +1,58 @@
+"""`runtime: flower-sim`: a run on Flower's simulation runtime (Ray), with fedmi's own ServerApp
+and ClientApp. Each site is a virtual SuperNode; `workers` clients train at once (default:
+one per core), each in a Ray worker with one CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from fedmi.config import RunConfig
+from fedmi.errors import FedmiError
+from fedmi.experiments.federated_run import FederatedRun, federation_for
+from fedmi.runtime.flower import site
+from fedmi.runtime.flower.server import run_on_grid
+
+
+def run_flower_simulation(cfg: RunConfig, out: Path | None = None,
+                          on_round: Callable[[int], None] | None = None) -> FederatedRun:
+    fed = federation_for(cfg.data, cfg.seed)  # here only for the number and names of the sites
+    cfg = cfg.model_copy(update={"deployment": cfg.deployment.model_copy(
+        update={"sites": cfg.deployment.sites or len(fed.sites)})})
+    outcome: dict = {}
+    server = ServerApp()
+
+    @server.main()
+    def _(grid: Grid, context: Context) -> None:
+        try:  # the ServerApp runs in a thread of this process; its outcome is handed back here
+            outcome["result"] = run_on_grid(grid, cfg, out, on_round=on_round, simulation=True)
+        except Exception as e:  # noqa: BLE001 - re-raised below, outside Flower's thread
+            outcome["error"] = e
+
+    workers = cfg.workers or os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": workers, "num_gpus": 0, "logging_level": "ERROR",
+                             "log_to_driver": False, "include_dashboard": False}}
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)  # Flower logs every message exchange at INFO
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # run_simulation's own deprecation notice
+            run_simulation(server_app=server, client_app=site.app, num_supernodes=len(fed.sites),
+                           backend_config=backend)
+    finally:
+        flwr_log.setLevel(level)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "result" not in outcome:
+        raise FedmiError("Flower's simulation runtime ended without a result (see the log above)")
+    return FederatedRun(cfg, fed, outcome["result"])

@@ -1,0 +1,142 @@
+"""The site side: fedmi's ClientApp. It loads the site's own data, trains with fedmi's local
+trainer and answers with an `Update` (or metrics); the data never leaves this process.
+
+Where the data is: a SuperNode started by `fedmi site` has `data-config` in its node config,
+the path of a `SiteConfig` YAML on the site's machine. On Flower's simulation runtime a virtual
+node has only `partition-id`; it then takes that site of the run's own `data` section, as every
+other fedmi runtime does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from functools import lru_cache
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedmi.client.evaluation import evaluate_site
+from fedmi.client.trainers import make_trainer, trainer_from_spec
+from fedmi.config import DataConfig, SiteConfig, load_yaml_model
+from fedmi.core import params as P
+from fedmi.core.rng import Stream, torch_generator
+from fedmi.core.types import RoundInfo, SiteData
+from fedmi.errors import FedmiError
+from fedmi.models import MODELS, build_model
+from fedmi.runtime.flower import codec
+
+log = logging.getLogger("fedmi")
+
+
+@lru_cache(maxsize=8)
+def _load_site(source: str, partition: int | None, seed: int, test_fraction: float, key: int | None) -> SiteData:
+    """The site's split for this run; `source` is a data-config path or the run's data section (JSON)."""
+    from fedmi.experiments.federated_run import federation_for
+
+    if partition is None:
+        cfg = load_yaml_model(SiteConfig, source, "site data config")
+        fed = federation_for(cfg, seed)
+        if cfg.site is None and len(fed.sites) > 1:
+            raise FedmiError(f"{source}: dataset {fed.name} holds sites {', '.join(fed.site_names)}; "
+                             "say which one is this site's with `site:`")
+        name = cfg.site or fed.site_names[0]
+    else:
+        fed = federation_for(DataConfig.model_validate_json(source), seed)
+        if not 0 <= partition < len(fed.sites):
+            raise FedmiError(f"partition {partition} does not exist: dataset {fed.name} has {len(fed.sites)} sites")
+        name = fed.site_names[partition]
+    return fed.split_site(name, seed, test_fraction, key)
+
+
+def site_data(context: Context, task: dict, key: int | None) -> SiteData:
+    node = context.node_config
+    seed, test_fraction = int(task.get("seed", 0)), float(task.get("test_fraction", 0.2))
+    if "data-config" in node:
+        return _load_site(str(node["data-config"]), None, seed, test_fraction, key)
+    if "partition-id" in node and "data" in task:
+        return _load_site(json.dumps(task["data"]), int(node["partition-id"]), seed, test_fraction, key)
+    raise FedmiError("this node has no data: start it with `fedmi site --data SITE.yaml` "
+                     "(node config data-config=PATH)")
+
+
+@lru_cache(maxsize=4)
+def _model(name: str, input_shape: tuple[int, ...]) -> nn.Module:
+    return build_model(name, input_shape, 0)  # weights are replaced by the server's
+
+
+def _model_for(params: P.ParamsT, input_shape: tuple[int, ...]) -> nn.Module:
+    """The fedmi model whose parameters have these names and shapes (a stock Flower server names none)."""
+    for name in MODELS:
+        try:
+            model = _model(name, input_shape)
+        except FedmiError:
+            continue
+        reference = model.state_dict()
+        if list(reference) == list(params) and all(reference[k].shape == params[k].shape for k in reference):
+            return model
+    raise FedmiError(f"no fedmi model has the parameters the server sent ({', '.join(list(params)[:4])}, ...)")
+
+
+def _stock_trainer(config: ConfigRecord):
+    """FedAvg's local SGD, with options a stock Flower strategy may put in its train config."""
+    options = {k.replace("-", "_"): config[k] for k in ("lr", "batch-size", "local-steps", "local-epochs")
+               if k in config}
+    return make_trainer("fedavg", **options)
+
+
+def _request(msg: Message, context: Context):
+    server_round, task, config = codec.read_task(msg.content)
+    if "arrays" not in msg.content.array_records:
+        raise FedmiError("the request carries no parameters ('arrays')")
+    params = codec.record_params(msg.content["arrays"], "global parameters")
+    if task is None:  # a stock Flower strategy: this site's key is its name's checksum
+        task = {"seed": int(config.get("seed", 0)), "round": (server_round or 1) - 1}
+    node_key = task.get("site_index")
+    site = site_data(context, task, node_key)
+    if "site_index" not in task:
+        node_key = zlib.crc32(site.name.encode())
+    model = _model(task["model"], tuple(site.x_train.shape[1:])) if "model" in task \
+        else _model_for(params, tuple(site.x_train.shape[1:]))
+    return task, config, params, site, model, node_key
+
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    _, task, _ = codec.read_task(msg.content)
+    site = site_data(context, task or {}, (task or {}).get("site_index"))
+    info = ConfigRecord({"name": site.name, "num-train": site.num_train,
+                         "input-shape": [int(d) for d in site.x_train.shape[1:]]})
+    if "partition-id" in context.node_config and "data-config" not in context.node_config:
+        info["partition"] = int(context.node_config["partition-id"])  # its position in the simulated federation
+    return Message(RecordDict({"site": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task, config, params, site, model, key = _request(msg, context)
+    trainer = trainer_from_spec(task["trainer"]) if "trainer" in task else _stock_trainer(config)
+    round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]))
+    rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, key)
+    update = trainer.train(model, params, site, round_info, rng)
+    if "trainer" in task:
+        return Message(codec.update_content(update), reply_to=msg)
+    # A stock Flower strategy averages local weights, weighted by "num-examples".
+    local = P.add(params, update.delta)
+    metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
+    return Message(RecordDict({"arrays": codec.params_record(local), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    task, _, params, site, model, _ = _request(msg, context)
+    split = task.get("split", "test")
+    metrics = evaluate_site(model, params, site, split)
+    record = MetricRecord({("num-examples" if k == "n" else k): v for k, v in metrics.items() if v is not None})
+    return Message(RecordDict({"metrics": record, "site": ConfigRecord({"name": site.name})}), reply_to=msg)

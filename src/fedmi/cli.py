@@ -120,16 +120,22 @@ def table2(
 def run(
     config: Path = typer.Argument(..., help="YAML file describing one federated run"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: the config's `out`, else runs/NAME)"),
+    runtime: Optional[str] = typer.Option(None, help="override the config's runtime: auto, sequential, vectorised, "
+                                                     "processes or flower-sim"),
+    workers: Optional[int] = typer.Option(None, help="processes: worker processes; flower-sim: concurrent clients"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """One federated training run described by a YAML config."""
     _setup_logging(verbose)
-    from fedmi.config import load_config
+    from fedmi.config import RunConfig, load_config, validated
     from fedmi.experiments.federated_run import run_federated
     from fedmi.experiments.report import plot_convergence
     from fedmi.metrics import TABLE_METRICS
 
     cfg = load_config(config)
+    overrides = {k: v for k, v in (("runtime", runtime), ("workers", workers)) if v is not None}
+    if overrides:
+        cfg = validated(RunConfig, {**cfg.model_dump(), **overrides}, "fedmi run", prefix="option --")
     out = out or Path(cfg.out or Path("runs") / config.stem)
     with _progress() as progress:
         task = progress.add_task(f"{config.name}: rounds", total=cfg.rounds)
@@ -144,6 +150,116 @@ def run(
     out_console.print(table)
     plot_convergence(done.result.history, out / "convergence.png", title)
     out_console.print(f"wrote {out}/: metrics.jsonl, model.safetensors, checkpoint.safetensors, summary.json, convergence.png")
+
+
+_CONNECTION_HELP = "the server's HOST:PORT"
+
+
+def _connection(server: str, ca: Optional[Path], insecure: bool):
+    from fedmi.deploy.flower import Connection
+
+    if insecure == (ca is not None):
+        raise FedmiError("give the CA certificate (--ca ca.pem) for TLS, or --insecure (loopback only)")
+    return Connection(server, None if insecure else ca)
+
+
+@app.command()
+def certs(
+    out: Path = typer.Option(Path("pki"), help="folder to write the keys and certificates into"),
+    site: list[str] = typer.Option(..., "--site", help="a site's name (repeat for each site)"),
+    host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host",
+                                   help="a name or IP address the server is reached by (repeat)"),
+    days: int = typer.Option(365, min=1, help="validity of the certificates"),
+) -> None:
+    """Make a CA, the server's TLS certificate and one key pair per site (for `fedmi server/site`)."""
+    from fedmi.deploy.certs import make_certificates
+
+    make_certificates(out, site, host, days)
+    out_console.print(f"wrote {out}/: ca.pem, server.pem + server.key (server only; valid for {', '.join(host)}), "
+                      f"sites/NAME.key (that site only) + sites/NAME.pub (enrol at the server) for {', '.join(site)}. "
+                      "Keep ca.key offline.")
+
+
+@app.command()
+def server(
+    certs: Optional[Path] = typer.Option(None, help="folder from `fedmi certs` (ca.pem, server.pem, server.key)"),
+    enroll: list[Path] = typer.Option([], "--enroll", help="a site's public key to admit (repeat)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(9092, min=1, max=65535),
+    state: Path = typer.Option(Path("fedmi-server"), help="the server's state: enrolled sites, runs, apps"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site authentication (loopback only)"),
+) -> None:
+    """Start the coordinating server (Flower SuperLink) with TLS and site authentication; Ctrl-C stops it."""
+    _setup_logging(False)
+    from fedmi.deploy.flower import serve
+
+    if insecure == (certs is not None):
+        raise FedmiError("give --certs FOLDER for TLS, or --insecure (loopback only)")
+    sys.exit(serve(None if insecure else certs, state, host, port, enroll))
+
+
+@app.command("enroll")
+def enroll_site(
+    key: Path = typer.Argument(..., help="the site's public key (sites/NAME.pub)"),
+    name: Optional[str] = typer.Option(None, help="the site's name (default: the key's comment)"),
+    server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
+) -> None:
+    """Admit a site to a running server by its public key."""
+    _setup_logging(False)
+    from fedmi.deploy.flower import enroll
+
+    enroll(_connection(server, ca, False), key, name)
+
+
+@app.command()
+def site(
+    data: Path = typer.Option(..., help="the site's data config (YAML: dataset, site)"),
+    key: Optional[Path] = typer.Option(None, help="the site's private key (sites/NAME.key)"),
+    server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
+    port: int = typer.Option(9094, min=1, max=65535, help="local port of this site's app process (one per site)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback only)"),
+) -> None:
+    """Join a federation as one site (Flower SuperNode); the data stays here. Ctrl-C leaves."""
+    _setup_logging(False)
+    from fedmi.deploy.flower import run_site
+
+    sys.exit(run_site(_connection(server, ca, insecure), data, key, port))
+
+
+@app.command()
+def submit(
+    config: Optional[Path] = typer.Argument(None, help="YAML file describing the run"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder after its last round"),
+    out: Optional[Path] = typer.Option(None, help="run folder on this (the server's) machine (default runs/NAME)"),
+    server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback only)"),
+) -> None:
+    """Run a federation on the connected sites and stream its progress; checkpoints every round."""
+    _setup_logging(False)
+    from fedmi.deploy.flower import submit as submit_run
+
+    if (config is None) == (resume is None):
+        raise FedmiError("give a config file to start a run, or --resume RUN_DIR to continue one")
+    run_dir = resume or out or Path("runs") / config.stem
+    submit_run(_connection(server, ca, insecure), config, run_dir, resume is not None)
+    out_console.print(f"wrote {run_dir}/: metrics.jsonl, model.safetensors, checkpoint.safetensors, summary.json")
+
+
+@app.command()
+def status(
+    server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback only)"),
+) -> None:
+    """The server's enrolled sites (online or not) and its runs."""
+    _setup_logging(False)
+    from fedmi.deploy.flower import status as server_status
+
+    found = server_status(_connection(server, ca, insecure))
+    out_console.print_json(data=found)
 
 
 @app.command()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from fedmi.data.federation import Federation, Site
 
@@ -58,6 +57,8 @@ def load_heart_disease(flamby_split: bool = False, root: Path = ASSETS) -> Feder
         y = (df["num"] > 0).astype(np.int64).to_numpy()
         test_mask = None
         if flamby_split:
+            from sklearn.model_selection import train_test_split  # ~2 s to import; only FLamby's split needs it
+
             # FLamby stratifies only when each class has more than two members.
             stratify = y if min(np.bincount(y, minlength=2)) > 2 else None
             _, test_idx = train_test_split(np.arange(len(y)), train_size=0.66, test_size=0.34,

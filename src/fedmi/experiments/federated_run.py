@@ -15,7 +15,6 @@ from fedmi.core.runner import Runner, RunResult
 from fedmi.data.federation import Federation
 from fedmi.data.registry import load_federation
 from fedmi.errors import FedmiError
-from fedmi.experiments.report import JsonlWriter, to_json
 from fedmi.models import build_model
 from fedmi.runtime import Runtime, make_runtime
 from fedmi.server.aggregation import make_aggregator, parse_pipeline
@@ -78,6 +77,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         start = load_checkpoint(checkpoint)
     sink = None
     if out is not None:
+        from fedmi.experiments.report import JsonlWriter  # matplotlib: not needed by a site
         out.mkdir(parents=True, exist_ok=True)
         sink = JsonlWriter(out / "metrics.jsonl")
         for record in start.history if start else []:  # the rounds before the crash, then the new ones
@@ -103,6 +103,8 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         if sink is not None:
             sink.close()
     if out is not None:
+        from fedmi.experiments.report import to_json
+
         summary = summary or {}
         P.save(result.params, out / "model.safetensors",
                metadata={"dataset": str(summary.get("dataset", "")), "model": cfg.model, "rounds": str(cfg.rounds)})

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedmi.client.trainers import LocalTrainer, trainer_spec
@@ -45,7 +46,7 @@ class _Site:
 
 class GridRuntime:
     def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig = DeploymentConfig(),
-                 poll_interval: float = 0.05):
+                 poll_interval: float = 0.2):
         """`task`: what every request carries (seed, test_fraction, model, the run's data section)."""
         self.grid = grid
         self.task = dict(task)
@@ -58,10 +59,12 @@ class GridRuntime:
     def connect(self, want: int) -> list[SiteInfo]:
         """Wait until `want` sites have connected and introduced themselves (name, size, input shape)."""
         deadline = time.monotonic() + self.deployment.connect_timeout
-        asked: set[int] = set()
+        next_try: dict[int, float] = {}  # a node that did not answer is asked again later
         while True:
-            new = [n for n in self.grid.get_node_ids() if n not in asked]
-            asked.update(new)
+            now = time.monotonic()
+            known = {s.node_id for s in self._sites.values()}
+            new = [n for n in self.grid.get_node_ids() if n not in known and next_try.get(n, 0.0) <= now]
+            next_try.update({n: now + 5.0 for n in new})
             if new:
                 self._introduce(new, deadline)
             if len(self._sites) >= want:
@@ -87,11 +90,10 @@ class GridRuntime:
         content = RecordDict({"config": ConfigRecord({codec.TASK: json.dumps(self.task)})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         for node_id, reply in self._exchange(messages, max(deadline - time.monotonic(), QUERY_TIMEOUT), "query"):
-            if reply is None:
-                log.warning("node %d did not introduce itself in time; it is left out", node_id)
-                continue
-            if reply.has_error():
-                log.warning("node %d refused to introduce itself: %s", node_id, _reason(reply))
+            if reply is None or reply.has_error():  # asked again later (an enrolled site may be offline)
+                offline = reply is None or reply.error.code == ErrorCode.NODE_UNAVAILABLE
+                (log.info if offline else log.warning)("node %d did not introduce itself (%s)", node_id,
+                                                       "no reply" if reply is None else _reason(reply))
                 continue
             try:
                 info = reply.content.config_records["site"]

@@ -1,0 +1,130 @@
+"""A whole deployment on this machine's loopback: certificates, the server and one site per
+data config, each a real `fedmi server` / `fedmi site` process, as the deployment guide's four
+terminals start them. Used by the deployment tests and the latency benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmi.deploy.certs import make_certificates
+from fedmi.deploy.flower import flower_env, stop_process_group
+from fedmi.errors import FedmiError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fedmi_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedmi", *args]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc); a crash test must not leave Flower's helpers behind."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@dataclass
+class LocalFederation:
+    """`folder` receives pki/, the server's state, logs; `sites` maps key names to data configs."""
+
+    folder: Path
+    sites: dict[str, Path]
+    extra_keys: tuple[str, ...] = ()  # key pairs made but not enrolled
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.pki = self.folder / "pki"
+        if not self.pki.exists():
+            make_certificates(self.pki, [*self.sites, *self.extra_keys])
+        self.site_ports = {name: free_port() for name in [*self.sites, *self.extra_keys]}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self, name: str) -> Path:
+        return self.folder / f"{name}.log"
+
+    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        with open(self.log(name), "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=flower_env(),
+                                    start_new_session=True, cwd=self.folder)
+        self.procs[name] = proc
+        return proc
+
+    def start_server(self, enroll: bool = True) -> None:
+        keys = [a for s in self.sites for a in ("--enroll", str(self.pki / "sites" / f"{s}.pub"))] if enroll else []
+        self._start("server", fedmi_argv("server", "--certs", str(self.pki), "--port", str(self.port),
+                                         "--state", str(self.folder / "server-state"), *keys))
+        self.wait_for_log("server", "Uvicorn running", 60)
+        if enroll:
+            self.wait_for_log("server", f"enrolled site {list(self.sites)[-1]}", 60)
+
+    def start_site(self, name: str, data: Path | None = None) -> subprocess.Popen:
+        return self._start(f"site-{name}", fedmi_argv(
+            "site", "--server", self.address, "--ca", str(self.pki / "ca.pem"),
+            "--key", str(self.pki / "sites" / f"{name}.key"), "--data", str(data or self.sites[name]),
+            "--port", str(self.site_ports[name])))
+
+    def submit(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(fedmi_argv("submit", *args, "--server", self.address, "--ca", str(self.pki / "ca.pem")),
+                              capture_output=True, text=True, env=flower_env(), timeout=timeout, cwd=self.folder)
+
+    def wait_for_log(self, name: str, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log(name).exists() and text in self.log(name).read_text(errors="replace"):
+                return
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        tail = self.log(name).read_text(errors="replace")[-1500:] if self.log(name).exists() else ""
+        raise FedmiError(f"{name}: '{text}' did not appear within {timeout:g} s; its log ends:\n{tail}")
+
+    def stop(self, name: str, crash: bool = False) -> None:
+        proc = self.procs.pop(name)
+        if crash:  # no goodbye: the process and everything it started die at once, as in a power cut
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+        else:
+            stop_process_group(proc)
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name, crash=True)
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -55,6 +55,7 @@ class DeploymentConfig(_Strict):
     connect_timeout: float = Field(300.0, gt=0)  # seconds to wait for them
     round_timeout: float = Field(600.0, gt=0)  # seconds a round waits for replies; late ones are left out
     max_message_mb: float | None = Field(None, gt=0)  # larger replies are refused; default 3 x model + 1 MiB
+    input_shape: list[int] | None = None  # the model's input when only plain Flower clients connect
 
 
 class RunConfig(_Strict):

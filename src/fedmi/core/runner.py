@@ -16,7 +16,7 @@ from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
 from fedmi.core.checkpoint import Checkpoint, save_checkpoint
 from fedmi.core.rng import Stream, numpy_generator
-from fedmi.core.types import RoundInfo, Update
+from fedmi.core.types import Rejected, RoundInfo, Update
 from fedmi.errors import FedmiError
 from fedmi.runtime.base import Runtime
 from fedmi.server.selection import AllSites, Selector
@@ -153,9 +153,12 @@ class Runner:
         raise FedmiError(f"{what}, still after {self.max_retries} retries; the run stops here "
                          f"(the last checkpoint holds round {r})")
 
-    def _take(self, update: Update, params: P.ParamsT, round_agg: RoundAggregator, r: int) -> _Report | None:
+    def _take(self, update: Update | Rejected, params: P.ParamsT, round_agg: RoundAggregator, r: int
+              ) -> _Report | None:
         """Check an update and fold it into the round's aggregate; None if it was rejected."""
         try:
+            if isinstance(update, Rejected):
+                raise FedmiError(update.reason)
             check_update(update, params, self.max_update_norm)
         except FedmiError as e:
             log.warning("round %d: rejected %s", r + 1, e)

@@ -61,6 +61,15 @@ class Update:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """A site's reply that a runtime could not even read as an `Update` (malformed, oversized);
+    the runner logs and records it as it does an update that fails its checks."""
+
+    site: str
+    reason: str  # "update from site NAME: what is wrong"
+
+
+@dataclass(frozen=True)
 class SiteInfo:
     """What the server may know about a site before training: its name and size."""
 

@@ -6,7 +6,7 @@ from typing import Iterator, Protocol, Sequence
 
 from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
-from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
+from fedmi.core.types import Rejected, RoundInfo, SiteData, SiteInfo, Update
 from fedmi.errors import FedmiError
 
 
@@ -15,8 +15,9 @@ class Runtime(Protocol):
         """Name and training-set size of every site."""
 
     def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
-              round_info: RoundInfo) -> Iterator[Update]:
-        """Broadcast `params` to `sites`, run `trainer` at each, yield their updates as they arrive."""
+              round_info: RoundInfo) -> Iterator[Update | Rejected]:
+        """Broadcast `params` to `sites`, run `trainer` at each, yield their updates as they arrive
+        (a reply that cannot be read as an update: `Rejected`; a site that does not answer: nothing)."""
 
     def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
         """Each site's metrics of `params` on its own split (metrics only cross the boundary)."""

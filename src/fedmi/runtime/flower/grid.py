@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from fedmi.client.trainers import LocalTrainer, trainer_spec
 from fedmi.config import DeploymentConfig
 from fedmi.core import params as P
-from fedmi.core.types import RoundInfo, SiteInfo, Update
+from fedmi.core.types import Rejected, RoundInfo, SiteInfo, Update
 from fedmi.errors import FedmiError
 from fedmi.runtime.flower import codec
 
@@ -39,7 +39,7 @@ class _Site:
     name: str
     node_id: int
     num_train: int
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None  # None: a plain Flower client, which does not say
     key: int = 0
     partition: int | None = None  # a simulated site's position in its federation
 
@@ -78,7 +78,7 @@ class GridRuntime:
         partitions = [s.partition for s in self._sites.values()]
         for key, name in enumerate(sorted(self._sites)):
             self._sites[name].key = key if None in partitions else self._sites[name].partition
-        shapes = {s.input_shape for s in self._sites.values()}
+        shapes = {s.input_shape for s in self._sites.values() if s.input_shape is not None}
         if len(shapes) > 1:
             raise FedmiError("the sites' data have different shapes: " +
                              ", ".join(f"{s.name} {s.input_shape}" for s in self._sites.values()))
@@ -90,6 +90,12 @@ class GridRuntime:
         content = RecordDict({"config": ConfigRecord({codec.TASK: json.dumps(self.task)})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         for node_id, reply in self._exchange(messages, max(deadline - time.monotonic(), QUERY_TIMEOUT), "query"):
+            if reply is not None and reply.has_error() and "No query function registered" in (reply.error.reason or ""):
+                # A plain Flower client app: it trains and evaluates but cannot introduce itself.
+                name = f"node-{node_id}"
+                log.warning("node %d is a plain Flower client (no fedmi site); it is known as %s", node_id, name)
+                self._sites[name] = _Site(name, node_id, 0, None)
+                continue
             if reply is None or reply.has_error():  # asked again later (an enrolled site may be offline)
                 offline = reply is None or reply.error.code == ErrorCode.NODE_UNAVAILABLE
                 (log.info if offline else log.warning)("node %d did not introduce itself (%s)", node_id,
@@ -111,7 +117,14 @@ class GridRuntime:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return next(iter(self._sites.values())).input_shape
+        """The sites' input shape, or the configured one when only plain Flower clients connected."""
+        for s in self._sites.values():
+            if s.input_shape is not None:
+                return s.input_shape
+        if self.deployment.input_shape is None:
+            raise FedmiError("no connected site reports its input shape (plain Flower clients): "
+                             "set deployment.input_shape in the run config")
+        return tuple(self.deployment.input_shape)
 
     def site_infos(self) -> list[SiteInfo]:
         return [SiteInfo(s.name, s.num_train) for s in sorted(self._sites.values(), key=lambda s: s.key)]
@@ -157,7 +170,7 @@ class GridRuntime:
         return next((s.name for s in self._sites.values() if s.node_id == node_id), f"node {node_id}")
 
     def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
-              round_info: RoundInfo) -> Iterator[Update]:
+              round_info: RoundInfo) -> Iterator[Update | Rejected]:
         r = round_info.round + 1
         task = {"trainer": trainer_spec(trainer), "round": round_info.round, "num_rounds": round_info.num_rounds}
         limit = self.max_message_bytes(params)
@@ -171,15 +184,14 @@ class GridRuntime:
                 log.warning("round %d: site %s failed: %s", r, name, _reason(reply))
                 continue
             size = codec.content_bytes(reply.content)
-            if size > limit:
-                log.warning("round %d: rejected the reply of site %s: %d bytes, more than the limit of %d",
-                            r, name, size, limit)
+            if size > limit:  # refused unread
+                yield Rejected(name, f"update from site {name}: its reply holds {size} bytes of arrays, "
+                                     f"more than the limit of {limit}")
                 continue
             try:
-                update = codec.content_update(reply.content, name, params)
+                update: Update | Rejected = codec.content_update(reply.content, name, params)
             except FedmiError as e:
-                log.warning("round %d: rejected %s", r, e)
-                continue
+                update = Rejected(name, str(e))
             del reply
             yield update
 

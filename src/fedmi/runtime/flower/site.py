@@ -52,13 +52,14 @@ def _load_site(source: str, partition: int | None, seed: int, test_fraction: flo
     return fed.split_site(name, seed, test_fraction, key)
 
 
-def site_data(context: Context, task: dict, key: int | None) -> SiteData:
+def site_data(context: Context, task: dict, key: int | None, default_data: DataConfig | None = None) -> SiteData:
     node = context.node_config
     seed, test_fraction = int(task.get("seed", 0)), float(task.get("test_fraction", 0.2))
     if "data-config" in node:
         return _load_site(str(node["data-config"]), None, seed, test_fraction, key)
-    if "partition-id" in node and "data" in task:
-        return _load_site(json.dumps(task["data"]), int(node["partition-id"]), seed, test_fraction, key)
+    data = task["data"] if "data" in task else default_data.model_dump() if default_data is not None else None
+    if "partition-id" in node and data is not None:
+        return _load_site(json.dumps(data), int(node["partition-id"]), seed, test_fraction, key)
     raise FedmiError("this node has no data: start it with `fedmi site --data SITE.yaml` "
                      "(node config data-config=PATH)")
 
@@ -88,55 +89,59 @@ def _stock_trainer(config: ConfigRecord):
     return make_trainer("fedavg", **options)
 
 
-def _request(msg: Message, context: Context):
-    server_round, task, config = codec.read_task(msg.content)
-    if "arrays" not in msg.content.array_records:
-        raise FedmiError("the request carries no parameters ('arrays')")
-    params = codec.record_params(msg.content["arrays"], "global parameters")
-    if task is None:  # a stock Flower strategy: this site's key is its name's checksum
-        task = {"seed": int(config.get("seed", 0)), "round": (server_round or 1) - 1}
-    node_key = task.get("site_index")
-    site = site_data(context, task, node_key)
-    if "site_index" not in task:
-        node_key = zlib.crc32(site.name.encode())
-    model = _model(task["model"], tuple(site.x_train.shape[1:])) if "model" in task \
-        else _model_for(params, tuple(site.x_train.shape[1:]))
-    return task, config, params, site, model, node_key
+def client_app(default_data: DataConfig | None = None) -> ClientApp:
+    """fedmi's ClientApp. `default_data`: the federation simulated nodes take their site from
+    when a request does not say (a stock Flower strategy's requests carry no fedmi task)."""
+    app = ClientApp()
+
+    def request(msg: Message, context: Context):
+        server_round, task, config = codec.read_task(msg.content)
+        if "arrays" not in msg.content.array_records:
+            raise FedmiError("the request carries no parameters ('arrays')")
+        params = codec.record_params(msg.content["arrays"], "global parameters")
+        if task is None:  # a stock Flower strategy: this site's key is its name's checksum
+            task = {"seed": int(config.get("seed", 0)), "round": (server_round or 1) - 1}
+        key = task.get("site_index")
+        site = site_data(context, task, key, default_data)
+        if key is None:
+            key = zlib.crc32(site.name.encode())
+        input_shape = tuple(site.x_train.shape[1:])
+        model = _model(task["model"], input_shape) if "model" in task else _model_for(params, input_shape)
+        return task, config, params, site, model, key
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        _, task, _ = codec.read_task(msg.content)
+        task = task or {}
+        site = site_data(context, task, task.get("site_index"), default_data)
+        info = ConfigRecord({"name": site.name, "num-train": site.num_train,
+                             "input-shape": [int(d) for d in site.x_train.shape[1:]]})
+        if "partition-id" in context.node_config and "data-config" not in context.node_config:
+            info["partition"] = int(context.node_config["partition-id"])  # its position in the simulated federation
+        return Message(RecordDict({"site": info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        task, config, params, site, model, key = request(msg, context)
+        trainer = trainer_from_spec(task["trainer"]) if "trainer" in task else _stock_trainer(config)
+        round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]))
+        rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, key)
+        update = trainer.train(model, params, site, round_info, rng)
+        if "trainer" in task:
+            return Message(codec.update_content(update), reply_to=msg)
+        # A stock Flower strategy averages local weights, weighted by "num-examples".
+        local = P.add(params, update.delta)
+        metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
+        return Message(RecordDict({"arrays": codec.params_record(local), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        task, _, params, site, model, _ = request(msg, context)
+        metrics = evaluate_site(model, params, site, task.get("split", "test"))
+        record = MetricRecord({("num-examples" if k == "n" else k): v for k, v in metrics.items() if v is not None})
+        return Message(RecordDict({"metrics": record, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+
+    return app
 
 
-app = ClientApp()
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    _, task, _ = codec.read_task(msg.content)
-    site = site_data(context, task or {}, (task or {}).get("site_index"))
-    info = ConfigRecord({"name": site.name, "num-train": site.num_train,
-                         "input-shape": [int(d) for d in site.x_train.shape[1:]]})
-    if "partition-id" in context.node_config and "data-config" not in context.node_config:
-        info["partition"] = int(context.node_config["partition-id"])  # its position in the simulated federation
-    return Message(RecordDict({"site": info}), reply_to=msg)
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    task, config, params, site, model, key = _request(msg, context)
-    trainer = trainer_from_spec(task["trainer"]) if "trainer" in task else _stock_trainer(config)
-    round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]))
-    rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, key)
-    update = trainer.train(model, params, site, round_info, rng)
-    if "trainer" in task:
-        return Message(codec.update_content(update), reply_to=msg)
-    # A stock Flower strategy averages local weights, weighted by "num-examples".
-    local = P.add(params, update.delta)
-    metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
-    return Message(RecordDict({"arrays": codec.params_record(local), "metrics": metrics}), reply_to=msg)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    task, _, params, site, model, _ = _request(msg, context)
-    split = task.get("split", "test")
-    metrics = evaluate_site(model, params, site, split)
-    record = MetricRecord({("num-examples" if k == "n" else k): v for k, v in metrics.items() if v is not None})
-    return Message(RecordDict({"metrics": record, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+app = client_app()  # the component Flower's deployment runtime loads (`fedmi submit`)

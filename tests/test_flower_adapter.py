@@ -1,0 +1,181 @@
+"""fedmi's ServerApp logic (GridRuntime + Runner) and ClientApp over an in-process Flower Grid:
+the same results as the in-process runtime, hostile replies rejected, silent sites left out."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedmi.config import parse_config
+from fedmi.core import params as P
+from fedmi.core.types import Update
+from fedmi.errors import FedmiError
+from fedmi.experiments.federated_run import run_federated
+from fedmi.runtime.flower import codec
+from fedmi.runtime.flower.server import run_on_grid
+from fedmi.runtime.flower.site import client_app
+from local_grid import LocalGrid
+
+HEART_SITES = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+
+
+def _cfg(**changes):
+    raw = {"data": {"dataset": "heart-disease"}, "model": "logistic", "rounds": 2, "seed": 1,
+           "evaluate_every": 0, "runtime": "sequential",
+           "trainer": {"name": "fedavg", "lr": 0.05, "batch_size": 32, "local_steps": 5}}
+    raw.update(changes)
+    return parse_config(raw, "test")
+
+
+def _grid(handlers: dict[int, object] | None = None, n: int = 4) -> LocalGrid:
+    """Simulated nodes 100.. holding partitions 0..n-1 of the run's data; `handlers` replaces some."""
+    app = client_app()
+    handlers = handlers or {}
+    return LocalGrid({100 + i: (handlers.get(i, app), {"partition-id": i, "num-partitions": n}) for i in range(n)})
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"trainer": {"name": "fedprox", "lr": 0.05, "mu": 0.1, "local_epochs": 1}},
+    {"trainer": {"name": "fedsgd"}, "aggregator": "weighted_mean | server_sgd(lr=0.5)"},
+    {"aggregator": "median"},
+    {"trainer": {"name": "fedavg", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "local_steps": 3}},
+    {"model": "mlp", "fraction": 0.5},
+])
+def test_the_flower_apps_give_the_in_process_result(changes):
+    cfg = _cfg(**changes)
+    over_grid = run_on_grid(_grid(), cfg, None, simulation=True)
+    in_process = run_federated(cfg).result
+    assert P.allclose(over_grid.params, in_process.params, rtol=1e-5, atol=1e-6)
+    assert [r["sites"] for r in over_grid.history] == [r["sites"] for r in in_process.history]
+    assert over_grid.history[-1]["test"].keys() == in_process.history[-1]["test"].keys()
+    for site, metrics in in_process.history[-1]["test"].items():
+        assert over_grid.history[-1]["test"][site]["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
+
+
+def _corrupt(kind: str):
+    """A ClientApp for VA Long Beach that answers training requests with a hostile reply."""
+    honest = client_app()
+
+    def handler(msg: Message, context):
+        reply = honest(msg, context)
+        if msg.metadata.message_type != "train":
+            return reply
+        delta = codec.record_params(reply.content["delta"], "test")
+        if kind == "names":
+            delta = {("evil." + k if i == 0 else k): v for i, (k, v) in enumerate(delta.items())}
+        elif kind == "shape":
+            delta = {k: (v.reshape(-1)[:-1] if v.numel() > 1 else v) for k, v in delta.items()}
+        elif kind == "dtype":
+            delta = {k: v.double() for k, v in delta.items()}
+        elif kind in ("nan", "inf"):
+            delta = {k: v.clone() for k, v in delta.items()}
+            next(iter(delta.values())).view(-1)[0] = float(kind)
+        elif kind == "norm":
+            delta = {k: v * 1e6 for k, v in delta.items()}
+        content = RecordDict(dict(reply.content))
+        content["delta"] = codec.params_record(delta)
+        if kind == "oversized":
+            content["extras"] = ArrayRecord({"blob": Array(np.zeros(10**6, dtype=np.float32))})
+        elif kind == "pickle":
+            content["delta"] = ArrayRecord({"linear.weight": Array(dtype="float32", shape=(1, 13), stype="pickle",
+                                                                   data=b"\x80\x04K\x01.")})
+        elif kind == "count":
+            content["metrics"] = MetricRecord({"num-examples": -5})
+        elif kind == "strings":
+            content["delta"] = ArrayRecord({k: Array(np.array(["x"] * v.numel()).reshape(v.shape))
+                                            for k, v in delta.items()})
+        return Message(content, reply_to=msg)
+
+    return handler
+
+
+@pytest.mark.parametrize("kind", ["names", "shape", "dtype", "nan", "inf", "norm", "oversized", "pickle", "count",
+                                  "strings"])
+def test_a_hostile_update_is_rejected_and_the_round_completes_with_the_others(kind, caplog):
+    cfg = _cfg(rounds=1, max_update_norm=1e3)
+    with caplog.at_level(logging.WARNING, logger="fedmi"):
+        result = run_on_grid(_grid({3: _corrupt(kind)}), cfg, None, simulation=True)
+    record = result.history[0]
+    assert record["rejected"] == ["VA Long Beach"]
+    assert record["sites"] == HEART_SITES[:3]
+    assert "rejected update from site VA Long Beach" in caplog.text
+    # The aggregate is that of the three honest sites alone.
+    honest_only = run_on_grid(_grid({3: _corrupt("nan")}), cfg, None, simulation=True)
+    assert P.allclose(result.params, honest_only.params)
+
+
+def test_a_silent_site_is_left_out_with_a_log_line_and_min_sites_retries_then_stops(caplog):
+    grid = _grid()
+    grid.silent.add(103)
+    cfg = _cfg(rounds=1, deployment={"round_timeout": 0.3, "sites": 4})
+    with caplog.at_level(logging.WARNING, logger="fedmi"):
+        result = run_on_grid(grid, cfg, None, simulation=True)
+    assert result.history[0]["sites"] == HEART_SITES[:3]
+    assert "no reply from site VA Long Beach within 0.3 s" in caplog.text
+    assert "completed with 3 of 4 sites" in caplog.text
+
+    cfg = _cfg(rounds=1, min_sites=4, max_retries=1, deployment={"round_timeout": 0.3, "sites": 4})
+    grid = _grid()
+    grid.silent.add(103)
+    with caplog.at_level(logging.WARNING, logger="fedmi"), pytest.raises(FedmiError, match="still after 1 retries"):
+        run_on_grid(grid, cfg, None, simulation=True)
+    assert "running the round again (retry 1 of 1)" in caplog.text
+
+
+def test_a_round_retried_after_too_few_replies_gives_the_uninterrupted_result(caplog):
+    cfg = _cfg(rounds=2, min_sites=4, deployment={"round_timeout": 0.3})
+    honest = client_app()
+    calls = {"train": 0}
+
+    def flaky(msg, context):  # fails its first training request only
+        if msg.metadata.message_type == "train":
+            calls["train"] += 1
+            if calls["train"] == 1:
+                raise RuntimeError("disk full")
+        return honest(msg, context)
+
+    with caplog.at_level(logging.WARNING, logger="fedmi"):
+        result = run_on_grid(_grid({2: flaky}), cfg, None, simulation=True)
+    assert "site Switzerland failed" in caplog.text and "retry 1 of 2" in caplog.text
+    assert P.allclose(result.params, run_federated(cfg).result.params, rtol=1e-5, atol=1e-6)
+
+
+def test_a_node_claiming_a_taken_name_is_refused(caplog):
+    grid = _grid()
+    grid.nodes[200] = (client_app(), {"partition-id": 0, "num-partitions": 4})  # a second "Cleveland"
+    with caplog.at_level(logging.ERROR, logger="fedmi"):
+        result = run_on_grid(grid, _cfg(rounds=1), None, simulation=True)
+    assert "claims the name 'Cleveland'" in caplog.text
+    assert result.history[0]["sites"] == HEART_SITES
+    assert sum(m.metadata.dst_node_id == 200 for m in grid.sent if m.metadata.message_type == "train") == 0
+
+
+def test_updates_with_extras_cross_the_codec_unchanged():
+    delta = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    update = Update("site-a", delta, 17, metrics={"train_loss": 0.25}, extras={"histogram": torch.tensor([3., 14.])})
+    back = codec.content_update(codec.update_content(update), "site-a", {k: torch.zeros_like(v) for k, v in delta.items()})
+    assert P.allclose(back.delta, delta, rtol=0, atol=0) and back.num_examples == 17
+    assert back.metrics == {"train_loss": 0.25}
+    assert torch.equal(back.extras["histogram"], torch.tensor([3., 14.]))
+
+
+def test_a_stock_flower_reply_is_read_as_local_weights():
+    global_params = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
+    local = [np.full((2, 2), 1.5, dtype=np.float32), np.array([0.5, -0.5], dtype=np.float32)]
+    content = RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord({"num-examples": 9})})
+    update = codec.content_update(content, "node-7", global_params)
+    assert torch.allclose(update.delta["w"], torch.full((2, 2), 0.5))
+    assert torch.allclose(update.delta["b"], torch.tensor([0.5, -0.5]))
+    assert update.num_examples == 9
+
+
+def test_a_site_without_data_says_how_to_give_it():
+    grid = LocalGrid({1: (client_app(), {})})
+    msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="query")
+    reply = grid.send_and_receive([msg])[0]
+    assert reply.has_error() and "fedmi site --data" in reply.error.reason

@@ -23,7 +23,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The benchmark's own environment: fedmi plus Flower and Ray, which are not fedmi dependencies.
+# The benchmark's own environment: fedmi, a pinned Ray and psutil.
 BENCH_VENV := benchmarks/.venv
 
 $(BENCH_VENV)/.installed: pyproject.toml benchmarks/requirements.txt

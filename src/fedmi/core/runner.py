@@ -8,6 +8,7 @@ reaches the sites only through a `Runtime`, which hands back `Update`s and metri
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -108,8 +109,11 @@ class Runner:
             chosen = self.selector.select(infos, info, select_rng)
             if len(chosen) < self.min_sites:
                 raise FedmiError(f"round {r + 1}: {len(chosen)} sites selected but min_sites is {self.min_sites}")
+            started = time.perf_counter()
             params, state, accepted, rejected = self._round(params, state, chosen, info)
+            seconds = time.perf_counter() - started  # broadcast, local training, upload, aggregation
             record = self._record(r, accepted, rejected, params)
+            record["seconds"] = round(seconds, 4)
             log.info("round %d/%d: %d sites, training loss %s", r + 1, self.rounds, len(accepted),
                      f"{record['train_loss']:.4f}" if "train_loss" in record else "n/a")
             result.history.append(record)
@@ -145,6 +149,9 @@ class Runner:
                     log.warning("round %d: completed with %d of %d sites (min_sites %d); left out: %s",
                                 r + 1, len(accepted), len(chosen), self.min_sites, ", ".join(missing))
                 params, state = round_agg.finish()
+                order = {name: i for i, name in enumerate(chosen)}  # replies come in arrival order
+                accepted.sort(key=lambda a: order[a.site])
+                rejected.sort(key=lambda s: order.get(s, len(order)))
                 return params, state, accepted, rejected
             what = f"round {r + 1}: {len(accepted)} of {len(chosen)} sites gave an acceptable update, " \
                    f"min_sites is {self.min_sites}"

@@ -46,6 +46,7 @@ class JsonlWriter:
 
     def __call__(self, record: dict) -> None:
         self._file.write(to_json(record) + "\n")
+        self._file.flush()  # each round is on disk when it ends: a crash loses no finished round
 
     def close(self) -> None:
         self._file.close()

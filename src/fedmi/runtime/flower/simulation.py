@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -22,8 +23,16 @@ from fedmi.runtime.flower import site
 from fedmi.runtime.flower.server import run_on_grid
 
 
-def run_flower_simulation(cfg: RunConfig, out: Path | None = None,
-                          on_round: Callable[[int], None] | None = None) -> FederatedRun:
+def simulation_backend(workers: int | None = None) -> dict:
+    """Ray with `workers` CPUs (default: every core), one per client: `workers` clients at once."""
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": workers or os.cpu_count() or 1, "num_gpus": 0, "logging_level": "ERROR",
+                          "log_to_driver": False, "include_dashboard": False}}
+
+
+def run_flower_simulation(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None,
+                          client_app: ClientApp | None = None) -> FederatedRun:
+    """`client_app` replaces fedmi's own (a plain Flower client app, say); one virtual node per site."""
     fed = federation_for(cfg.data, cfg.seed)  # here only for the number and names of the sites
     cfg = cfg.model_copy(update={"deployment": cfg.deployment.model_copy(
         update={"sites": cfg.deployment.sites or len(fed.sites)})})
@@ -37,18 +46,14 @@ def run_flower_simulation(cfg: RunConfig, out: Path | None = None,
         except Exception as e:  # noqa: BLE001 - re-raised below, outside Flower's thread
             outcome["error"] = e
 
-    workers = cfg.workers or os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": workers, "num_gpus": 0, "logging_level": "ERROR",
-                             "log_to_driver": False, "include_dashboard": False}}
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.ERROR)  # Flower logs every message exchange at INFO
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # run_simulation's own deprecation notice
-            run_simulation(server_app=server, client_app=site.app, num_supernodes=len(fed.sites),
-                           backend_config=backend)
+            run_simulation(server_app=server, client_app=client_app or site.app, num_supernodes=len(fed.sites),
+                           backend_config=simulation_backend(cfg.workers))
     finally:
         flwr_log.setLevel(level)
     if "error" in outcome:

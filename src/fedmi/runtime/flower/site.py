@@ -31,6 +31,8 @@ from fedmi.runtime.flower import codec
 
 log = logging.getLogger("fedmi")
 
+STOCK_METRICS = ("n", "acc", "loss")
+
 
 @lru_cache(maxsize=8)
 def _load_site(source: str, partition: int | None, seed: int, test_fraction: float, key: int | None) -> SiteData:
@@ -138,6 +140,10 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         task, _, params, site, model, _ = request(msg, context)
         metrics = evaluate_site(model, params, site, task.get("split", "test"))
+        if "model" not in task:
+            # A stock Flower strategy averages each key over every reply and refuses replies whose keys
+            # differ: only what every test set defines (SEN, SPE and AUC need both classes present).
+            metrics = {k: metrics[k] for k in STOCK_METRICS}
         record = MetricRecord({("num-examples" if k == "n" else k): v for k, v in metrics.items() if v is not None})
         return Message(RecordDict({"metrics": record, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
 

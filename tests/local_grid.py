@@ -19,7 +19,8 @@ class LocalGrid(Grid):
     def __init__(self, nodes: dict[int, tuple[Handler, dict]]):
         """`nodes`: node id -> (a ClientApp or a function of (message, context), the node config)."""
         self.nodes = nodes
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # what Flower's runtimes set before messages are made
+        # what Flower's runtimes set before messages are made
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.silent: set[int] = set()  # nodes that introduce themselves, then never answer again
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []

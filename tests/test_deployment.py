@@ -7,6 +7,7 @@ Slow (Flower starts one app process per message); each test starts and stops eve
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -18,8 +19,8 @@ import yaml
 from fedmi.config import parse_config
 from fedmi.core import params as P
 from fedmi.data.registry import load_federation
-from fedmi.deploy.local import LocalFederation, fedmi_argv
 from fedmi.deploy.flower import flower_env
+from fedmi.deploy.local import LocalFederation, fedmi_argv
 from fedmi.experiments.federated_run import train_federation
 from fedmi.models import build_model
 from fedmi.runtime import InProcessRuntime
@@ -72,16 +73,51 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def _submit(fed: LocalFederation, *args: str) -> subprocess.Popen:
+    """`fedmi submit` in the background, its output in submit.log."""
+    with open(fed.log("submit"), "ab") as log:
+        return subprocess.Popen(fedmi_argv("submit", *args, "--server", fed.address, "--ca", str(fed.pki / "ca.pem")),
+                                env=flower_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_round(run_dir: Path, submit: subprocess.Popen, fed: LocalFederation, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
+        if (run_dir / "metrics.jsonl").exists() and _records(run_dir):
             return
+        if submit.poll() is not None:
+            raise AssertionError(f"the run ended before round 1: {fed.log('submit').read_text()[-3000:]}")
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError("timed out waiting for round 1")
 
 
-def test_tls_federation_matches_the_in_process_run_and_refuses_an_unenrolled_site(tmp_path):
+def _audited(monkeypatch, tmp_path: Path) -> Path:
+    """Every Python process started from here on records its network use and the programs it starts."""
+    audit = tmp_path / "net-audit.jsonl"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent / "netaudit"),
+                                                      *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("FEDMI_NET_AUDIT", str(audit))
+    return audit
+
+
+def _assert_offline(audit: Path) -> None:
+    """Only loopback addresses and local sockets were used, and nothing installed packages.
+
+    The audit sees what Python code does (Flower's update checks, telemetry, package installs
+    through uv or pip); gRPC's own C core connects only to the addresses the commands were given."""
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    started = [Path(e["what"][0]).name for e in events if e["event"] == "subprocess.Popen"]
+    assert {"flower-superexec", "flwr-serverapp", "flwr-clientapp"} <= set(started), started  # the audit ran
+    assert not {"uv", "pip", "pip3"} & set(started), started
+    loopback = {"127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "None"}  # None: a local bind
+    for e in events:
+        if e["event"] != "subprocess.Popen":
+            host = e["what"][0]
+            assert host in loopback or host.startswith("unix:"), e
+
+
+def test_tls_federation_matches_the_in_process_run_and_refuses_an_unenrolled_site(tmp_path, monkeypatch):
+    audit = _audited(monkeypatch, tmp_path)
     run = _write_run(tmp_path, "fedavg")
     with _federation(tmp_path, extra_keys=("intruder",)) as fed:
         fed.start_server()
@@ -93,6 +129,7 @@ def test_tls_federation_matches_the_in_process_run_and_refuses_an_unenrolled_sit
         assert intruder.wait(timeout=120) == 2
     assert "refused this site: its public key is not enrolled" in fed.log("site-intruder").read_text()
     assert "refused a site whose public key is not enrolled" in fed.log("server").read_text()
+    _assert_offline(audit)
     records = _records(tmp_path / "run")
     assert [r["round"] for r in records] == [1, 2, 3]
     assert all(sorted(r["sites"]) == sorted(SITES.values()) for r in records)
@@ -110,12 +147,11 @@ def test_resume_after_a_server_crash_reaches_the_uninterrupted_model(tmp_path):
         fed.start_server()
         for name in SITES:
             fed.start_site(name)
-        first = subprocess.Popen(fedmi_argv("submit", str(run), "--out", str(run_dir), "--server", fed.address,
-                                            "--ca", str(fed.pki / "ca.pem")), env=flower_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(_records(run_dir)) >= 1, 300, "round 1")
+        first = _submit(fed, str(run), "--out", str(run_dir))
+        _wait_for_round(run_dir, first, fed)
         fed.stop("server", crash=True)
-        output = first.communicate(timeout=120)[0]
+        first.wait(timeout=120)
+        output = fed.log("submit").read_text()
         assert first.returncode == 2, output[-2000:]
         assert f"--resume {run_dir}" in output
         assert not (run_dir / "summary.json").exists()
@@ -140,8 +176,9 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
     frame[features] = frame[features] * 1e30
     frame.to_csv(tmp_path / "poisoned.csv", index=False)
     (tmp_path / "poisoned.yaml").write_text(f"dataset: csv:{tmp_path / 'poisoned.csv'}\nstandardize: false\n")
-    run = _write_run(tmp_path, "robust", min_sites=2, max_update_norm=100.0,
-                     deployment={"sites": 4, "round_timeout": 20})
+    # Two rounds: Hungary dies once round 1 is recorded; round 2 waits round_timeout for it.
+    run = _write_run(tmp_path, "robust", rounds=2, min_sites=2, max_update_norm=100.0,
+                     deployment={"sites": 4, "round_timeout": 60})
     run_dir = tmp_path / "run"
     with _federation(tmp_path, extra_keys=("poisoned",)) as fed:
         fed.start_server()
@@ -152,15 +189,14 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
         for name in SITES:
             fed.start_site(name)
         fed.start_site("poisoned", tmp_path / "poisoned.yaml")
-        submit = subprocess.Popen(fedmi_argv("submit", str(run), "--out", str(run_dir), "--server", fed.address,
-                                             "--ca", str(fed.pki / "ca.pem")), env=flower_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(_records(run_dir)) >= 1, 300, "round 1")
+        submit = _submit(fed, str(run), "--out", str(run_dir))
+        _wait_for_round(run_dir, submit, fed)
         fed.stop("site-hungary", crash=True)  # round 2 is under way
-        output = submit.communicate(timeout=300)[0]
+        submit.wait(timeout=300)
+        output = fed.log("submit").read_text()
         assert submit.returncode == 0, output[-3000:]
     records = _records(run_dir)
-    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["round"] for r in records] == [1, 2]
     assert records[0]["rejected"] == ["Poisoned"]
     assert sorted(records[0]["sites"]) == sorted(SITES.values())
     for r in records[1:]:

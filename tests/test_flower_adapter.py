@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from local_grid import LocalGrid
 
 from fedmi.config import parse_config
 from fedmi.core import params as P
@@ -18,7 +19,6 @@ from fedmi.experiments.federated_run import run_federated
 from fedmi.runtime.flower import codec
 from fedmi.runtime.flower.server import run_on_grid
 from fedmi.runtime.flower.site import client_app
-from local_grid import LocalGrid
 
 HEART_SITES = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
 
@@ -158,7 +158,8 @@ def test_a_node_claiming_a_taken_name_is_refused(caplog):
 def test_updates_with_extras_cross_the_codec_unchanged():
     delta = {"w": torch.randn(3, 2), "b": torch.randn(2)}
     update = Update("site-a", delta, 17, metrics={"train_loss": 0.25}, extras={"histogram": torch.tensor([3., 14.])})
-    back = codec.content_update(codec.update_content(update), "site-a", {k: torch.zeros_like(v) for k, v in delta.items()})
+    zeros = {k: torch.zeros_like(v) for k, v in delta.items()}
+    back = codec.content_update(codec.update_content(update), "site-a", zeros)
     assert P.allclose(back.delta, delta, rtol=0, atol=0) and back.num_examples == 17
     assert back.metrics == {"train_loss": 0.25}
     assert torch.equal(back.extras["histogram"], torch.tensor([3., 14.]))

@@ -18,7 +18,7 @@ def _audit(event, args):
                 what = [str(args[0])]
             else:
                 address = args[1] if event == "socket.connect" else args[-1]
-                what = [str(address[0]) if isinstance(address, tuple) else str(address)]
+                what = [str(address[0]) if isinstance(address, tuple) else f"unix:{address!r}"]
             with open(_PATH, "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "event": event, "what": what}) + "\n")
         except Exception:  # auditing must never break the audited program

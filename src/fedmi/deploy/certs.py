@@ -103,8 +103,9 @@ def make_certificates(out: Path, sites: Sequence[str], hosts: Sequence[str] = ("
     _write(out / "server.key", _pem_key(server_key), private=True)
     for s in sites:
         key = ec.generate_private_key(ec.SECP384R1())
-        _write(out / "sites" / f"{s}.key", key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), private=True)
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+        _write(out / "sites" / f"{s}.key", private, private=True)
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write(out / "sites" / f"{s}.pub", public + f" {s}\n".encode(), private=False)
     return planned

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import yaml
 
-from fedmi.config import RunConfig, SiteConfig, load_config, load_yaml_model
+from fedmi.config import SiteConfig, load_config, load_yaml_model
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")

@@ -20,7 +20,6 @@ from fedmi.runtime import Runtime, make_runtime
 from fedmi.server.aggregation import make_aggregator, parse_pipeline
 from fedmi.server.selection import make_selector
 
-
 CHECKPOINT = "checkpoint.safetensors"
 
 
@@ -42,7 +41,8 @@ def federation_for(d: DataConfig, seed: int) -> Federation:
     return fed
 
 
-def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None) -> FederatedRun:
+def run_federated(cfg: RunConfig, out: Path | None = None,
+                  on_round: Callable[[int], None] | None = None) -> FederatedRun:
     """`cfg` on a simulation runtime in this process (or Flower's simulation runtime)."""
     if cfg.runtime == "flower-sim":
         from fedmi.runtime.flower.simulation import run_flower_simulation

@@ -14,7 +14,6 @@ import logging
 import zlib
 from functools import lru_cache
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn

@@ -28,8 +28,7 @@ import yaml
 
 from fedmi.config import parse_config
 from fedmi.core import params as P
-from fedmi.deploy.local import LocalFederation
-from fedmi.experiments.federated_run import run_federated
+from fedmi.deploy.local import LocalFederation, in_process_run
 
 TRAINER = {"name": "fedavg", "lr": 0.05, "batch_size": 32, "local_steps": 10}
 WORKLOADS = {
@@ -48,10 +47,9 @@ def run_config(workload: dict, rounds: int) -> dict:
             "seed": 0, "evaluate_every": 0, "deployment": {"sites": len(workload["sites"]), "connect_timeout": 300}}
 
 
-def in_process(raw: dict) -> tuple[list[float], P.Params]:
-    cfg = parse_config({**raw, "runtime": "sequential"}, "benchmark")
-    done = run_federated(cfg)
-    return [r["seconds"] for r in done.result.history], done.result.params
+def in_process(raw: dict, names: list[str]) -> tuple[list[float], P.Params]:
+    result = in_process_run(parse_config(raw, "benchmark"), names)
+    return [r["seconds"] for r in result.history], result.params
 
 
 def deployed(raw: dict, workload: dict, folder: Path) -> tuple[list[float], P.Params, float]:
@@ -85,7 +83,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]
         raw = run_config(workload, args.rounds)
-        local_rounds, local_params = in_process(raw)
+        local_rounds, local_params = in_process(raw, [s["site"] for s in workload["sites"].values()])
         with tempfile.TemporaryDirectory(prefix="fedmi-latency-") as tmp:
             remote_rounds, remote_params, total = deployed(raw, workload, Path(tmp))
         diff = max(float((remote_params[k] - local_params[k]).abs().max()) for k in local_params)

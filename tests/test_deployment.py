@@ -20,10 +20,7 @@ from fedmi.config import parse_config
 from fedmi.core import params as P
 from fedmi.data.registry import load_federation
 from fedmi.deploy.flower import flower_env
-from fedmi.deploy.local import LocalFederation, fedmi_argv
-from fedmi.experiments.federated_run import train_federation
-from fedmi.models import build_model
-from fedmi.runtime import InProcessRuntime
+from fedmi.deploy.local import LocalFederation, fedmi_argv, in_process_run
 
 pytestmark = pytest.mark.slow
 
@@ -61,12 +58,7 @@ def _write_run(tmp_path: Path, name: str, **changes) -> Path:
 
 def _in_process(run: Path) -> P.Params:
     """The same run on the in-process runtime, over the same three sites."""
-    cfg = parse_config(yaml.safe_load(run.read_text()), str(run))
-    fed = load_federation("heart-disease")
-    fed.sites = [s for s in fed.sites if s.name in SITES.values()]
-    model = build_model(cfg.model, fed.input_shape, cfg.seed)
-    runtime = InProcessRuntime(model, fed.split(cfg.seed, cfg.data.test_fraction))
-    return train_federation(cfg, runtime, fed.input_shape, None).params
+    return in_process_run(parse_config(yaml.safe_load(run.read_text()), str(run)), list(SITES.values())).params
 
 
 def _records(run_dir: Path) -> list[dict]:

@@ -119,6 +119,13 @@ def test_tls_federation_matches_the_in_process_run_and_refuses_an_unenrolled_sit
         done = fed.submit(str(run), "--out", str(tmp_path / "run"))
         assert done.returncode == 0, done.stderr[-3000:]
         assert intruder.wait(timeout=120) == 2
+        status = subprocess.run(fedmi_argv("status", "--server", fed.address, "--ca", str(fed.pki / "ca.pem"),
+                                           "--state", str(tmp_path / "server-state"), "--json"),
+                                capture_output=True, text=True, env=flower_env())
+        assert status.returncode == 0, status.stderr
+        found = json.loads(status.stdout)
+        assert {(s["site"], s["status"]) for s in found["sites"]} == {(k, "online") for k in SITES}
+        assert [r["status"] for r in found["runs"]] == ["finished:completed"]
     assert "refused this site: its public key is not enrolled" in fed.log("site-intruder").read_text()
     assert "refused a site whose public key is not enrolled" in fed.log("server").read_text()
     _assert_offline(audit)

@@ -204,12 +204,13 @@ def enroll_site(
     name: Optional[str] = typer.Option(None, help="the site's name (default: the key's comment)"),
     server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
     ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
+    state: Optional[Path] = typer.Option(None, help="the server's state folder, to remember the site's name"),
 ) -> None:
     """Admit a site to a running server by its public key."""
     _setup_logging(False)
     from fedmi.deploy.flower import enroll
 
-    enroll(_connection(server, ca, False), key, name)
+    enroll(_connection(server, ca, False), key, name, state)
 
 
 @app.command()
@@ -253,13 +254,31 @@ def status(
     server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
     ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback only)"),
+    state: Optional[Path] = typer.Option(None, help="the server's state folder (names the sites)"),
+    as_json: bool = typer.Option(False, "--json", help="everything Flower reports, as JSON"),
 ) -> None:
     """The server's enrolled sites (online or not) and its runs."""
     _setup_logging(False)
     from fedmi.deploy.flower import status as server_status
 
-    found = server_status(_connection(server, ca, insecure))
-    out_console.print_json(data=found)
+    found = server_status(_connection(server, ca, insecure), state)
+    if as_json:
+        out_console.print_json(data=found)
+        return
+    sites = Table(title="Sites")
+    for col in ("site", "node id", "status", "online since", "offline since"):
+        sites.add_column(col)
+    for n in found["sites"]:
+        sites.add_row(n["site"], str(n.get("node-id")), n.get("status", "?"), n.get("online-at", ""),
+                      n.get("offline-at", ""))
+    runs = Table(title="Runs")
+    for col in ("run id", "status", "started", "finished", "seconds"):
+        runs.add_column(col)
+    for r in found["runs"]:
+        runs.add_row(str(r.get("run-id")), r.get("status", "?"), r.get("running-at", ""), r.get("finished-at", ""),
+                     f"{r.get('elapsed', 0):.0f}")
+    out_console.print(sites)
+    out_console.print(runs)
 
 
 @app.command()

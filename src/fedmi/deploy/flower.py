@@ -48,6 +48,7 @@ OFFLINE_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 DEFAULT_PORT = 9092
+SITE_NAMES = "site-names.json"  # in the server's state folder: node id -> site name (Flower lists ids only)
 RUN_CONFIG_FILE = "config.yaml"  # the submitted config, kept in the run folder for --resume
 
 # The Flower app: fedmi's two apps, importable from this environment; nothing else to install.
@@ -261,7 +262,7 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
         connection = Connection(f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}",
                                 None if certs is None else certs / "ca.pem")
         for k in keys:
-            enroll(connection, k)
+            enroll(connection, k, state_dir=state_dir)
 
     def refused(line: str) -> str | None:
         if "ApiError:2004" in line or "No SuperNode found with the given public key" in line:
@@ -281,18 +282,38 @@ def _flwr(connection: Connection, args: list[str], check: bool = True) -> subpro
     return done
 
 
+def _json_object(text: str) -> dict:
+    try:
+        found = json.loads(text[text.index("{"):])
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def site_names(state_dir: Path | None) -> dict[str, str]:
+    """The names of the sites enrolled through fedmi, by node id."""
+    path = None if state_dir is None else state_dir / SITE_NAMES
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
 def site_name_of_key(key: Path) -> str:
     """The name `fedmi certs` wrote as the key's comment (else the file's stem)."""
     parts = key.read_text().split()
     return parts[2] if len(parts) >= 3 else key.stem
 
 
-def enroll(connection: Connection, key: Path, name: str | None = None) -> None:
+def enroll(connection: Connection, key: Path, name: str | None = None, state_dir: Path | None = None) -> None:
+    """Register a site's public key; with the server's `state_dir`, remember its name for `status`."""
     key = _file(Path(key), "site public key")
     name = name or site_name_of_key(key)
     done = _flwr(connection, ["supernode", "register", str(key), "--name", name, "--format", "json"], check=False)
     text = done.stdout + done.stderr
     if done.returncode == 0:
+        node_id = _json_object(done.stdout).get("node-id")
+        if state_dir is not None and node_id is not None:
+            names = site_names(state_dir)
+            names[str(node_id)] = name
+            (state_dir / SITE_NAMES).write_text(json.dumps(names, indent=1))
         print(f"enrolled site {name} ({key.name})", flush=True)
     elif "already" in text.lower():
         print(f"site {name} ({key.name}) was already enrolled", flush=True)
@@ -366,13 +387,15 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
     return 0
 
 
-def status(connection: Connection) -> dict:
-    """The SuperLink's sites and runs, as Flower's CLI reports them (JSON)."""
+def status(connection: Connection, state_dir: Path | None = None) -> dict:
+    """The SuperLink's sites (named from the server's state folder when given) and runs."""
     out = {}
     for key, args in (("sites", ["supernode", "list"]), ("runs", ["list"])):
         done = _flwr(connection, [*args, "--format", "json"])
-        try:
-            out[key] = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            raise FedmiError(f"flwr {' '.join(args)} gave no readable answer: {done.stdout[-200:]}") from None
-    return out
+        found = _json_object(done.stdout)
+        if not found:
+            raise FedmiError(f"flwr {' '.join(args)} gave no readable answer: {done.stdout[-200:]}")
+        out[key] = found
+    names = site_names(state_dir)
+    sites = [{"site": names.get(str(n.get("node-id")), "?"), **n} for n in out["sites"].get("nodes", [])]
+    return {"sites": sites, "runs": out["runs"].get("runs", [])}

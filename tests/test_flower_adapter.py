@@ -155,6 +155,15 @@ def test_a_node_claiming_a_taken_name_is_refused(caplog):
     assert sum(m.metadata.dst_node_id == 200 for m in grid.sent if m.metadata.message_type == "train") == 0
 
 
+def test_a_node_not_enrolled_with_fedmi_is_refused_and_never_sent_the_model(caplog):
+    grid = _grid()
+    with caplog.at_level(logging.ERROR, logger="fedmi"):
+        result = run_on_grid(grid, _cfg(rounds=1), None, simulation=True, enrolled={100, 101, 102})
+    assert "node 103 was not enrolled with fedmi" in caplog.text
+    assert result.history[0]["sites"] == HEART_SITES[:3]
+    assert all(m.metadata.dst_node_id != 103 for m in grid.sent)  # not even asked who it is
+
+
 def test_updates_with_extras_cross_the_codec_unchanged():
     delta = {"w": torch.randn(3, 2), "b": torch.randn(2)}
     update = Update("site-a", delta, 17, metrics={"train_loss": 0.25}, extras={"histogram": torch.tensor([3., 14.])})

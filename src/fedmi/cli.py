@@ -204,12 +204,15 @@ def enroll_site(
     name: Optional[str] = typer.Option(None, help="the site's name (default: the key's comment)"),
     server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
     ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
-    state: Optional[Path] = typer.Option(None, help="the server's state folder, to remember the site's name"),
+    state: Path = typer.Option(Path("fedmi-server"), help="the server's state folder (as `fedmi server --state`)"),
 ) -> None:
-    """Admit a site to a running server by its public key."""
+    """Admit a site to a running server by its public key (on the server's machine)."""
     _setup_logging(False)
     from fedmi.deploy.flower import enroll
 
+    if not state.is_dir():
+        raise FedmiError(f"no server state folder at {state}: run `fedmi enroll` on the server's machine, "
+                         "with --state as given to `fedmi server`")
     enroll(_connection(server, ca, False), key, name, state)
 
 

@@ -33,6 +33,8 @@ from typing import Sequence
 import yaml
 
 from fedmi.config import SiteConfig, load_config, load_yaml_model
+from fedmi.deploy.app_pin import APP_COMPONENTS, write_launchers
+from fedmi.deploy.enrolment import ENROLLED_SITES_ENV, SITE_NAMES, remember_site, site_names
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
@@ -48,7 +50,6 @@ OFFLINE_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 DEFAULT_PORT = 9092
-SITE_NAMES = "site-names.json"  # in the server's state folder: node id -> site name (Flower lists ids only)
 RUN_CONFIG_FILE = "config.yaml"  # the submitted config, kept in the run folder for --resume
 
 # The Flower app: fedmi's two apps, importable from this environment; nothing else to install.
@@ -68,8 +69,8 @@ dependencies = []
 publisher = "fedmi"
 
 [tool.flwr.app.components]
-serverapp = "fedmi.runtime.flower.server:app"
-clientapp = "fedmi.runtime.flower.site:app"
+serverapp = "{serverapp}"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 fedmi-config = ""
@@ -89,10 +90,12 @@ def _bin(program: str) -> str:
     return str(path)
 
 
-def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+def flower_env(flwr_home: Path | None = None, launchers: Path | None = None) -> dict[str, str]:
+    """`launchers`: fedmi's app-process launchers (app_pin.py), found before Flower's own."""
     env = {**os.environ, **OFFLINE_ENV}
     # The SuperLink and SuperNode start flower-superexec, flwr-serverapp, flwr-clientapp by name.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = os.pathsep.join([*([str(launchers)] if launchers else []), str(Path(sys.executable).parent),
+                                   env.get("PATH", "")])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
@@ -253,7 +256,6 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
         argv += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                  "--enable-supernode-auth"]
     keys = [_file(Path(k), "site public key") for k in enroll_keys]
-    env = flower_env(state_dir.resolve() / "flower")
 
     def after_start(proc: subprocess.Popen) -> None:
         if not keys:
@@ -269,7 +271,11 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
             return "refused a site whose public key is not enrolled (its key is in the line above)"
         return None
 
-    return _run_foreground(argv, env, after_start, watch=refused)
+    with tempfile.TemporaryDirectory(prefix="fedmi-launchers-") as launchers:
+        env = flower_env(state_dir.resolve() / "flower", write_launchers(Path(launchers)))
+        if certs is not None:  # fedmi's ServerApp admits only the sites enrolled here
+            env[ENROLLED_SITES_ENV] = str(state_dir.resolve() / SITE_NAMES)
+        return _run_foreground(argv, env, after_start, watch=refused)
 
 
 def _flwr(connection: Connection, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -290,12 +296,6 @@ def _json_object(text: str) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-def site_names(state_dir: Path | None) -> dict[str, str]:
-    """The names of the sites enrolled through fedmi, by node id."""
-    path = None if state_dir is None else state_dir / SITE_NAMES
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
-
-
 def site_name_of_key(key: Path) -> str:
     """The name `fedmi certs` wrote as the key's comment (else the file's stem)."""
     parts = key.read_text().split()
@@ -311,9 +311,7 @@ def enroll(connection: Connection, key: Path, name: str | None = None, state_dir
     if done.returncode == 0:
         node_id = _json_object(done.stdout).get("node-id")
         if state_dir is not None and node_id is not None:
-            names = site_names(state_dir)
-            names[str(node_id)] = name
-            (state_dir / SITE_NAMES).write_text(json.dumps(names, indent=1))
+            remember_site(state_dir, int(node_id), name)
         print(f"enrolled site {name} ({key.name})", flush=True)
     elif "already" in text.lower():
         print(f"site {name} ({key.name}) was already enrolled", flush=True)
@@ -347,7 +345,8 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
         if "Failed to activate SuperNode" in line or "code: 2004" in line:
             seen.append(line)
 
-    code = _run_foreground(argv, flower_env(), watch=refused)
+    with tempfile.TemporaryDirectory(prefix="fedmi-launchers-") as launchers:
+        code = _run_foreground(argv, flower_env(launchers=write_launchers(Path(launchers))), watch=refused)
     if seen:
         raise FedmiError(f"the server at {connection.address} refused this site: its public key is not "
                          "enrolled there (the server's operator runs `fedmi enroll SITE.pub`)")
@@ -374,7 +373,7 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
     with tempfile.TemporaryDirectory(prefix="fedmi-app-") as tmp:
         app = Path(tmp) / "app"
         app.mkdir()
-        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        (app / "pyproject.toml").write_text(APP_PYPROJECT.format(**APP_COMPONENTS))
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text(f"fedmi-config = {json.dumps(cfg.model_dump_json())}\n"
                              f"run-dir = {json.dumps(str(run_dir))}\nresume = {'true' if resume else 'false'}\n")

@@ -46,9 +46,12 @@ class _Site:
 
 class GridRuntime:
     def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig = DeploymentConfig(),
-                 poll_interval: float = 0.2):
-        """`task`: what every request carries (seed, test_fraction, model, the run's data section)."""
+                 poll_interval: float = 0.2, enrolled: set[int] | None = None):
+        """`task`: what every request carries (seed, test_fraction, model, the run's data section).
+        `enrolled`: the node ids the server's operator enrolled; other nodes are refused (None: all)."""
         self.grid = grid
+        self.enrolled = enrolled
+        self._refused: set[int] = set()
         self.task = dict(task)
         self.deployment = deployment
         self.poll_interval = poll_interval
@@ -62,8 +65,14 @@ class GridRuntime:
         next_try: dict[int, float] = {}  # a node that did not answer is asked again later
         while True:
             now = time.monotonic()
-            known = {s.node_id for s in self._sites.values()}
+            known = {s.node_id for s in self._sites.values()} | self._refused
             new = [n for n in self.grid.get_node_ids() if n not in known and next_try.get(n, 0.0) <= now]
+            if self.enrolled is not None:
+                for n in (n for n in new if n not in self.enrolled):
+                    log.error("node %d was not enrolled with fedmi (its key was registered some other way); "
+                              "it is refused", n)
+                    self._refused.add(n)
+                new = [n for n in new if n in self.enrolled]
             next_try.update({n: now + 5.0 for n in new})
             if new:
                 self._introduce(new, deadline)

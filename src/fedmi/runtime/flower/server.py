@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmi.config import RunConfig, parse_config
 from fedmi.core.runner import RunResult
+from fedmi.deploy.enrolment import ENROLLED_SITES_ENV, site_names
 from fedmi.errors import FedmiError
 from fedmi.experiments.federated_run import train_federation
 from fedmi.runtime.flower.grid import GridRuntime
@@ -27,11 +29,12 @@ log = logging.getLogger("fedmi")
 
 
 def run_on_grid(grid: Grid, cfg: RunConfig, out: Path | None, resume: bool = False,
-                on_round: Callable[[int], None] | None = None, simulation: bool = False) -> RunResult:
+                on_round: Callable[[int], None] | None = None, simulation: bool = False,
+                enrolled: set[int] | None = None) -> RunResult:
     task = {"seed": cfg.seed, "test_fraction": cfg.data.test_fraction, "model": cfg.model}
     if simulation:  # virtual nodes take their site from the run's data section
         task["data"] = cfg.data.model_dump()
-    runtime = GridRuntime(grid, task, cfg.deployment)
+    runtime = GridRuntime(grid, task, cfg.deployment, enrolled=enrolled)
     runtime.connect(cfg.deployment.sites or cfg.min_sites)
     return train_federation(cfg, runtime, runtime.input_shape, out, on_round, resume,
                             summary={"dataset": cfg.data.dataset if simulation else "deployment",
@@ -59,8 +62,11 @@ def main(grid: Grid, context: Context) -> None:
         raise FedmiError("the run config has no 'fedmi-config': submit runs with `fedmi submit CONFIG.yaml`")
     cfg = parse_config(json.loads(str(settings["fedmi-config"])), "submitted config")
     run_dir = Path(str(settings["run-dir"])) if settings.get("run-dir") else None
+    enrolled = None
+    if os.environ.get(ENROLLED_SITES_ENV):  # `fedmi server` with site authentication
+        enrolled = {int(node_id) for node_id in site_names(Path(os.environ[ENROLLED_SITES_ENV]))}
     try:
-        result = run_on_grid(grid, cfg, run_dir, resume=bool(settings.get("resume", False)))
+        result = run_on_grid(grid, cfg, run_dir, resume=bool(settings.get("resume", False)), enrolled=enrolled)
     except FedmiError as e:
         log.error("%s", e)
         raise

@@ -1,0 +1,30 @@
+"""Which sites the server's operator enrolled, by Flower node id and name.
+
+Flower knows a site by a node id; the server keeps the names it enrolled them under in its
+state folder, for `fedmi status`, and fedmi's ServerApp admits only those nodes: a key
+registered some other way (Flower's Control API asks no credentials) does not join a run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SITE_NAMES = "site-names.json"  # in the server's state folder: node id -> site name
+ENROLLED_SITES_ENV = "FEDMI_ENROLLED_SITES"  # set by `fedmi server` for its ServerApp: that file's path
+
+
+def site_names(path: Path | None) -> dict[str, str]:
+    """The enrolled sites' names by node id; `path` is the file or the server's state folder."""
+    if path is not None and path.is_dir():
+        path = path / SITE_NAMES
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def remember_site(state_dir: Path, node_id: int, name: str) -> None:
+    names = site_names(state_dir)
+    names[str(node_id)] = name
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (SITE_NAMES + ".tmp")
+    tmp.write_text(json.dumps(names, indent=1))
+    tmp.replace(state_dir / SITE_NAMES)

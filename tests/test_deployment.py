@@ -19,7 +19,7 @@ import yaml
 from fedmi.config import parse_config
 from fedmi.core import params as P
 from fedmi.data.registry import load_federation
-from fedmi.deploy.flower import flower_env
+from fedmi.deploy.flower import APP_PYPROJECT, Connection, flower_env
 from fedmi.deploy.local import LocalFederation, fedmi_argv, in_process_run
 
 pytestmark = pytest.mark.slow
@@ -108,44 +108,57 @@ def _assert_offline(audit: Path) -> None:
             assert host in loopback or host.startswith("unix:"), e
 
 
-def test_tls_federation_matches_the_in_process_run_and_refuses_an_unenrolled_site(tmp_path, monkeypatch):
+FOREIGN_APP = """\
+import sys
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+if sys.argv[0].endswith(("flwr-serverapp", "flwr-clientapp")):  # running on the server or at a site
+    open({marker!r}, "w").close()
+server = ServerApp()
+client = ClientApp()
+"""
+
+
+def _submit_a_foreign_app(fed: LocalFederation, tmp_path: Path) -> str:
+    """An app bundle with its own code, started with plain `flwr run` by someone holding only ca.pem."""
+    app = tmp_path / "foreign-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        APP_PYPROJECT.format(serverapp="evil:server", clientapp="evil:client").replace("fedmi-federation", "evil"))
+    (app / "evil.py").write_text(FOREIGN_APP.format(marker=str(tmp_path / "owned")))
+    home = tmp_path / "attacker-flwr"  # the rogue's Flower CLI configuration
+    done = subprocess.run(["flwr", "run", str(app), "fedmi", "--stream"], env=flower_env(home), capture_output=True,
+                          text=True, timeout=180)
+    assert "Successfully started run" in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout + done.stderr  # the run's log, streamed back
+
+
+def test_a_tls_federation_refuses_strangers_survives_a_server_crash_and_matches_the_in_process_run(
+        tmp_path, monkeypatch):
+    """Three enrolled sites over TLS run three rounds of FedAvg; the server is killed after round 1
+    and the run resumed. Meanwhile an unenrolled site, a rogue that registered its key straight
+    through Flower, and a foreign app bundle are all refused; nothing leaves loopback. The final
+    model equals the uninterrupted in-process run's."""
     audit = _audited(monkeypatch, tmp_path)
     run = _write_run(tmp_path, "fedavg")
-    with _federation(tmp_path, extra_keys=("intruder",)) as fed:
+    run_dir = tmp_path / "run"
+    with _federation(tmp_path, extra_keys=("intruder", "rogue")) as fed:
         fed.start_server()
+        # The rogue registers its own key through Flower's Control API, which asks no credentials, and
+        # connects first: the SuperLink admits it, fedmi's ServerApp does not.
+        attacker = Connection(fed.address, fed.pki / "ca.pem").flwr_home(tmp_path / "attacker-flwr")
+        registered = subprocess.run(["flwr", "supernode", "register", str(fed.pki / "sites" / "rogue.pub")],
+                                    env=flower_env(attacker), capture_output=True, text=True)
+        assert registered.returncode == 0, registered.stderr
+        (tmp_path / "va.yaml").write_text("dataset: heart-disease\nsite: VA Long Beach\n")
+        fed.start_site("rogue", tmp_path / "va.yaml")
+        fed.wait_for_log("site-rogue", "SuperNode ID", 120)
         for name in SITES:
             fed.start_site(name)
         intruder = fed.start_site("intruder", tmp_path / "switzerland.yaml")
-        done = fed.submit(str(run), "--out", str(tmp_path / "run"))
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert intruder.wait(timeout=120) == 2
-        status = subprocess.run(fedmi_argv("status", "--server", fed.address, "--ca", str(fed.pki / "ca.pem"),
-                                           "--state", str(tmp_path / "server-state"), "--json"),
-                                capture_output=True, text=True, env=flower_env())
-        assert status.returncode == 0, status.stderr
-        found = json.loads(status.stdout)
-        assert {(s["site"], s["status"]) for s in found["sites"]} == {(k, "online") for k in SITES}
-        assert [r["status"] for r in found["runs"]] == ["finished:completed"]
-    assert "refused this site: its public key is not enrolled" in fed.log("site-intruder").read_text()
-    assert "refused a site whose public key is not enrolled" in fed.log("server").read_text()
-    _assert_offline(audit)
-    records = _records(tmp_path / "run")
-    assert [r["round"] for r in records] == [1, 2, 3]
-    assert all(sorted(r["sites"]) == sorted(SITES.values()) for r in records)
-    assert set(records[-1]["test"]) == set(SITES.values())
-    deployed = P.load(tmp_path / "run" / "model.safetensors")
-    expected = _in_process(run)
-    assert P.allclose(deployed, expected, rtol=1e-5, atol=1e-6), \
-        {k: float((deployed[k] - expected[k]).abs().max()) for k in expected}
 
-
-def test_resume_after_a_server_crash_reaches_the_uninterrupted_model(tmp_path):
-    run = _write_run(tmp_path, "fedavg")
-    run_dir = tmp_path / "run"
-    with _federation(tmp_path) as fed:
-        fed.start_server()
-        for name in SITES:
-            fed.start_site(name)
         first = _submit(fed, str(run), "--out", str(run_dir))
         _wait_for_round(run_dir, first, fed)
         fed.stop("server", crash=True)
@@ -153,15 +166,37 @@ def test_resume_after_a_server_crash_reaches_the_uninterrupted_model(tmp_path):
         output = fed.log("submit").read_text()
         assert first.returncode == 2, output[-2000:]
         assert f"--resume {run_dir}" in output
+        assert "was not enrolled with fedmi (its key was registered some other way); it is refused" in output
         assert not (run_dir / "summary.json").exists()
-        fed.start_server(enroll=False)  # the enrolled keys are in the server's state folder
+        assert intruder.wait(timeout=120) == 2
+
+        fed.start_server(enroll=False)  # the enrolled keys and names are in the server's state folder
         done = fed.submit("--resume", str(run_dir))
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resuming after round" in done.stdout + done.stderr
-    assert [r["round"] for r in _records(run_dir)] == [1, 2, 3]
-    resumed = P.load(run_dir / "model.safetensors")
+
+        status = subprocess.run(fedmi_argv("status", "--server", fed.address, "--ca", str(fed.pki / "ca.pem"),
+                                           "--state", str(tmp_path / "server-state"), "--json"),
+                                capture_output=True, text=True, env=flower_env())
+        assert status.returncode == 0, status.stderr
+        found = json.loads(status.stdout)
+        assert {(s["site"], s["status"]) for s in found["sites"]} == {*((k, "online") for k in SITES), ("?", "online")}
+        assert "finished:completed" in [r["status"] for r in found["runs"]]
+        foreign = _submit_a_foreign_app(fed, tmp_path)
+    # An app bundle with code of its own is refused before it is installed; its code never runs.
+    assert not (tmp_path / "owned").exists()
+    assert "refused an app bundle that carries files of its own (evil.py)" in foreign, foreign[-3000:]
+    assert "refused this site: its public key is not enrolled" in fed.log("site-intruder").read_text()
+    assert "refused a site whose public key is not enrolled" in fed.log("server").read_text()
+    _assert_offline(audit)
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert all(sorted(r["sites"]) == sorted(SITES.values()) for r in records)
+    assert set(records[-1]["test"]) == set(SITES.values())
+    deployed = P.load(run_dir / "model.safetensors")
     expected = _in_process(run)
-    assert P.allclose(resumed, expected, rtol=1e-5, atol=1e-6)
+    assert P.allclose(deployed, expected, rtol=1e-5, atol=1e-6), \
+        {k: float((deployed[k] - expected[k]).abs().max()) for k in expected}
 
 
 def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_federation(tmp_path):
@@ -182,7 +217,8 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
     with _federation(tmp_path, extra_keys=("poisoned",)) as fed:
         fed.start_server()
         enrolled = subprocess.run(fedmi_argv("enroll", str(fed.pki / "sites" / "poisoned.pub"), "--server",
-                                             fed.address, "--ca", str(fed.pki / "ca.pem")),
+                                             fed.address, "--ca", str(fed.pki / "ca.pem"),
+                                             "--state", str(tmp_path / "server-state")),
                                   capture_output=True, text=True, env=flower_env())
         assert enrolled.returncode == 0, enrolled.stderr
         for name in SITES:

@@ -71,6 +71,7 @@ class LocalFederation:
     extra_keys: tuple[str, ...] = ()  # key pairs made but not enrolled
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _log_start: dict[str, int] = field(default_factory=dict)  # a restarted process's log goes on the same file
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,7 @@ class LocalFederation:
         return self.folder / f"{name}.log"
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        self._log_start[name] = self.log(name).stat().st_size if self.log(name).exists() else 0
         with open(self.log(name), "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=flower_env(),
                                     start_new_session=True, cwd=self.folder)
@@ -111,16 +113,24 @@ class LocalFederation:
         return subprocess.run(fedmi_argv("submit", *args, "--server", self.address, "--ca", str(self.pki / "ca.pem")),
                               capture_output=True, text=True, env=flower_env(), timeout=timeout, cwd=self.folder)
 
+    def _current_log(self, name: str) -> str:
+        """What the latest process started under `name` has written."""
+        if not self.log(name).exists():
+            return ""
+        with open(self.log(name), "rb") as f:
+            f.seek(self._log_start.get(name, 0))
+            return f.read().decode(errors="replace")
+
     def wait_for_log(self, name: str, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log(name).exists() and text in self.log(name).read_text(errors="replace"):
+            if text in self._current_log(name):
                 return
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is not None:
                 break
             time.sleep(0.2)
-        tail = self.log(name).read_text(errors="replace")[-1500:] if self.log(name).exists() else ""
+        tail = self._current_log(name)[-1500:]
         raise FedmiError(f"{name}: '{text}' did not appear within {timeout:g} s; its log ends:\n{tail}")
 
     def stop(self, name: str, crash: bool = False) -> None:

@@ -10,6 +10,8 @@ from fedmi.deploy.app_pin import APP_COMPONENTS, check_app_bundle, launch, write
 from fedmi.deploy.flower import APP_PYPROJECT
 from fedmi.errors import FedmiError
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Flower's bundle builder uses old pathspec
+
 
 def _bundle(pyproject: str, **files: str) -> bytes:
     return build_fab_from_files({"pyproject.toml": pyproject.encode(), **{k: v.encode() for k, v in files.items()}})[0]

@@ -164,6 +164,23 @@ def test_a_node_not_enrolled_with_fedmi_is_refused_and_never_sent_the_model(capl
     assert all(m.metadata.dst_node_id != 103 for m in grid.sent)  # not even asked who it is
 
 
+def test_a_submitted_run_may_write_only_below_the_servers_runs_folder(tmp_path, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from fedmi.deploy.enrolment import RUNS_ROOT_ENV
+    from fedmi.runtime.flower import server
+
+    monkeypatch.setenv(RUNS_ROOT_ENV, str(tmp_path / "runs"))
+    monkeypatch.setattr(server, "_log_to_stderr", lambda: None)  # keep this process's logging as it is
+    for outside in (tmp_path / "elsewhere", tmp_path / "runs" / ".." / "escaped"):
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                          run_config={"fedmi-config": _cfg(rounds=1).model_dump_json(), "run-dir": str(outside)})
+        grid = _grid()
+        with pytest.raises(FedmiError, match="outside the server's runs folder"):
+            server.main(grid, context)
+        assert not grid.sent and not outside.exists()
+
+
 def test_updates_with_extras_cross_the_codec_unchanged():
     delta = {"w": torch.randn(3, 2), "b": torch.randn(2)}
     update = Update("site-a", delta, 17, metrics={"train_loss": 0.25}, extras={"histogram": torch.tensor([3., 14.])})

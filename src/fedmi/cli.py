@@ -187,6 +187,7 @@ def server(
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
     port: int = typer.Option(9092, min=1, max=65535),
     state: Path = typer.Option(Path("fedmi-server"), help="the server's state: enrolled sites, runs, apps"),
+    runs: Path = typer.Option(Path("runs"), help="runs write their outputs only below this folder"),
     insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site authentication (loopback only)"),
 ) -> None:
     """Start the coordinating server (Flower SuperLink) with TLS and site authentication; Ctrl-C stops it."""
@@ -195,7 +196,7 @@ def server(
 
     if insecure == (certs is not None):
         raise FedmiError("give --certs FOLDER for TLS, or --insecure (loopback only)")
-    sys.exit(serve(None if insecure else certs, state, host, port, enroll))
+    sys.exit(serve(None if insecure else certs, state, host, port, enroll, runs))
 
 
 @app.command("enroll")

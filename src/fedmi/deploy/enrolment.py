@@ -12,6 +12,7 @@ from pathlib import Path
 
 SITE_NAMES = "site-names.json"  # in the server's state folder: node id -> site name
 ENROLLED_SITES_ENV = "FEDMI_ENROLLED_SITES"  # set by `fedmi server` for its ServerApp: that file's path
+RUNS_ROOT_ENV = "FEDMI_RUNS_ROOT"  # set by `fedmi server`: runs write their outputs only below this folder
 
 
 def site_names(path: Path | None) -> dict[str, str]:

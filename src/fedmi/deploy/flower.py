@@ -34,7 +34,7 @@ import yaml
 
 from fedmi.config import SiteConfig, load_config, load_yaml_model
 from fedmi.deploy.app_pin import APP_COMPONENTS, write_launchers
-from fedmi.deploy.enrolment import ENROLLED_SITES_ENV, SITE_NAMES, remember_site, site_names
+from fedmi.deploy.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, SITE_NAMES, remember_site, site_names
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
@@ -235,8 +235,9 @@ def _wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float 
 
 # -- server -------------------------------------------------------------------------------------
 def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-          enroll_keys: Sequence[Path] = ()) -> int:
-    """Run the SuperLink until interrupted; `enroll_keys` are registered once it listens."""
+          enroll_keys: Sequence[Path] = (), runs: Path = Path("runs")) -> int:
+    """Run the SuperLink until interrupted; `enroll_keys` are registered once it listens. Runs write
+    their outputs only below `runs`."""
     state_dir.mkdir(parents=True, exist_ok=True)
     argv = [_bin("flower-superlink"), "--host", host, "--port", str(port),
             "--database", str((state_dir / "superlink.db").resolve()),
@@ -273,6 +274,7 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
 
     with tempfile.TemporaryDirectory(prefix="fedmi-launchers-") as launchers:
         env = flower_env(state_dir.resolve() / "flower", write_launchers(Path(launchers)))
+        env[RUNS_ROOT_ENV] = str(runs.resolve())
         if certs is not None:  # fedmi's ServerApp admits only the sites enrolled here
             env[ENROLLED_SITES_ENV] = str(state_dir.resolve() / SITE_NAMES)
         return _run_foreground(argv, env, after_start, watch=refused)
@@ -381,8 +383,11 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
         proc = subprocess.run([_bin("flwr"), "run", str(app), "fedmi", "--run-config", str(overrides), "--stream"],
                               env=flower_env(home))
     if not (run_dir / "summary.json").is_file():
-        raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}); "
-                         f"its last checkpoint is in {run_dir}: `fedmi submit --resume {run_dir}`")
+        if (run_dir / "checkpoint.safetensors").is_file():
+            raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}); "
+                             f"its last checkpoint is in {run_dir}: `fedmi submit --resume {run_dir}`")
+        raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}) and completed no round; "
+                         "the server's reason is in the log above")
     return 0
 
 

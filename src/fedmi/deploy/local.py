@@ -98,7 +98,8 @@ class LocalFederation:
     def start_server(self, enroll: bool = True) -> None:
         keys = [a for s in self.sites for a in ("--enroll", str(self.pki / "sites" / f"{s}.pub"))] if enroll else []
         self._start("server", fedmi_argv("server", "--certs", str(self.pki), "--port", str(self.port),
-                                         "--state", str(self.folder / "server-state"), *keys))
+                                         "--state", str(self.folder / "server-state"), "--runs", str(self.folder),
+                                         *keys))
         self.wait_for_log("server", "Uvicorn running", 60)
         if enroll:
             self.wait_for_log("server", f"enrolled site {list(self.sites)[-1]}", 60)

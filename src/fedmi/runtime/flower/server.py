@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmi.config import RunConfig, parse_config
 from fedmi.core.runner import RunResult
-from fedmi.deploy.enrolment import ENROLLED_SITES_ENV, site_names
+from fedmi.deploy.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, site_names
 from fedmi.errors import FedmiError
 from fedmi.experiments.federated_run import train_federation
 from fedmi.runtime.flower.grid import GridRuntime
@@ -62,6 +62,11 @@ def main(grid: Grid, context: Context) -> None:
         raise FedmiError("the run config has no 'fedmi-config': submit runs with `fedmi submit CONFIG.yaml`")
     cfg = parse_config(json.loads(str(settings["fedmi-config"])), "submitted config")
     run_dir = Path(str(settings["run-dir"])) if settings.get("run-dir") else None
+    if run_dir is not None and os.environ.get(RUNS_ROOT_ENV):  # a run's config is not trusted to write anywhere
+        root = Path(os.environ[RUNS_ROOT_ENV]).resolve()
+        if not run_dir.resolve().is_relative_to(root):
+            raise FedmiError(f"run folder {run_dir} is outside the server's runs folder {root} "
+                             "(fedmi server --runs); choose --out below it")
     enrolled = None
     if os.environ.get(ENROLLED_SITES_ENV):  # `fedmi server` with site authentication
         enrolled = {int(node_id) for node_id in site_names(Path(os.environ[ENROLLED_SITES_ENV]))}

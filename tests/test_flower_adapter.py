@@ -181,6 +181,15 @@ def test_a_submitted_run_may_write_only_below_the_servers_runs_folder(tmp_path, 
         assert not grid.sent and not outside.exists()
 
 
+def test_the_in_process_reference_of_a_deployment_runs_only_the_named_sites_in_name_order():
+    from fedmi.deploy.local import in_process_run
+
+    result = in_process_run(_cfg(rounds=1), ["Switzerland", "Cleveland"])
+    assert result.history[0]["sites"] == ["Cleveland", "Switzerland"]
+    with pytest.raises(FedmiError, match="has no site Basel"):
+        in_process_run(_cfg(rounds=1), ["Basel"])
+
+
 def test_updates_with_extras_cross_the_codec_unchanged():
     delta = {"w": torch.randn(3, 2), "b": torch.randn(2)}
     update = Update("site-a", delta, 17, metrics={"train_loss": 0.25}, extras={"histogram": torch.tensor([3., 14.])})

@@ -358,11 +358,13 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
 # -- runs ---------------------------------------------------------------------------------------
 def submit(connection: Connection, config: Path | None, run_dir: Path, resume: bool = False) -> int:
     """Start the federation `config` describes (or resume the one in `run_dir`); stream its log."""
+    from fedmi.experiments.federated_run import CHECKPOINT
+
     run_dir = run_dir.resolve()
     saved = run_dir / RUN_CONFIG_FILE
     if resume:
         cfg = load_config(saved)
-        if not (run_dir / "checkpoint.safetensors").is_file():
+        if not (run_dir / CHECKPOINT).is_file():
             raise FedmiError(f"{run_dir} has no checkpoint: nothing to resume (did round 1 finish?)")
     else:
         if config is None:
@@ -383,7 +385,7 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
         proc = subprocess.run([_bin("flwr"), "run", str(app), "fedmi", "--run-config", str(overrides), "--stream"],
                               env=flower_env(home))
     if not (run_dir / "summary.json").is_file():
-        if (run_dir / "checkpoint.safetensors").is_file():
+        if (run_dir / CHECKPOINT).is_file():
             raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}); "
                              f"its last checkpoint is in {run_dir}: `fedmi submit --resume {run_dir}`")
         raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}) and completed no round; "

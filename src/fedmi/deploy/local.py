@@ -19,20 +19,14 @@ from fedmi.core.runner import RunResult
 from fedmi.deploy.certs import make_certificates
 from fedmi.deploy.flower import flower_env, stop_process_group
 from fedmi.errors import FedmiError
-from fedmi.models import build_model
-from fedmi.runtime import InProcessRuntime
 
 
 def in_process_run(cfg: RunConfig, names: list[str]) -> RunResult:
-    """`cfg` on the in-process runtime over the named sites only: what a deployment of those sites
+    """`cfg` on the sequential runtime over the named sites only: what a deployment of those sites
     must reproduce (same seed, same site keys: the name-sorted order the server gives them)."""
-    from fedmi.experiments.federated_run import federation_for, train_federation
+    from fedmi.experiments.federated_run import run_federated
 
-    fed = federation_for(cfg.data, cfg.seed)
-    fed.sites = sorted((s for s in fed.sites if s.name in names), key=lambda s: s.name)
-    runtime = InProcessRuntime(build_model(cfg.model, fed.input_shape, cfg.seed),
-                               fed.split(cfg.seed, cfg.data.test_fraction))
-    return train_federation(cfg, runtime, fed.input_shape, None)
+    return run_federated(cfg.model_copy(update={"runtime": "sequential"}), sites=sorted(names)).result
 
 
 def free_port() -> int:

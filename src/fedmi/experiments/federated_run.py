@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from fedmi.client.trainers import make_trainer
 from fedmi.config import DataConfig, RunConfig
@@ -41,14 +41,23 @@ def federation_for(d: DataConfig, seed: int) -> Federation:
     return fed
 
 
-def run_federated(cfg: RunConfig, out: Path | None = None,
-                  on_round: Callable[[int], None] | None = None) -> FederatedRun:
-    """`cfg` on a simulation runtime in this process (or Flower's simulation runtime)."""
+def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None,
+                  sites: Sequence[str] | None = None) -> FederatedRun:
+    """`cfg` on a simulation runtime in this process (or Flower's simulation runtime). `sites`: only
+    these of the dataset's sites, in this order (their position keys their random streams)."""
     if cfg.runtime == "flower-sim":
+        if sites is not None:
+            raise FedmiError("flower-sim runs every site of the dataset; a subset is for in-process runtimes")
         from fedmi.runtime.flower.simulation import run_flower_simulation
 
         return run_flower_simulation(cfg, out, on_round)
     fed = federation_for(cfg.data, cfg.seed)
+    if sites is not None:
+        by_name = {s.name: s for s in fed.sites}
+        unknown = [n for n in sites if n not in by_name]
+        if unknown:
+            raise FedmiError(f"dataset {fed.name} has no site {', '.join(unknown)}; its sites: {', '.join(by_name)}")
+        fed.sites = [by_name[n] for n in sites]
     sites = fed.split(cfg.seed, cfg.data.test_fraction)
     model = build_model(cfg.model, fed.input_shape, cfg.seed)
     runtime = make_runtime(cfg.runtime, model, sites, cfg.workers)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from fedmi.config import parse_config
+from fedmi.experiments.config import parse_config
 from fedmi.core import params as P
 from fedmi.deploy.local import LocalFederation, in_process_run
 

@@ -74,7 +74,7 @@ def child(workload: str, contender: str, weights_out: str) -> None:
     elif contender in FEDMI:
         from fedmi.core.runner import Runner
         from fedmi.runtime import make_runtime
-        from fedmi.server.aggregation import make_aggregator
+        from fedmi.server import make_aggregator
 
         runtime = make_runtime(contender, model, sites)
         runner = Runner(runtime, w.trainer(), make_aggregator("fedavg"), rounds=w.rounds, seed=SEED,
@@ -107,7 +107,7 @@ def child_w5(reducer: str, updates: int, size: int) -> None:
     import torch
 
     from fedmi.core.types import RoundInfo, Update
-    from fedmi.server.aggregation import parse_pipeline
+    from fedmi.server import parse_pipeline
 
     pipeline = parse_pipeline(f"{reducer} | server_sgd(lr=1.0)")
 
@@ -273,7 +273,7 @@ def speed_table(args: argparse.Namespace) -> list[str]:
 def memory_table(args: argparse.Namespace) -> list[str]:
     lines = [f"| W5: aggregation of {args.w5_updates:,} updates, {args.w5_size:,} parameters | needs every update "
              "| peak extra memory / model size | seconds |", "|---|---|---:|---:|"]
-    from fedmi.server.aggregation import parse_pipeline
+    from fedmi.server import parse_pipeline
 
     for reducer in args.w5_reducers:
         needs_all = parse_pipeline(reducer).needs_all_updates

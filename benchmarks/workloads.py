@@ -2,7 +2,7 @@
 
 Every contender (the plain loop, fedmi's runtimes, Flower's simulation) trains on the same
 `SiteData`, from the same initial weights, with the same local SGD on the same mini-batches
-(`fedmi.client.trainers.batches` seeded by (seed, round, site)), and averages weighted by
+(`fedmi.core.batches.site_batches`, keyed by (seed, round, site)), and averages weighted by
 sample count, so their final weights agree to float rounding and the clock measures only how
 the work is run.
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmi.client.trainers import SGDTrainer, batches
-from fedmi.core.rng import Stream, torch_generator
+from fedmi.client.sgd import FedAvg
+from fedmi.core.batches import LocalSchedule, site_batches
 from fedmi.core.types import SiteData
 from fedmi.data import load_federation
 from fedmi.data.medmnist import ASSETS, load_npz
@@ -50,9 +50,9 @@ class Workload:
     disjoint: bool = False
     source: str = "images"  # where simulated sites are drawn from: "images" or "heart-disease"
 
-    def trainer(self) -> SGDTrainer:
-        return SGDTrainer(lr=self.lr, batch_size=self.batch_size, local_steps=self.local_steps,
-                          local_epochs=self.local_epochs)
+    def trainer(self) -> FedAvg:
+        return FedAvg(lr=self.lr, batch_size=self.batch_size, local_steps=self.local_steps,
+                      local_epochs=self.local_epochs)
 
     def sites(self) -> list[SiteData]:
         if self.num_sites == 0:
@@ -115,8 +115,8 @@ def plain_local_train(w: Workload, model: nn.Module, global_state: dict, site: S
     model.load_state_dict(global_state)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=w.lr)
-    rng = torch_generator(Stream.LOCAL_TRAINING, SEED, round_index, site_index)
-    for idx in batches(site.num_train, w.batch_size, w.local_steps, w.local_epochs, rng):
+    schedule = LocalSchedule(w.batch_size, w.local_steps, w.local_epochs)
+    for idx in site_batches(schedule, site.num_train, site_index, SEED, round_index):
         opt.zero_grad(set_to_none=True)
         F.binary_cross_entropy_with_logits(model(site.x_train[idx]), site.y_train[idx]).backward()
         opt.step()

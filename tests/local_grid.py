@@ -24,6 +24,7 @@ class LocalGrid(Grid):
         self.silent: set[int] = set()  # nodes that introduce themselves, then never answer again
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.contexts: dict[int, Context] = {}  # one per node, kept across messages, as Flower's SuperNode does
 
     def set_run(self, run) -> None:
         self._run = run
@@ -46,8 +47,8 @@ class LocalGrid(Grid):
             node = msg.metadata.dst_node_id
             handler, node_config = self.nodes[node]
             if node not in self.silent or msg.metadata.message_type == "query":
-                context = Context(run_id=1, node_id=node, node_config=dict(node_config), state=RecordDict(),
-                                  run_config={})
+                context = self.contexts.setdefault(node, Context(
+                    run_id=1, node_id=node, node_config=dict(node_config), state=RecordDict(), run_config={}))
                 try:
                     reply = handler(msg, context)
                 except Exception as e:  # what Flower does with a ClientApp that raises

@@ -6,7 +6,7 @@ import torch
 
 from fedmi.core.types import RoundInfo, Update
 from fedmi.errors import FedmiError
-from fedmi.server.aggregation import krum, mean, median, parse_pipeline, server_sgd, weighted_mean
+from fedmi.server import krum, mean, median, parse_pipeline, server_sgd, weighted_mean
 
 INFO = RoundInfo(0, 1, 0)
 
@@ -132,9 +132,9 @@ def test_median_by_hand():
 def test_median_matches_torch_median(monkeypatch, block_elements):
     from functools import partial
 
-    from fedmi.server import aggregation
+    from fedmi.server import robust
 
-    monkeypatch.setattr(aggregation, "_column_blocks", partial(aggregation._column_blocks, max_elements=block_elements))
+    monkeypatch.setattr(robust, "column_blocks", partial(robust.column_blocks, max_elements=block_elements))
     updates = _random_updates(9, {"w": (300,), "b": (4, 5)}, seed=3)
     like = OrderedDict(w=torch.zeros(300), b=torch.zeros(4, 5))
     got = median().reduce(updates, like)

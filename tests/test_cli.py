@@ -127,7 +127,8 @@ def test_bad_arguments(monkeypatch, capsys, tmp_path, args, message):
     ("rounds: many\n", "field 'rounds': Input should be a valid integer"),
     ("trainer: {name: fedavg, lr: fast}\n", "field 'trainer.lr'"),
     ("trainer: {name: fedfoo}\n", "field 'trainer.name'"),
-    ("data: {dataset: heart-disease, colour: red}\n", "field 'data.colour': Extra inputs are not permitted"),
+    ("data: {dataset: heart-disease, colour: red}\n", "dataset option 'colour' does not apply to dataset heart-disease"),
+    ("data: {dataset: breastmnist, partition: stripes}\n", "dataset option 'partition' of dataset breastmnist"),
     ("rounds: [1, 2\n", "not valid YAML at line"),
     ("- just\n- a list\n", "a config must be a mapping"),
     ("aggregator: 'weighted_mean | server_sgd(lr=)'\n", "cannot read the arguments"),
@@ -157,7 +158,7 @@ def test_installed_command_reports_errors_without_traceback(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    from fedmi.config import load_config
+    from fedmi.experiments.config import load_config
 
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert len(configs) >= 3
@@ -168,10 +169,12 @@ def test_shipped_configs_are_valid():
 def test_bad_data_option_names_the_option(monkeypatch, capsys, tmp_path):
     code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", "breastmnist", "--partition", "stripes",
                             "--out", tmp_path)
-    assert code == 2 and "option for 'partition'" in stderr and "stripes" in stderr
+    assert code == 2 and "option --partition of dataset breastmnist" in stderr and "stripes" in stderr
     code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", "breastmnist", "--alpha", "-1",
                             "--out", tmp_path)
-    assert code == 2 and "'alpha'" in stderr
+    assert code == 2 and "option --alpha" in stderr
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--partition", "iid", "--out", tmp_path)
+    assert code == 2 and "option --partition does not apply to dataset heart-disease" in stderr
 
 
 def test_export_then_table2_on_the_csv(monkeypatch, capsys, tmp_path):

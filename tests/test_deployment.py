@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fedmi.config import parse_config
+from fedmi.experiments.config import parse_config
 from fedmi.core import params as P
 from fedmi.data.registry import load_federation
 from fedmi.deploy.flower import APP_PYPROJECT, Connection, flower_env

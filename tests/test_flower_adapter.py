@@ -11,14 +11,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from local_grid import LocalGrid
 
-from fedmi.config import parse_config
+from fedmi.experiments.config import parse_config
 from fedmi.core import params as P
 from fedmi.core.types import Update
 from fedmi.errors import FedmiError
 from fedmi.experiments.federated_run import run_federated
 from fedmi.runtime.flower import codec
-from fedmi.runtime.flower.server import run_on_grid
-from fedmi.runtime.flower.site import client_app
+from fedmi.apps.server import run_on_grid
+from fedmi.apps.site import client_app
 
 HEART_SITES = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
 
@@ -167,8 +167,8 @@ def test_a_node_not_enrolled_with_fedmi_is_refused_and_never_sent_the_model(capl
 def test_a_submitted_run_may_write_only_below_the_servers_runs_folder(tmp_path, monkeypatch):
     from flwr.app import Context, RecordDict
 
-    from fedmi.deploy.enrolment import RUNS_ROOT_ENV
-    from fedmi.runtime.flower import server
+    from fedmi.apps.enrolment import RUNS_ROOT_ENV
+    from fedmi.apps import server
 
     monkeypatch.setenv(RUNS_ROOT_ENV, str(tmp_path / "runs"))
     monkeypatch.setattr(server, "_log_to_stderr", lambda: None)  # keep this process's logging as it is

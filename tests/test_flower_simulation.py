@@ -15,12 +15,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from fedmi.config import DataConfig, parse_config
+from fedmi.experiments.config import DataConfig, parse_config
 from fedmi.core import params as P
 from fedmi.experiments.federated_run import run_federated
 from fedmi.models import build_model
-from fedmi.runtime.flower.simulation import run_flower_simulation, simulation_backend
-from fedmi.runtime.flower.site import client_app
+from fedmi.apps.simulation import run_flower_simulation, simulation_backend
+from fedmi.apps.site import client_app
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,28 @@ def test_fedmi_client_app_trains_under_flowers_own_fedavg_strategy():
     outcome = {}
     server = ServerApp()
 
+    class CountingFedAvg(FedAvg):
+        """Records how many good replies each round aggregated, to show every node took part."""
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            outcome.setdefault("train", {})[server_round] = sum(not m.has_error() for m in replies)
+            return super().aggregate_train(server_round, replies)
+
+        def aggregate_evaluate(self, server_round, replies):
+            replies = list(replies)
+            outcome.setdefault("evaluate", {})[server_round] = sum(not m.has_error() for m in replies)
+            return super().aggregate_evaluate(server_round, replies)
+
     @server.main()
     def _(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=4)
+        # The ServerApp thread starts before the simulation has registered its nodes, and FedAvg
+        # sizes its sample as max(fraction * nodes connected *now*, min_train_nodes) before it
+        # waits for min_available_nodes: with only min_available_nodes=4 it can wait for all 4 and
+        # still sample 2. With min_train_nodes = min_evaluate_nodes = 4 the sample is 4 of exactly 4,
+        # and Flower's sample_nodes waits until all 4 are online, however loaded the machine is.
+        strategy = CountingFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=4,
+                                  min_evaluate_nodes=4, min_available_nodes=4)
         outcome["result"] = strategy.start(
             grid=grid, initial_arrays=ArrayRecord(P.clone(init)), num_rounds=2,
             train_config=ConfigRecord({"lr": 0.05, "batch-size": 100000, "local-steps": 3}))
@@ -47,6 +66,8 @@ def test_fedmi_client_app_trains_under_flowers_own_fedavg_strategy():
         warnings.simplefilter("ignore")
         run_simulation(server_app=server, client_app=client_app(DataConfig(dataset="heart-disease")),
                        num_supernodes=4, backend_config=simulation_backend(2))
+    replies = {k: outcome.get(k) for k in ("train", "evaluate")}
+    assert replies == {"train": {1: 4, 2: 4}, "evaluate": {1: 4, 2: 4}}, f"replies per round, of 4 nodes: {replies}"
     final = outcome["result"].arrays.to_torch_state_dict()
     assert P.allclose(final, expected, rtol=1e-5, atol=1e-6)
     evaluated = outcome["result"].evaluate_metrics_clientapp

@@ -5,14 +5,17 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from fedmi.client.trainers import GradientTrainer, SGDTrainer, make_trainer
+from fedmi.client import make_method
+from fedmi.client.fedsgd import FedSGD
+from fedmi.client.sgd import FedAvg, FedProx
 from fedmi.core import params as P
-from fedmi.core.rng import Stream, torch_generator
+from fedmi.core.batches import LocalSchedule, site_batches
+from fedmi.core.tasks import BinaryTask
 from fedmi.core.runner import Runner
 from fedmi.core.types import RoundInfo
 from fedmi.models import build_model
-from fedmi.runtime.inprocess import InProcessRuntime
-from fedmi.server.aggregation import make_aggregator, server_sgd, weighted_mean
+from fedmi.runtime.sequential import SequentialRuntime, train_site
+from fedmi.server import make_aggregator, server_sgd, weighted_mean
 
 
 def _init(model):
@@ -23,7 +26,7 @@ def test_fedsgd_equals_centralised_full_batch_gradient_descent(three_sites):
     lr, rounds = 0.7, 15
     model = build_model("logistic", (5,), seed=3)
     init = _init(model)
-    fed = Runner(InProcessRuntime(model, three_sites), GradientTrainer(), weighted_mean() | server_sgd(lr),
+    fed = Runner(SequentialRuntime(model, three_sites), FedSGD(), weighted_mean() | server_sgd(lr),
                  rounds=rounds, evaluate_every=0).run(init).params
 
     central = build_model("logistic", (5,), seed=3)
@@ -43,8 +46,8 @@ def test_fedavg_equals_a_plain_pytorch_loop(three_sites):
     rounds, steps, lr, bs = 4, 5, 0.1, 8
     model = build_model("mlp", (5,), seed=0)
     init = _init(model)
-    fedmi_params = Runner(InProcessRuntime(model, three_sites),
-                          SGDTrainer(lr=lr, batch_size=bs, local_steps=steps), make_aggregator("fedavg"),
+    fedmi_params = Runner(SequentialRuntime(model, three_sites),
+                          FedAvg(lr=lr, batch_size=bs, local_steps=steps), make_aggregator("fedavg"),
                           rounds=rounds, seed=11, evaluate_every=0).run(init).params
 
     ref = build_model("mlp", (5,), seed=0)
@@ -55,13 +58,8 @@ def test_fedavg_equals_a_plain_pytorch_loop(three_sites):
         for i, s in enumerate(three_sites):
             ref.load_state_dict(global_w)
             opt = torch.optim.SGD(ref.parameters(), lr=lr)
-            g = torch_generator(Stream.LOCAL_TRAINING, 11, r, i)
-            perm, taken = torch.randperm(s.num_train, generator=g), 0
-            for _ in range(steps):
-                if taken >= s.num_train:
-                    perm, taken = torch.randperm(s.num_train, generator=g), 0
-                idx = perm[taken:taken + bs]
-                taken += bs
+            # The documented batch stream: keyed by (seed, round, the site's position).
+            for idx in site_batches(LocalSchedule(bs, steps), s.num_train, i, 11, r):
                 opt.zero_grad()
                 F.binary_cross_entropy_with_logits(ref(s.x_train[idx]), s.y_train[idx]).backward()
                 opt.step()
@@ -75,13 +73,13 @@ def test_fedprox_with_mu_zero_equals_fedavg(three_sites):
     """mu = 0 runs the proximal branch with a zero coefficient; it must leave FedAvg's result."""
     def run(trainer):
         model = build_model("logistic", (5,), seed=1)
-        return Runner(InProcessRuntime(model, three_sites), trainer, make_aggregator("fedavg"),
+        return Runner(SequentialRuntime(model, three_sites), trainer, make_aggregator("fedavg"),
                       rounds=5, seed=2, evaluate_every=0).run(_init(model)).params
 
-    fedavg = run(make_trainer("fedavg", local_steps=None, local_epochs=1))
-    assert make_trainer("fedprox", mu=0.0).mu == 0.0 and make_trainer("fedavg").mu is None
-    prox0 = run(make_trainer("fedprox", mu=0.0))
-    prox = run(make_trainer("fedprox", mu=5.0))
+    fedavg = run(make_method("fedavg", local_steps=None, local_epochs=1))
+    assert make_method("fedprox", mu=0.0).mu == 0.0 and not hasattr(make_method("fedavg"), "mu")
+    prox0 = run(make_method("fedprox", mu=0.0))
+    prox = run(make_method("fedprox", mu=5.0))
     assert P.allclose(fedavg, prox0, rtol=0, atol=0)
     assert not P.allclose(fedavg, prox, rtol=1e-3, atol=1e-4)
 
@@ -91,8 +89,8 @@ def test_fedprox_proximal_gradient_by_hand(three_sites):
     site, lr, mu = three_sites[0], 0.3, 2.0
     model = build_model("logistic", (5,), seed=4)
     w0 = _init(model)
-    update = SGDTrainer(lr=lr, batch_size=None, local_steps=2, mu=mu).train(
-        model, w0, site, RoundInfo(0, 1, 0), torch.Generator().manual_seed(0))
+    method = FedProx(mu=mu, lr=lr, batch_size=None, local_steps=2)
+    update, _ = train_site(method, model, BinaryTask(), site, w0, None, RoundInfo(0, 1, 0), 0)
 
     def grad(w):
         m = build_model("logistic", (5,), seed=0)
@@ -109,7 +107,7 @@ def test_fedprox_proximal_gradient_by_hand(three_sites):
 def test_same_seed_same_result_and_seed_matters(three_sites):
     def run(seed):
         model = build_model("mlp", (5,), seed=seed)
-        return Runner(InProcessRuntime(model, three_sites), make_trainer("fedavg"), make_aggregator("fedavg"),
+        return Runner(SequentialRuntime(model, three_sites), make_method("fedavg"), make_aggregator("fedavg"),
                       rounds=3, seed=seed, evaluate_every=0).run(_init(model)).params
 
     a, b, c = run(5), run(5), run(6)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
 
-from fedmi.metrics import binary_metrics, format_summary, summarize
+from fedmi.core.metrics import binary_metrics, format_summary, summarize
 
 
 def test_hand_made_case():
@@ -55,12 +55,13 @@ def test_a_diverged_model_is_reported_not_scored(three_sites):
     import torch
 
     from fedmi.client.evaluation import evaluate_site
+    from fedmi.core.tasks import BinaryTask
     from fedmi.errors import FedmiError
     from fedmi.models import build_model
 
     model = build_model("logistic", (5,), 0)
     nan = OrderedDict((k, torch.full_like(v, float("nan"))) for k, v in model.state_dict().items())
     with pytest.raises(FedmiError, match="training diverged"):
-        evaluate_site(model, nan, three_sites[0])
+        evaluate_site(model, BinaryTask(), nan, three_sites[0])
     with pytest.raises(ValueError, match="NaN"):
         binary_metrics([0, 1], [0.2, float("nan")])

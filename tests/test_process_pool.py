@@ -5,7 +5,8 @@ from collections import OrderedDict
 
 import pytest
 
-from fedmi.client.trainers import GradientTrainer, SGDTrainer
+from fedmi.client.fedsgd import FedSGD
+from fedmi.client.sgd import FedAvg, FedProx
 from fedmi.core import params as P
 from fedmi.core.runner import Runner
 from fedmi.core.types import RoundInfo
@@ -13,9 +14,9 @@ from fedmi.data.registry import load_federation
 from fedmi.errors import FedmiError
 from fedmi.models import build_model
 from fedmi.runtime import process_pool
-from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.runtime.sequential import SequentialRuntime
 from fedmi.runtime.process_pool import ProcessPoolRuntime, _chunks
-from fedmi.server.aggregation import make_aggregator
+from fedmi.server import make_aggregator
 
 
 def _init(model):
@@ -40,18 +41,18 @@ def _run(runtime_cls, federation, model_name, trainer, aggregator, rounds=3, see
 
 
 CASES = {
-    "fedavg-logistic": ("logistic", SGDTrainer(lr=0.05, batch_size=16, local_steps=5), ("fedavg", 1.0)),
-    "fedprox-logistic": ("logistic", SGDTrainer(lr=0.05, batch_size=16, local_steps=None, local_epochs=1, mu=0.1),
+    "fedavg-logistic": ("logistic", FedAvg(lr=0.05, batch_size=16, local_steps=5), ("fedavg", 1.0)),
+    "fedprox-logistic": ("logistic", FedProx(mu=0.1, lr=0.05, batch_size=16, local_epochs=1),
                          ("fedprox", 1.0)),
-    "fedsgd-logistic": ("logistic", GradientTrainer(), ("fedsgd", 0.5)),
-    "fedavg-mlp": ("mlp", SGDTrainer(lr=0.05, batch_size=16, local_steps=5), ("fedavg", 1.0)),
+    "fedsgd-logistic": ("logistic", FedSGD(), ("fedsgd", 0.5)),
+    "fedavg-mlp": ("mlp", FedAvg(lr=0.05, batch_size=16, local_steps=5), ("fedavg", 1.0)),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_result_as_the_sequential_runtime(heart, case):
     model_name, trainer, aggregator = CASES[case]
-    seq = _run(InProcessRuntime, heart, model_name, trainer, aggregator)
+    seq = _run(SequentialRuntime, heart, model_name, trainer, aggregator)
     par = _run(ProcessPoolRuntime, heart, model_name, trainer, aggregator, workers=2)
     assert P.allclose(par.params, seq.params, rtol=1e-5, atol=1e-6)
     assert not P.allclose(par.params, _init(build_model(model_name, heart.input_shape, seed=1)))
@@ -68,9 +69,9 @@ def test_chunks_of_several_sites_keep_the_requested_order(heart, monkeypatch):
     monkeypatch.setattr(process_pool, "_CHUNKS_PER_WORKER", 1)
     model = build_model("logistic", heart.input_shape, seed=2)
     params, info = _init(model), RoundInfo(3, 5, 11)
-    trainer = SGDTrainer(lr=0.1, batch_size=8, local_steps=4)
+    trainer = FedAvg(lr=0.1, batch_size=8, local_steps=4)
     order = list(reversed(heart.site_names))
-    expected = list(InProcessRuntime(model, heart.split(0)).train(trainer, params, order, info))
+    expected = list(SequentialRuntime(model, heart.split(0)).train(trainer, params, order, info))
     with ProcessPoolRuntime(build_model("logistic", heart.input_shape, seed=0), heart.split(0), workers=2) as rt:
         got = list(rt.train(trainer, params, order, info))
     assert [u.site for u in got] == order
@@ -99,15 +100,15 @@ def test_unknown_site_is_refused(three_sites):
     model = build_model("logistic", (5,), seed=0)
     with ProcessPoolRuntime(model, three_sites, workers=2) as rt:
         with pytest.raises(FedmiError, match="no site named 'zz'"):
-            list(rt.train(SGDTrainer(), _init(model), ["a", "zz"], RoundInfo(0, 1, 0)))
+            list(rt.train(FedAvg(), _init(model), ["a", "zz"], RoundInfo(0, 1, 0)))
         with pytest.raises(FedmiError, match="no site named 'zz'"):
-            rt.evaluate(_init(model), ["zz"])
+            rt.evaluate(_init(model), sites=["zz"])
 
 
 def test_the_pool_is_reused_across_rounds(three_sites):
     model = build_model("mlp", (5,), seed=0)
     with ProcessPoolRuntime(model, three_sites, workers=2) as rt:
-        runner = Runner(rt, SGDTrainer(local_steps=3), make_aggregator("fedavg"), rounds=1, evaluate_every=0)
+        runner = Runner(rt, FedAvg(local_steps=3), make_aggregator("fedavg"), rounds=1, evaluate_every=0)
         params = runner.run(_init(model)).params
         first = rt.worker_pids
         runner.rounds = 4
@@ -121,25 +122,26 @@ def test_a_closed_runtime_refuses_to_train(three_sites):
     model = build_model("logistic", (5,), seed=0)
     params, info = _init(model), RoundInfo(0, 1, 0)
     with ProcessPoolRuntime(model, three_sites, workers=2) as rt:
-        assert len(list(rt.train(SGDTrainer(), params, ["a", "b", "c"], info))) == 3
+        assert len(list(rt.train(FedAvg(), params, ["a", "b", "c"], info))) == 3
     with pytest.raises(FedmiError, match="closed"):
-        rt.train(SGDTrainer(), params, ["a"], info)
+        rt.train(FedAvg(), params, ["a"], info)
     rt.close()  # idempotent
     assert set(rt.evaluate(params)) == {"a", "b", "c"}  # evaluation needs no workers
 
 
-class _FailAt:
-    """A trainer that raises (or kills its worker) at one site and trains normally elsewhere."""
+class _FailAt(FedAvg):
+    """A method that raises (or kills its worker) at one site and trains normally elsewhere."""
 
     def __init__(self, site: str, die: bool = False):
+        super().__init__(local_steps=1)
         self.site, self.die = site, die
 
-    def train(self, model, global_params, site, round_info, rng):
-        if site.name == self.site:
+    def init(self, global_params, site_state, ctx):
+        if ctx.site == self.site:
             if self.die:
                 os._exit(3)
             raise ValueError("broken\nsite")
-        return SGDTrainer(local_steps=1).train(model, global_params, site, round_info, rng)
+        return super().init(global_params, site_state, ctx)
 
 
 def test_a_failing_site_names_its_chunk(three_sites):
@@ -149,7 +151,7 @@ def test_a_failing_site_names_its_chunk(three_sites):
         with pytest.raises(FedmiError, match=r"site\(s\) b: ValueError: broken site$") as err:
             list(rt.train(_FailAt("b"), params, ["a", "b", "c"], info))
         assert "\n" not in str(err.value)
-        assert len(list(rt.train(SGDTrainer(), params, ["a", "b", "c"], info))) == 3  # the pool survives
+        assert len(list(rt.train(FedAvg(), params, ["a", "b", "c"], info))) == 3  # the pool survives
 
 
 def test_a_dead_worker_raises_instead_of_hanging_and_the_next_round_recovers(three_sites):
@@ -159,13 +161,13 @@ def test_a_dead_worker_raises_instead_of_hanging_and_the_next_round_recovers(thr
         with pytest.raises(FedmiError, match="worker process died") as err:
             list(rt.train(_FailAt("a", die=True), params, ["a", "b", "c"], info))
         assert "\n" not in str(err.value)
-        assert [u.site for u in rt.train(SGDTrainer(), params, ["a", "b", "c"], info)] == ["a", "b", "c"]
+        assert [u.site for u in rt.train(FedAvg(), params, ["a", "b", "c"], info)] == ["a", "b", "c"]
 
 
 def test_workers_train_private_copies_even_of_a_shared_model(heart):
     """A model already in shared memory must not become one set of weights for all workers."""
     model_name, trainer, aggregator = CASES["fedavg-mlp"]
-    seq = _run(InProcessRuntime, heart, model_name, trainer, aggregator)
+    seq = _run(SequentialRuntime, heart, model_name, trainer, aggregator)
 
     class SharedModelPool(ProcessPoolRuntime):
         def __init__(self, model, sites, **kwargs):

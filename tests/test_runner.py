@@ -4,13 +4,14 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from fedmi.client.trainers import make_trainer
+from fedmi.client import make_method
+from fedmi.client.sgd import FedAvg
 from fedmi.core import params as P
 from fedmi.core.runner import Runner
 from fedmi.core.types import SiteData, SiteInfo, Update
 from fedmi.models import build_model
-from fedmi.runtime.inprocess import InProcessRuntime
-from fedmi.server.aggregation import make_aggregator
+from fedmi.runtime.sequential import SequentialRuntime
+from fedmi.server import make_aggregator
 from fedmi.server.selection import FractionSelector
 
 
@@ -29,13 +30,13 @@ class SpyRuntime:
         self.crossed.extend(infos)
         return infos
 
-    def train(self, trainer, params, sites, round_info):
-        for u in self.inner.train(trainer, params, sites, round_info):
+    def train(self, method, params, sites, round_info):
+        for u in self.inner.train(method, params, sites, round_info):
             self.crossed.append(u)
             yield u
 
-    def evaluate(self, params, sites=None, split="test"):
-        out = self.inner.evaluate(params, sites, split)
+    def evaluate(self, params, method=None, sites=None, split="test"):
+        out = self.inner.evaluate(params, method, sites, split)
         self.crossed.append(out)
         return out
 
@@ -53,8 +54,8 @@ def _leaves(obj):
 
 def test_server_receives_only_updates_infos_and_scalar_metrics(three_sites):
     model = build_model("logistic", (5,), 0)
-    spy = SpyRuntime(InProcessRuntime(model, three_sites))
-    Runner(spy, make_trainer("fedavg"), make_aggregator("fedavg"), rounds=2).run(_init(model))
+    spy = SpyRuntime(SequentialRuntime(model, three_sites))
+    Runner(spy, make_method("fedavg"), make_aggregator("fedavg"), rounds=2).run(_init(model))
     kinds = {type(o) for o in spy.crossed}
     assert kinds == {SiteInfo, Update, dict}
     assert not any(isinstance(o, SiteData) for o in spy.crossed)
@@ -65,17 +66,18 @@ def test_server_receives_only_updates_infos_and_scalar_metrics(three_sites):
             assert P.num_parameters(o.delta) == 6 and not o.extras
 
 
-class PoisonedSite:
-    """A trainer wrapper whose site 'b' sends a malformed or absurd update."""
+class PoisonedSite(FedAvg):
+    """FedAvg, except that site 'b' sends a malformed or absurd update."""
 
-    def __init__(self, inner, poison):
-        self.inner, self.poison = inner, poison
+    def __init__(self, poison):
+        super().__init__()
+        self.poison = poison
 
-    def train(self, model, params, site, round_info, rng):
-        u = self.inner.train(model, params, site, round_info, rng)
-        if site.name != "b":
-            return u
-        return Update(u.site, self.poison(u.delta), u.num_examples)
+    def final(self, state, ctx):
+        u, kept = super().final(state, ctx)
+        if ctx.site != "b":
+            return u, kept
+        return Update(u.site, self.poison(u.delta), u.num_examples), kept
 
 
 def test_malformed_updates_are_rejected_and_the_round_completes(three_sites, caplog):
@@ -91,12 +93,12 @@ def test_malformed_updates_are_rejected_and_the_round_completes(three_sites, cap
 
     model = build_model("logistic", (5,), 0)
     init = _init(model)  # the runtime loads weights into `model`, so keep the start apart
-    expected = Runner(InProcessRuntime(model, three_sites), make_trainer("fedavg"), make_aggregator("fedavg"),
+    expected = Runner(SequentialRuntime(model, three_sites), make_method("fedavg"), make_aggregator("fedavg"),
                       rounds=2, seed=1, evaluate_every=0, selector=HonestOnly()).run(init).params
     for name, poison in poisons.items():
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fedmi"):
-            out = Runner(InProcessRuntime(model, three_sites), PoisonedSite(make_trainer("fedavg"), poison),
+            out = Runner(SequentialRuntime(model, three_sites), PoisonedSite(poison),
                          make_aggregator("fedavg"), rounds=2, seed=1, max_update_norm=100.0).run(init)
         assert out.history[0]["rejected"] == ["b"], name
         assert out.history[0]["sites"] == ["a", "c"]
@@ -107,7 +109,7 @@ def test_malformed_updates_are_rejected_and_the_round_completes(three_sites, cap
 def test_fraction_selection_and_checkpoint(three_sites, tmp_path):
     model = build_model("logistic", (5,), 0)
     records = []
-    res = Runner(InProcessRuntime(model, three_sites), make_trainer("fedavg"), make_aggregator("fedavg"),
+    res = Runner(SequentialRuntime(model, three_sites), make_method("fedavg"), make_aggregator("fedavg"),
                  rounds=6, seed=3, selector=FractionSelector(0.34), evaluate_every=3,
                  checkpoint=tmp_path / "ckpt.safetensors", sink=records.append, tags={"method": "fedavg"}).run(_init(model))
     assert all(len(r["sites"]) == 1 for r in records)
@@ -128,14 +130,14 @@ class SignFlipAttack:
     def site_infos(self):
         return self.inner.site_infos()
 
-    def train(self, trainer, params, sites, round_info):
-        for u in self.inner.train(trainer, params, sites, round_info):
+    def train(self, method, params, sites, round_info):
+        for u in self.inner.train(method, params, sites, round_info):
             if u.site == self.attacker:
                 u = Update(u.site, P.scale(u.delta, -20.0), u.num_examples, u.metrics)
             yield u
 
-    def evaluate(self, params, sites=None, split="test"):
-        return self.inner.evaluate(params, sites, split)
+    def evaluate(self, params, method=None, sites=None, split="test"):
+        return self.inner.evaluate(params, method, sites, split)
 
 
 def test_robust_aggregators_stop_a_poisoning_site():
@@ -146,10 +148,10 @@ def test_robust_aggregators_stop_a_poisoning_site():
     init = _init(model)
 
     def final(aggregator, attacked):
-        runtime = InProcessRuntime(model, sites)
+        runtime = SequentialRuntime(model, sites)
         if attacked:
             runtime = SignFlipAttack(runtime, "s0")
-        return Runner(runtime, make_trainer("fedavg"), make_aggregator(aggregator), rounds=5).run(init).params
+        return Runner(runtime, make_method("fedavg"), make_aggregator(aggregator), rounds=5).run(init).params
 
     honest = final("fedavg", attacked=False)
 

@@ -75,11 +75,25 @@ def test_n_sites_and_single_class_site():
     assert fedavg_row.endswith("| n/a | n/a |")
 
 
-def test_fixed_split_runs_once(small_federation):
+def test_a_fixed_split_repeats_over_training_seeds(small_federation):
     for s in small_federation.sites:
         s.test_mask = np.arange(s.n) % 5 == 0
-    r = run_table2(small_federation, Table2Config(methods=["single", "fedsgd"], repeats=5, rounds=2, epochs=2))
-    assert len(r.results["Single"]["site-0"]["acc"]["values"]) == 1
+    r = run_table2(small_federation, Table2Config(methods=["single", "fedavg"], repeats=3, rounds=2, epochs=2))
+    losses = {rec["repeat"]: rec["train_loss"] for rec in r.history if rec["round"] == 1}
+    assert len(r.results["FedAvg"]["site-0"]["acc"]["values"]) == 3 and len(set(losses.values())) == 3
+    assert r.fixed_split and "over 3 training seeds" in markdown_table(r)
+
+
+def test_a_single_run_is_the_first_repeat_of_table2():
+    """`fedmi run` with seed s and Table II's FedAvg, repeat 0, seed s: the same run."""
+    from fedmi.experiments.config import load_config
+    from fedmi.experiments.federated_run import run_federated
+
+    cfg = load_config("configs/heart-disease-fedavg.yaml").model_copy(update={"rounds": 4, "seed": 3})
+    single = run_federated(cfg).result.history[-1]["test"]
+    table = run_table2(load_federation("heart-disease"), Table2Config(methods=["fedavg"], repeats=1, rounds=4, seed=3))
+    for site, metrics in single.items():
+        assert table.results["FedAvg"][site]["auc"]["values"] == [metrics["auc"]]
 
 
 def test_bad_protocol_settings(small_federation):

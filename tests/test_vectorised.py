@@ -7,14 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from fedmi.client.trainers import SGDTrainer, make_trainer
+from fedmi.client import make_method
+from fedmi.client.sgd import FedAvg
 from fedmi.core import params as P
 from fedmi.core.runner import Runner
 from fedmi.errors import FedmiError
 from fedmi.models import build_model
-from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.runtime.sequential import SequentialRuntime
 from fedmi.runtime.vectorised import VectorisedRuntime
-from fedmi.server.aggregation import make_aggregator
+from fedmi.server import make_aggregator
 from tests.conftest import make_site_data
 
 
@@ -33,7 +34,7 @@ def _both(model_name, sites, trainer, aggregator="fedavg", rounds=3, shape=(6,))
     model = build_model(model_name, shape, 0)
     init = _init(model)
     out = []
-    for runtime in (InProcessRuntime(model, sites), VectorisedRuntime(model, sites)):
+    for runtime in (SequentialRuntime(model, sites), VectorisedRuntime(model, sites)):
         out.append(Runner(runtime, trainer, make_aggregator(aggregator), rounds=rounds, seed=3,
                           evaluate_every=0).run(init))
     return out
@@ -47,10 +48,10 @@ def _assert_same(a, b, atol=1e-6):
 
 
 TRAINERS = {
-    "fedavg-steps": lambda: make_trainer("fedavg", batch_size=16, local_steps=7),
-    "fedprox-epochs": lambda: make_trainer("fedprox", batch_size=16, local_epochs=2, mu=0.5),
-    "fedsgd": lambda: make_trainer("fedsgd"),
-    "sgd-momentum-decay": lambda: SGDTrainer(lr=0.1, batch_size=16, local_epochs=1, local_steps=None,
+    "fedavg-steps": lambda: make_method("fedavg", batch_size=16, local_steps=7),
+    "fedprox-epochs": lambda: make_method("fedprox", batch_size=16, local_epochs=2, mu=0.5),
+    "fedsgd": lambda: make_method("fedsgd"),
+    "sgd-momentum-decay": lambda: FedAvg(lr=0.1, batch_size=16, local_epochs=1, local_steps=None,
                                              momentum=0.9, weight_decay=0.01),
 }
 
@@ -77,7 +78,7 @@ def test_vectorised_cnn_equals_sequential():
         y = (x.mean(dim=(1, 2, 3)) > 0.5).float()
         from fedmi.core.types import SiteData
         sites.append(SiteData(f"img{i}", x[:n], y[:n], x[n:], y[n:]))
-    trainer = make_trainer("fedavg", batch_size=8, local_steps=3)
+    trainer = make_method("fedavg", batch_size=8, local_steps=3)
     seq, vec = _both("cnn", sites, trainer, rounds=2, shape=(1, 28, 28))
     _assert_same(seq, vec, atol=1e-5)
 
@@ -91,17 +92,42 @@ class WithBatchNorm(nn.Module):
         return self.linear(self.norm(x)).squeeze(-1)
 
 
-def test_unsupported_model_falls_back_with_one_notice(uneven_sites, caplog):
+def test_batch_norm_model_runs_vectorised_and_equals_sequential(uneven_sites, caplog):
     torch.manual_seed(0)
     model = WithBatchNorm()
     init = _init(model)
-    trainer = make_trainer("fedavg", batch_size=16, local_steps=2)  # no batch of one for batch norm
+    method = make_method("fedavg", batch_size=16, local_steps=2)  # no batch of one for batch norm
     with caplog.at_level(logging.WARNING, logger="fedmi"):
-        vec = Runner(VectorisedRuntime(model, uneven_sites), trainer, make_aggregator("fedavg"), rounds=2,
-                     evaluate_every=0).run(init)
+        runtime = VectorisedRuntime(model, uneven_sites)
+        vec = Runner(runtime, method, make_aggregator("fedavg"), rounds=2, evaluate_every=0).run(init)
+    assert runtime.unsupported(method) is None and not caplog.records
+    seq = Runner(SequentialRuntime(model, uneven_sites), method, make_aggregator("fedavg"), rounds=2,
+                 evaluate_every=0).run(init)
+    _assert_same(seq, vec)
+    assert not torch.equal(vec.params["norm.running_mean"], init["norm.running_mean"])  # statistics moved
+
+
+class ClippedSGD(FedAvg):
+    """Clips each step by the site's gradient norm, read with .item(): vmap cannot batch that."""
+
+    elementwise = False
+
+    def step(self, state, grads, ctx):
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values())).item()
+        scale = min(1.0, 0.5 / max(norm, 1e-12))
+        return super().step(state, {k: g * scale for k, g in grads.items()}, ctx)
+
+
+def test_a_method_that_cannot_be_batched_falls_back_with_one_notice(uneven_sites, caplog):
+    model = build_model("logistic", (6,), 0)
+    init = _init(model)
+    method = ClippedSGD(batch_size=16, local_steps=3)
+    with caplog.at_level(logging.WARNING, logger="fedmi"):
+        runtime = VectorisedRuntime(model, uneven_sites)
+        vec = Runner(runtime, method, make_aggregator("fedavg"), rounds=2, evaluate_every=0).run(init)
     notices = [r.message for r in caplog.records if "vectorised runtime" in r.message]
-    assert len(notices) == 1 and "buffers" in notices[0]
-    seq = Runner(InProcessRuntime(model, uneven_sites), trainer, make_aggregator("fedavg"), rounds=2,
+    assert len(notices) == 1 and "ClippedSGD" in notices[0] and "item" in notices[0], notices
+    seq = Runner(SequentialRuntime(model, uneven_sites), method, make_aggregator("fedavg"), rounds=2,
                  evaluate_every=0).run(init)
     assert P.allclose(seq.params, vec.params, rtol=0, atol=0)
 
@@ -111,16 +137,17 @@ def test_unknown_site_is_a_clear_error(uneven_sites):
     model = build_model("logistic", (6,), 0)
     runtime = VectorisedRuntime(model, uneven_sites)
     with pytest.raises(FedmiError, match="no site named 'nowhere'"):
-        list(runtime.train(make_trainer("fedavg"), _init(model), ["nowhere"], RoundInfo(0, 1, 0)))
+        list(runtime.train(make_method("fedavg"), _init(model), ["nowhere"], RoundInfo(0, 1, 0)))
 
 
-@pytest.mark.parametrize("model_name, shape", [("logistic", (6,)), ("mlp", (6,)), ("logistic", (1, 4, 4))])
-def test_stacked_forward_equals_vmap_of_the_model(model_name, shape):
+@pytest.mark.parametrize("model_name, shape, outputs", [("logistic", (6,), 1), ("mlp", (6,), 1),
+                                                         ("logistic", (1, 4, 4), 1), ("mlp", (6,), 3)])
+def test_stacked_forward_equals_vmap_of_the_model(model_name, shape, outputs):
     from torch.func import functional_call, vmap
 
-    model = build_model(model_name, shape, 0)
+    model = build_model(model_name, shape, 0, outputs)
     g = torch.Generator().manual_seed(1)
     stacked = {k: v.detach() + 0.1 * torch.randn(3, *v.shape, generator=g) for k, v in model.named_parameters()}
     x = torch.randn(3, 5, *shape, generator=g)
     expected = vmap(lambda p, xb: functional_call(model, p, (xb,)))(stacked, x)
-    assert torch.allclose(type(model).stacked_forward(stacked, x), expected, atol=1e-6)
+    assert torch.allclose(model.stacked_forward(stacked, x), expected, atol=1e-6)

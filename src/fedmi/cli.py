@@ -55,44 +55,79 @@ def _progress() -> Progress:
                     console=err_console, transient=True)
 
 
+def _dataset_option_fields() -> dict[str, tuple[str, type, str]]:
+    """Every registered dataset's options (but `path`, given as NAME:PATH): name -> (flag, type, help)."""
+    from typing import get_args
+
+    from fedmi.data import DATASETS
+
+    found: dict[str, tuple[str, type, str, list[str]]] = {}
+    for ds in DATASETS:
+        for name, field in DATASETS.get(ds).Options.model_fields.items():
+            if name == "path":
+                continue
+            args = [a for a in get_args(field.annotation) if a is not type(None)] or [field.annotation]
+            kind = args[0] if args[0] in (int, float, bool) else str  # Literal choices travel as text
+            flag = "--" + ((field.json_schema_extra or {}).get("cli") or name).replace("_", "-")
+            entry = found.setdefault(name, (flag, kind, field.description or "", []))
+            entry[3].append(ds)
+    return {name: (flag, kind, f"{text} ({', '.join(which)})") for name, (flag, kind, text, which) in found.items()}
+
+
+def _with_dataset_options(command):
+    """Give `command` one option per dataset option (derived from the datasets' own models); they
+    arrive in its **dataset_options, None where not given."""
+    import inspect
+
+    signature = inspect.signature(command)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for name, (flag, kind, text) in _dataset_option_fields().items():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                                        default=typer.Option(None, flag, help=text, show_default=False)))
+    command.__signature__ = signature.replace(parameters=params)
+    return command
+
+
 @app.command()
+@_with_dataset_options
 def table2(
-    dataset: str = typer.Option("heart-disease", help="heart-disease, synthetic-adni, breastmnist, pneumoniamnist, csv:PATH or npz:PATH"),
-    site_column: str = typer.Option("site", help="CSV: column naming each row's site"),
-    label_column: str = typer.Option("label", help="CSV: column holding the label"),
-    split_column: Optional[str] = typer.Option(None, help="CSV: column holding train/test (a fixed split)"),
-    positive_label: Optional[str] = typer.Option(None, help="CSV: the label value of the positive class (e.g. AD)"),
+    dataset: str = typer.Option("heart-disease", help="a dataset (fedmi datasets), csv:PATH or npz:PATH"),
     methods: str = typer.Option("cross,single,mix,fedavg,fedsgd,fedprox", help="comma-separated settings"),
-    repeats: int = typer.Option(5, help="random 80/20 splits per site"),
+    repeats: int = typer.Option(5, help="random 80/20 splits per site (training seeds on a fixed split)"),
     rounds: int = typer.Option(100, help="federated rounds"),
     epochs: int = typer.Option(100, help="training passes of the centralised settings"),
     model: Optional[str] = typer.Option(None, help="logistic, mlp or cnn (default: logistic, cnn for images)"),
     lr: float = typer.Option(0.05, help="local SGD learning rate"),
     momentum: float = typer.Option(0.0, help="local SGD momentum"),
     fedsgd_lr: float = typer.Option(1.0, help="FedSGD's server step size"),
-    sites: int = typer.Option(4, help="image datasets: number of simulated sites"),
-    partition: str = typer.Option("iid", help="image datasets: iid, dirichlet or quantity"),
-    alpha: float = typer.Option(1.0, help="Dirichlet concentration of the partition"),
-    shift: float = typer.Option(1.0, help="image datasets: simulated acquisition shift strength (0 = none)"),
-    max_samples: Optional[int] = typer.Option(None, help="image datasets: use a random subset of this size"),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="z-score features per site (default: on for tabular data)"),
     seed: int = typer.Option(0, min=0),
     runtime: str = typer.Option("auto", help="auto, sequential, vectorised or processes (how sites are simulated)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default runs/table2-DATASET)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    **dataset_options,
 ) -> None:
-    """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx) and report it."""
+    """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx) and report it.
+
+    The dataset options below come from the datasets themselves; each applies to the datasets named after it."""
     _setup_logging(verbose)
-    from fedmi.config import DataConfig, validated
+    from fedmi.data import dataset_options as check_options
+    from fedmi.experiments.config import DataConfig
     from fedmi.experiments.federated_run import federation_for
     from fedmi.experiments.report import JsonlWriter, rich_table, write_table2_report
     from fedmi.experiments.table2 import Table2Config, run_table2, work_units
 
-    data = validated(DataConfig, dict(
-        dataset=dataset, site_column=site_column, label_column=label_column, split_column=split_column,
-        positive_label=positive_label, num_sites=sites, partition=partition, alpha=alpha, shift_strength=shift,
-        max_samples=max_samples, standardize=standardize), "fedmi table2", prefix="option for ")
+    given = {k: v for k, v in dataset_options.items() if v is not None}
+    flags = _dataset_option_fields()
+    try:
+        check_options(dataset, given, where="option")
+    except FedmiError as e:  # name the flag the user typed
+        text = str(e)
+        for name in given:
+            text = text.replace(f"option '{name}'", f"option {flags[name][0]}")
+        raise FedmiError(f"fedmi table2: {text}") from None
+    data = DataConfig(dataset=dataset, standardize=standardize, **given)
     fed = federation_for(data, seed)
     cfg = Table2Config(
         methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
@@ -127,10 +162,9 @@ def run(
 ) -> None:
     """One federated training run described by a YAML config."""
     _setup_logging(verbose)
-    from fedmi.config import RunConfig, load_config, validated
+    from fedmi.experiments.config import RunConfig, load_config, validated
     from fedmi.experiments.federated_run import run_federated
     from fedmi.experiments.report import plot_convergence
-    from fedmi.metrics import TABLE_METRICS
 
     cfg = load_config(config)
     overrides = {k: v for k, v in (("runtime", runtime), ("workers", workers)) if v is not None}
@@ -139,16 +173,23 @@ def run(
     out = out or Path(cfg.out or Path("runs") / config.stem)
     with _progress() as progress:
         task = progress.add_task(f"{config.name}: rounds", total=cfg.rounds)
-        done = run_federated(cfg, out, on_round=lambda r: progress.update(task, completed=r))
+        advance = lambda r: progress.update(task, completed=r)  # noqa: E731
+        if cfg.runtime == "flower-sim":
+            from fedmi.apps.simulation import run_flower_simulation
+
+            done = run_flower_simulation(cfg, out, advance)
+        else:
+            done = run_federated(cfg, out, on_round=advance)
     final = done.result.history[-1]["test"]
+    task = done.federation.task
     title = f"{cfg.trainer.name} on {done.federation.name}" + (" (SYNTHETIC DATA)" if done.federation.synthetic else "")
     table = Table(title=f"{title}: after {cfg.rounds} rounds")
-    for col in ("Site", "n", *(m.upper() for m in TABLE_METRICS)):
+    for col in ("Site", "n", *(m.upper() for m in task.table_metrics)):
         table.add_column(col, justify="left" if col == "Site" else "right")
     for site, m in final.items():
-        table.add_row(site, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in TABLE_METRICS))
+        table.add_row(site, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in task.table_metrics))
     out_console.print(table)
-    plot_convergence(done.result.history, out / "convergence.png", title)
+    plot_convergence(done.result.history, out / "convergence.png", title, task.primary)
     out_console.print(f"wrote {out}/: metrics.jsonl, model.safetensors, checkpoint.safetensors, summary.json, convergence.png")
 
 

@@ -32,3 +32,9 @@ def torch_generator(stream: Stream, *key: int) -> torch.Generator:
 
 def numpy_generator(stream: Stream, *key: int) -> np.random.Generator:
     return np.random.default_rng(derive_seed(stream, *key))
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of one repeat of an experiment: the seed itself for the first, so that a single run
+    (`fedmi run`, `fedmi.run`) with seed s is exactly the first repeat of Table II with seed s."""
+    return seed if repeat == 0 else derive_seed(Stream.REPEAT, seed, repeat)

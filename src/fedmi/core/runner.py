@@ -1,8 +1,8 @@
-"""The round loop (survey Fig. 1): select -> broadcast -> local training -> upload -> aggregate
+"""The round loop (survey Fig. 1): select -> broadcast -> local work -> upload -> aggregate
 -> evaluate -> log -> checkpoint.
 
-The runner is the server. It holds the global parameters, the aggregator and the selector, and
-reaches the sites only through a `Runtime`, which hands back `Update`s and metrics, never data.
+The runner is the server. It advances one `ServerState` a round at a time and reaches the sites
+only through a `Runtime`, which hands back `Update`s and metrics, never data.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
-from fedmi.client.trainers import LocalTrainer
+import numpy as np
+
 from fedmi.core import params as P
-from fedmi.core.checkpoint import Checkpoint, save_checkpoint
-from fedmi.core.rng import Stream, numpy_generator
-from fedmi.core.types import Rejected, RoundInfo, Update
+from fedmi.core.local import LocalMethod
+from fedmi.core.runtime import Runtime
+from fedmi.core.server_state import ServerState
+from fedmi.core.types import Rejected, RoundInfo, SiteInfo, Update
 from fedmi.errors import FedmiError
-from fedmi.runtime.base import Runtime
-from fedmi.server.selection import AllSites, Selector
 
 log = logging.getLogger("fedmi")
 
@@ -32,10 +32,27 @@ class RoundAggregator(Protocol):
 
 
 class Aggregator(Protocol):
-    def init(self, params: P.ParamsT) -> Any: ...
+    """What the runner needs of an aggregation pipeline (`fedmi.server.pipeline.AggregationPipeline`)."""
+
+    def init(self, params: P.ParamsT) -> Any:
+        """The aggregation state before the first round."""
 
     def begin_round(self, state: Any, params: P.ParamsT, round_info: RoundInfo) -> RoundAggregator:
         """Updates are added one by one as they arrive, so a streaming aggregator holds O(model)."""
+
+
+class Selector(Protocol):
+    """Which sites train in a round. Sees only `SiteInfo`s, never data.
+
+    Example (every other site, alternating by round):
+
+        class Alternate:
+            def select(self, sites, round_info, rng):
+                return [s.name for i, s in enumerate(sites) if (i + round_info.round) % 2 == 0]
+    """
+
+    def select(self, sites: Sequence[SiteInfo], round_info: RoundInfo, rng: np.random.Generator) -> list[str]:
+        """Args: every site's info, the round, the server's selection generator. Returns: site names."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,7 @@ class _Report:
 class RunResult:
     params: P.Params
     history: list[dict] = field(default_factory=list)
+    state: ServerState | None = None
 
 
 def check_update(update: Update, reference: P.ParamsT, max_norm: float | None) -> None:
@@ -63,79 +81,84 @@ def check_update(update: Update, reference: P.ParamsT, max_norm: float | None) -
 @dataclass
 class Runner:
     runtime: Runtime
-    trainer: LocalTrainer
+    method: LocalMethod
     aggregator: Aggregator
     rounds: int
     seed: int = 0
-    selector: Selector = field(default_factory=AllSites)
+    selector: Selector | None = None  # None: every site, every round
     evaluate_every: int = 1  # 0: evaluate only after the last round
     max_update_norm: float | None = None
     min_sites: int = 1  # a round with fewer accepted updates is run again
     max_retries: int = 2  # ... at most this many times, then the run stops with an error
-    checkpoint: Path | None = None  # resumable checkpoint, written after every round
+    checkpoint: Path | None = None  # the server state, written after every round
+    before_checkpoint: Callable[[int], None] | None = None  # called with the round just before it is written
     sink: Callable[[dict], None] | None = None  # receives one record per round
     tags: dict = field(default_factory=dict)  # added to every record (method, repeat, ...)
 
-    def run(self, params: P.ParamsT, on_round: Callable[[int], None] | None = None,
-            resume: Checkpoint | None = None) -> RunResult:
-        """Run the rounds from `params`, or continue after the last round `resume` completed.
+    def initial_state(self, params: P.ParamsT) -> ServerState:
+        return ServerState.initial(params, self.aggregator.init(params), self.seed)
 
-        Local training is keyed by (seed, round, site) and the selection generator is restored
-        from the checkpoint, so a resumed run reaches the uninterrupted run's model.
+    def run(self, params: P.ParamsT, on_round: Callable[[int], None] | None = None,
+            resume: ServerState | None = None) -> RunResult:
+        """Run the rounds from `params`, or go on from a saved `resume` state.
+
+        Local batches are keyed by (seed, round, site) and the selector's generator is part of
+        the state, so a resumed run reaches the uninterrupted run's model.
         """
         if self.rounds < 1:
             raise FedmiError(f"rounds must be at least 1, got {self.rounds}")
         if self.min_sites < 1:
             raise FedmiError(f"min_sites must be at least 1, got {self.min_sites}")
-        select_rng = numpy_generator(Stream.SELECTION, self.seed)
         if resume is None:
-            params = P.clone(params)
-            state = self.aggregator.init(params)
-            result, first = RunResult(params), 0
+            state = self.initial_state(params)
         else:
             if resume.seed != self.seed:
                 raise FedmiError(f"the checkpoint was made with seed {resume.seed}, this run has seed {self.seed}")
-            if resume.completed_rounds > self.rounds:
-                raise FedmiError(f"the checkpoint has {resume.completed_rounds} rounds, this run only {self.rounds}")
+            if resume.round > self.rounds:
+                raise FedmiError(f"the checkpoint has {resume.round} rounds, this run only {self.rounds}")
             P.check_compatible(resume.params, params, "checkpoint")
-            params, state, first = P.clone(resume.params), resume.aggregator_state, resume.completed_rounds
-            if resume.selection_rng is not None:
-                select_rng.bit_generator.state = resume.selection_rng
-            result = RunResult(params, list(resume.history))
-            log.info("resuming after round %d of %d", first, self.rounds)
+            state = resume
+            log.info("resuming after round %d of %d", state.round, self.rounds)
         infos = self.runtime.site_infos()
-        for r in range(first, self.rounds):
-            info = RoundInfo(r, self.rounds, self.seed)
-            chosen = self.selector.select(infos, info, select_rng)
-            if len(chosen) < self.min_sites:
-                raise FedmiError(f"round {r + 1}: {len(chosen)} sites selected but min_sites is {self.min_sites}")
-            started = time.perf_counter()
-            params, state, accepted, rejected = self._round(params, state, chosen, info)
-            seconds = time.perf_counter() - started  # broadcast, local training, upload, aggregation
-            record = self._record(r, accepted, rejected, params)
-            record["seconds"] = round(seconds, 4)
-            log.info("round %d/%d: %d sites, training loss %s", r + 1, self.rounds, len(accepted),
-                     f"{record['train_loss']:.4f}" if "train_loss" in record else "n/a")
-            result.history.append(record)
-            if self.sink is not None:
-                self.sink(record)
-            if self.checkpoint is not None:
-                save_checkpoint(Checkpoint(r + 1, params, state, select_rng.bit_generator.state, result.history,
-                                           self.seed), self.checkpoint)
+        while state.round < self.rounds:
+            state = self.run_round(state, infos)
             if on_round is not None:
-                on_round(r + 1)
-        result.params = params
-        return result
+                on_round(state.round)
+        return RunResult(state.params, state.history, state)
 
-    def _round(self, params: P.Params, state: Any, chosen: list[str], info: RoundInfo
+    def run_round(self, state: ServerState, infos: Sequence[SiteInfo]) -> ServerState:
+        """`state` advanced by one round (its record logged, checkpointed and appended to its history)."""
+        r = state.round
+        info = RoundInfo(r, self.rounds, self.seed)
+        chosen = [s.name for s in infos] if self.selector is None else self.selector.select(infos, info,
+                                                                                            state.selection)
+        if len(chosen) < self.min_sites:
+            raise FedmiError(f"round {r + 1}: {len(chosen)} sites selected but min_sites is {self.min_sites}")
+        started = time.perf_counter()
+        params, aggregation, accepted, rejected = self._round(state, chosen, info)
+        seconds = time.perf_counter() - started  # broadcast, local training, upload, aggregation
+        record = self._record(r, accepted, rejected, params)
+        record["seconds"] = round(seconds, 4)
+        log.info("round %d/%d: %d sites, training loss %s", r + 1, self.rounds, len(accepted),
+                 f"{record['train_loss']:.4f}" if "train_loss" in record else "n/a")
+        state = ServerState(params, aggregation, state.selection, r + 1, [*state.history, record], state.seed)
+        if self.sink is not None:
+            self.sink(record)
+        if self.checkpoint is not None:
+            if self.before_checkpoint is not None:
+                self.before_checkpoint(state.round)
+            state.save(self.checkpoint)
+        return state
+
+    def _round(self, state: ServerState, chosen: list[str], info: RoundInfo
                ) -> tuple[P.Params, Any, list[_Report], list[str]]:
         """One round, run again (same sites, same randomness) while fewer than min_sites updates are accepted."""
-        r = info.round
+        r, params = info.round, state.params
         for attempt in range(self.max_retries + 1):
-            round_agg = self.aggregator.begin_round(state, params, info)
+            round_agg = self.aggregator.begin_round(state.aggregation, params, info)
             accepted: list[_Report] = []
             rejected: list[str] = []
-            for update in self.runtime.train(self.trainer, params, chosen, info):
+            for update in self.runtime.train(self.method, params, chosen, info):
                 report = self._take(update, params, round_agg, r)
                 site = update.site
                 del update  # released before the runtime builds the next one: O(model) server memory
@@ -148,11 +171,11 @@ class Runner:
                     missing = sorted(set(chosen) - {a.site for a in accepted})
                     log.warning("round %d: completed with %d of %d sites (min_sites %d); left out: %s",
                                 r + 1, len(accepted), len(chosen), self.min_sites, ", ".join(missing))
-                params, state = round_agg.finish()
+                new_params, aggregation = round_agg.finish()
                 order = {name: i for i, name in enumerate(chosen)}  # replies come in arrival order
                 accepted.sort(key=lambda a: order[a.site])
                 rejected.sort(key=lambda s: order.get(s, len(order)))
-                return params, state, accepted, rejected
+                return new_params, aggregation, accepted, rejected
             what = f"round {r + 1}: {len(accepted)} of {len(chosen)} sites gave an acceptable update, " \
                    f"min_sites is {self.min_sites}"
             if attempt < self.max_retries:
@@ -180,5 +203,5 @@ class Runner:
             record["train_loss"] = sum(a.num_examples * a.train_loss for a in accepted) / n
         last = r + 1 == self.rounds
         if last or (self.evaluate_every and (r + 1) % self.evaluate_every == 0):
-            record["test"] = self.runtime.evaluate(params)
+            record["test"] = self.runtime.evaluate(params, self.method)
         return record

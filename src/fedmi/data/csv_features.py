@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from fedmi.data.federation import Federation, Site
+from fedmi.data.registry import DATASETS, Dataset, DatasetOptions
 from fedmi.errors import FedmiError
 
 
@@ -114,3 +116,24 @@ def load_csv(
         description=f"{path.name}: {len(df)} subjects, {len(features)} features, {len(sites)} sites",
         label_names=("0", "1") if positive_label is None else (f"not {positive_label}", positive_label),
     )
+
+
+class CsvOptions(DatasetOptions):
+    path: str = Field(description="the CSV file")
+    site_column: str = Field("site", description="CSV: column naming each row's site")
+    label_column: str = Field("label", description="CSV: column holding the label")
+    split_column: str | None = Field(None, description="CSV: column holding train/test (a fixed split)")
+    positive_label: str | None = Field(None, description="CSV: the label value of the positive class (e.g. AD)")
+
+
+@DATASETS.register()
+class CsvFeatures(Dataset):
+    """Your own table: `csv:PATH`, one row per subject."""
+
+    name = "csv"
+    Options = CsvOptions
+    path_prefix = True
+
+    def load(self, options: CsvOptions, seed: int) -> Federation:
+        return load_csv(options.path, options.site_column, options.label_column, options.split_column,
+                        options.positive_label)

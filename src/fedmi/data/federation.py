@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 
 from fedmi.core.rng import Stream, numpy_generator
+from fedmi.core.tasks import BinaryTask, Task, make_task
 from fedmi.core.types import SiteData
 from fedmi.errors import FedmiError
 
@@ -20,7 +22,7 @@ log = logging.getLogger("fedmi")
 class Site:
     name: str
     x: np.ndarray  # float32, (n, features) or (n, channels, height, width)
-    y: np.ndarray  # int64 in {0, 1}
+    y: np.ndarray  # labels in the federation's task's form (binary: int64 in {0, 1})
     test_mask: np.ndarray | None = None  # a fixed split (True = test); None = random splits
 
     def __post_init__(self) -> None:
@@ -36,7 +38,11 @@ class Site:
         return len(self.y)
 
     def class_counts(self) -> dict[int, int]:
-        return {c: int((self.y == c).sum()) for c in (0, 1)}
+        """Samples per class (binary and multi-class labels)."""
+        values, counts = np.unique(self.y, return_counts=True)
+        out = {0: 0, 1: 0} if set(values.tolist()) <= {0, 1} else {}
+        out.update({int(v): int(c) for v, c in zip(values, counts)})
+        return out
 
 
 @dataclass
@@ -49,8 +55,9 @@ class Federation:
     feature_names: list[str] | None = None
     synthetic: bool = False
     description: str = ""
-    label_names: tuple[str, str] = ("negative", "positive")
+    label_names: tuple[str, ...] = ("negative", "positive")
     standardize: bool | None = None  # None: z-score tabular data, leave images alone
+    task: Task = BinaryTask()
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -60,6 +67,54 @@ class Federation:
             raise FedmiError(f"dataset {self.name}: site names repeat: {names}")
         if self.standardize is None:
             self.standardize = self.kind == "tabular"
+        for site in self.sites:
+            self.task.check_targets(site.y, f"dataset {self.name}, site {site.name}")
+
+    @classmethod
+    def from_arrays(cls, sites: Mapping[str, tuple[Any, Any]], task: Task | str = "binary", name: str = "arrays",
+                    kind: str | None = None, **task_options: Any) -> "Federation":
+        """A federation from per-site arrays: {site name: (features, labels)}.
+
+        Args:
+          sites: each site's features (n, ...) and labels (n, ...) as NumPy arrays, tensors or lists.
+          task: a `Task` or a task name ("binary", "multiclass", "multilabel", "segmentation",
+            "regression"); "multiclass" counts its classes from the labels unless `num_classes` is given.
+          name: the federation's name in reports.
+          kind: "tabular" (z-scored per site) or "image"; default: tabular for 1-D features.
+        Example:
+          ``Federation.from_arrays({"A": (xa, ya), "B": (xb, yb)}, task="multiclass")``
+        """
+        arrays = {k: (np.asarray(x, dtype=np.float32), np.asarray(y)) for k, (x, y) in sites.items()}
+        if isinstance(task, str):
+            if task == "multiclass" and "num_classes" not in task_options:
+                task_options["num_classes"] = max(2, int(max(y.max() for _, y in arrays.values())) + 1)
+            task = make_task(task, **task_options)
+        sample = next(iter(arrays.values()))[0] if arrays else np.zeros((0, 1))
+        kind = kind or ("tabular" if sample.ndim == 2 else "image")
+        integer = task.name == "binary" or task.target_dtype == torch.int64  # class labels
+        return cls(name, [Site(k, x, y.astype(np.int64) if integer else y.astype(np.float32))
+                          for k, (x, y) in arrays.items()], kind=kind, task=task,
+                   label_names=tuple(str(c) for c in range(max(task.num_outputs, 2))))
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, site_column: str = "site", label_column: str = "label",
+                   task: Task | str = "binary", name: str = "frame", **task_options: Any) -> "Federation":
+        """A federation from one table: a site column, a label column, every other column a numeric feature.
+
+        Example: ``Federation.from_frame(df, site_column="hospital", label_column="dx")``
+        """
+        for role, col in (("site", site_column), ("label", label_column)):
+            if col not in frame.columns:
+                raise FedmiError(f"{name}: no {role} column '{col}' (columns: {', '.join(map(str, frame.columns[:12]))})")
+        features = [c for c in frame.columns if c not in (site_column, label_column)]
+        bad = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]
+        if bad:
+            raise FedmiError(f"{name}: feature column '{bad[0]}' is not numeric")
+        sites = {str(s): (part[features].to_numpy(np.float32), part[label_column].to_numpy())
+                 for s, part in frame.groupby(site_column, sort=False)}
+        fed = cls.from_arrays(sites, task, name, "tabular", **task_options)
+        fed.feature_names = [str(c) for c in features]
+        return fed
 
     @property
     def site_names(self) -> list[str]:
@@ -118,9 +173,9 @@ class Federation:
         data = SiteData(
             name=site.name,
             x_train=torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
-            y_train=torch.as_tensor(site.y[~test], dtype=torch.float32),
+            y_train=torch.as_tensor(site.y[~test], dtype=self.task.target_dtype),
             x_test=torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32),
-            y_test=torch.as_tensor(site.y[test], dtype=torch.float32),
+            y_test=torch.as_tensor(site.y[test], dtype=self.task.target_dtype),
         )
         if data.num_train == 0:
             raise FedmiError(f"site {site.name}: its training split is empty")

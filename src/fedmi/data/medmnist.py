@@ -11,10 +11,14 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
+from pydantic import Field
 
 from fedmi.core.rng import Stream, numpy_generator
 from fedmi.data.federation import Federation, Site
+from fedmi.data.registry import DATASETS, Dataset, DatasetOptions
 from fedmi.data.partition import partition
 from fedmi.data.shift import apply_profile, site_profiles
 from fedmi.errors import FedmiError
@@ -96,3 +100,56 @@ def load_medmnist(
     detail += f", acquisition shift strength {shift_strength}"
     return Federation(name=name, sites=sites, kind="image", synthetic=False,
                       description=f"{description}; {detail}", label_names=label_names)
+
+
+class PartitionOptions(DatasetOptions):
+    """How one pooled image dataset is cut into simulated sites."""
+
+    num_sites: int = Field(4, ge=1, description="number of simulated sites", json_schema_extra={"cli": "sites"})
+    partition: Literal["iid", "dirichlet", "quantity"] = Field(
+        "iid", description="iid, dirichlet (label skew) or quantity (size skew)")
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration of the partition")
+    shift_strength: float = Field(1.0, ge=0, description="simulated acquisition shift strength (0 = none)",
+                                  json_schema_extra={"cli": "shift"})
+    max_samples: int | None = Field(None, ge=2, description="use a random subset of this size")
+
+
+class _MedMNIST(Dataset):
+    Options = PartitionOptions
+    embedded = True
+
+    def load(self, options: PartitionOptions, seed: int) -> Federation:
+        return load_medmnist(self.name, options.num_sites, options.partition, options.alpha, options.shift_strength,
+                             seed, options.max_samples)
+
+
+@DATASETS.register()
+class BreastMNIST(_MedMNIST):
+    """BreastMNIST (breast ultrasound), embedded, partitioned into simulated sites."""
+
+    name = "breastmnist"
+
+
+@DATASETS.register()
+class PneumoniaMNIST(_MedMNIST):
+    """PneumoniaMNIST, a class-balanced subset, embedded, partitioned into simulated sites."""
+
+    name = "pneumoniamnist"
+
+
+class NpzOptions(PartitionOptions):
+    path: str = Field(description="a MedMNIST-format .npz file")
+
+
+@DATASETS.register()
+class NpzImages(Dataset):
+    """A MedMNIST-format file of your own: `npz:PATH`."""
+
+    name = "npz"
+    Options = NpzOptions
+    path_prefix = True
+
+    def load(self, options: NpzOptions, seed: int) -> Federation:
+        path = Path(options.path)
+        return load_medmnist(path.stem, options.num_sites, options.partition, options.alpha, options.shift_strength,
+                             seed, options.max_samples, path=path)

@@ -1,61 +1,117 @@
-"""Dataset names the CLI and configs accept, and what is embedded."""
+"""Datasets: each declares its options once, as a pydantic model, and registers itself.
+
+A dataset is a class with a `name`, an `Options` model (its fields, defaults, bounds and help
+texts) and `load(options, seed) -> Federation`. Run configs (`data:` in YAML), `fedmi table2`'s
+command-line options and the Python API all validate against that one model. Adding a dataset is
+one new file in `fedmi/data/` that defines such a class under `@DATASETS.register()`.
+
+A dataset with `path_prefix` is named `NAME:PATH` (`csv:roi.csv`): the text after the colon is
+its `path` option.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any, ClassVar
 
-from fedmi.data.csv_features import load_csv
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fedmi.core.registry import Registry
 from fedmi.data.federation import Federation
-from fedmi.data.heart_disease import load_heart_disease
-from fedmi.data.medmnist import EMBEDDED as MEDMNIST
-from fedmi.data.medmnist import load_medmnist
-from fedmi.data.synthetic_adni import make_synthetic_adni
 from fedmi.errors import FedmiError
 
-DATASETS = ("heart-disease", "synthetic-adni", *MEDMNIST)
+
+class DatasetOptions(BaseModel):
+    """Base of every dataset's options: unknown options are errors.
+
+    A field's `description` is its help text on the command line; `json_schema_extra={"cli": "x"}`
+    names its command-line option `--x` (default: the field name with dashes).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def load_federation(
-    spec: str,
-    *,
-    site_column: str = "site",
-    label_column: str = "label",
-    split_column: str | None = None,
-    positive_label: str | None = None,
-    num_sites: int = 4,
-    partition: str = "iid",
-    alpha: float = 1.0,
-    shift_strength: float = 1.0,
-    max_samples: int | None = None,
-    seed: int = 0,
-) -> Federation:
-    """`spec` is an embedded dataset name, `csv:PATH` or `npz:PATH` (a MedMNIST-format file)."""
-    if spec.startswith("csv:"):
-        return load_csv(spec[4:], site_column, label_column, split_column, positive_label)
-    if spec.startswith("npz:"):
-        return load_medmnist(Path(spec[4:]).stem, num_sites, partition, alpha, shift_strength, seed,
-                             max_samples, path=Path(spec[4:]))
-    if spec == "heart-disease":
-        return load_heart_disease()
-    if spec == "heart-disease-flamby":
-        return load_heart_disease(flamby_split=True)
-    if spec == "synthetic-adni":
-        return make_synthetic_adni(seed)
-    if spec in MEDMNIST:
-        return load_medmnist(spec, num_sites, partition, alpha, shift_strength, seed, max_samples)
-    raise FedmiError(f"unknown dataset '{spec}'; choose one of {', '.join(DATASETS)}, "
-                     "heart-disease-flamby, csv:PATH or npz:PATH")
+class Dataset:
+    """Base of every dataset (an extension point).
+
+    Class attributes:
+      name: the name configs and the command line use.
+      Options: its options (a `DatasetOptions` subclass).
+      path_prefix: True for `NAME:PATH` datasets (the path is the `path` option).
+      embedded: True if it ships with fedmi (listed by `fedmi datasets`).
+
+    Example:
+
+        @DATASETS.register()
+        class MyHospitals(Dataset):
+            name = "my-hospitals"
+
+            class Options(DatasetOptions):
+                min_age: int = Field(18, ge=0, description="leave out younger patients")
+
+            def load(self, options, seed):
+                return Federation("my-hospitals", [Site(...), ...], kind="tabular")
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[DatasetOptions]] = DatasetOptions
+    path_prefix: ClassVar[bool] = False
+    embedded: ClassVar[bool] = False
+
+    def load(self, options: Any, seed: int) -> Federation:
+        """The federation. Args: validated options; seed (simulated partitions, scanners, cohorts)."""
+        raise NotImplementedError
+
+
+DATASETS: Registry[type[Dataset]] = Registry("dataset")
+
+
+def resolve(spec: str) -> tuple[type[Dataset], dict[str, Any]]:
+    """(the dataset class, options the name itself implies) for `NAME` or `NAME:PATH`."""
+    head, sep, rest = spec.partition(":")
+    if sep and head in DATASETS and DATASETS.get(head).path_prefix:
+        return DATASETS.get(head), {"path": rest}
+    if spec not in DATASETS:
+        known = [f"{n}:PATH" if DATASETS.get(n).path_prefix else n for n in DATASETS]
+        raise FedmiError(f"unknown dataset '{spec}'; choose one of {', '.join(known)}")
+    return DATASETS.get(spec), {}
+
+
+def dataset_options(spec: str, options: dict[str, Any], where: str = "dataset option") -> DatasetOptions:
+    """`options` validated against the dataset's own options, or a FedmiError naming the first bad one."""
+    cls, implied = resolve(spec)
+    try:
+        return cls.Options.model_validate({**options, **implied})
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            valid = ", ".join(cls.Options.model_fields) or "none"
+            raise FedmiError(f"{where} '{field}' does not apply to dataset {cls.name} (its options: {valid})") from None
+        got = f", got {first['input']!r}" if first["type"] != "missing" else ""
+        raise FedmiError(f"{where} '{field}' of dataset {cls.name}: {first['msg']}{got}") from None
+
+
+def load_federation(spec: str, seed: int = 0, **options: Any) -> Federation:
+    """The federation `spec` names (`heart-disease`, `breastmnist`, `csv:PATH`, ...) with its options.
+
+    Example: ``load_federation("breastmnist", num_sites=4, partition="dirichlet", alpha=0.5)``.
+    """
+    cls, _ = resolve(spec)
+    return cls().load(dataset_options(spec, options), seed)
 
 
 def describe_datasets() -> list[dict]:
     """One entry per embedded dataset: sites with sizes and class balance."""
     out = []
     for name in DATASETS:
+        if not DATASETS.get(name).embedded:
+            continue
         fed = load_federation(name)
         out.append({
             "name": name,
             "description": fed.description,
             "kind": fed.kind,
+            "task": fed.task.name,
             "input_shape": list(fed.input_shape),
             "synthetic": fed.synthetic,
             "label_names": list(fed.label_names),

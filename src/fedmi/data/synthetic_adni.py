@@ -20,6 +20,7 @@ import numpy as np
 
 from fedmi.core.rng import Stream, numpy_generator
 from fedmi.data.federation import Federation, Site
+from fedmi.data.registry import DATASETS, Dataset, DatasetOptions
 
 AAL_REGIONS = [
     "Precentral", "Frontal_Sup", "Frontal_Sup_Orb", "Frontal_Mid", "Frontal_Mid_Orb",
@@ -75,3 +76,15 @@ def make_synthetic_adni(seed: int = 0) -> Federation:
                     "volumes, AD vs NC, 1.5T/3T scanner shift",
         label_names=("NC", "AD"),
     )
+
+
+@DATASETS.register()
+class SyntheticAdni(Dataset):
+    """SYNTHETIC two-study ADNI-like cohorts (the seed draws the subjects)."""
+
+    name = "synthetic-adni"
+    Options = DatasetOptions
+    embedded = True
+
+    def load(self, options: DatasetOptions, seed: int) -> Federation:
+        return make_synthetic_adni(seed)

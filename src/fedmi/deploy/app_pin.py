@@ -24,7 +24,7 @@ from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
 
-APP_COMPONENTS = {"serverapp": "fedmi.runtime.flower.server:app", "clientapp": "fedmi.runtime.flower.site:app"}
+APP_COMPONENTS = {"serverapp": "fedmi.apps.server:app", "clientapp": "fedmi.apps.site:app"}
 # Flower's own app-process programs, which its SuperExec starts by name from PATH.
 PINNED = {"flwr-clientapp": ("flwr.supernode.runtime.run_clientapp", "flwr.supernode.cli", "flwr_clientapp"),
           "flwr-serverapp": ("flwr.superlink.runtime.run_serverapp", "flwr.superlink.cli", "flwr_serverapp")}

@@ -32,9 +32,9 @@ from typing import Sequence
 
 import yaml
 
-from fedmi.config import SiteConfig, load_config, load_yaml_model
+from fedmi.experiments.config import SiteConfig, load_config, load_yaml_model
 from fedmi.deploy.app_pin import APP_COMPONENTS, write_launchers
-from fedmi.deploy.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, SITE_NAMES, remember_site, site_names
+from fedmi.apps.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, SITE_NAMES, remember_site, site_names
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmi.config import RunConfig
+from fedmi.experiments.config import RunConfig
 from fedmi.core.runner import RunResult
 from fedmi.deploy.certs import make_certificates
 from fedmi.deploy.flower import flower_env, stop_process_group

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from fedmi.client.trainers import make_trainer
-from fedmi.config import DataConfig, RunConfig
+from fedmi.client import make_method
+from fedmi.experiments.config import DataConfig, RunConfig
 from fedmi.core import params as P
-from fedmi.core.checkpoint import load_checkpoint
+from fedmi.core.local import SiteStates
 from fedmi.core.runner import Runner, RunResult
+from fedmi.core.runtime import Runtime
+from fedmi.core.server_state import ServerState
+from fedmi.core.tasks import Task
 from fedmi.data.federation import Federation
 from fedmi.data.registry import load_federation
 from fedmi.errors import FedmiError
 from fedmi.models import build_model
-from fedmi.runtime import Runtime, make_runtime
-from fedmi.server.aggregation import make_aggregator, parse_pipeline
-from fedmi.server.selection import make_selector
+from fedmi.runtime import make_runtime
+from fedmi.server import make_aggregator, make_selector
 
 CHECKPOINT = "checkpoint.safetensors"
+SITES = "sites"  # a simulation's site states, one folder per recent round, one file per site
 
 
 @dataclass
@@ -32,25 +36,20 @@ class FederatedRun:
 
 def federation_for(d: DataConfig, seed: int) -> Federation:
     """The federation a data config describes (`seed` fixes simulated partitions and scanners)."""
-    fed = load_federation(d.dataset, site_column=d.site_column, label_column=d.label_column,
-                          split_column=d.split_column, positive_label=d.positive_label, num_sites=d.num_sites,
-                          partition=d.partition, alpha=d.alpha, shift_strength=d.shift_strength,
-                          max_samples=d.max_samples, seed=seed)
+    fed = load_federation(d.dataset, seed, **d.options())
     if d.standardize is not None:
         fed.standardize = d.standardize
     return fed
 
 
 def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None,
-                  sites: Sequence[str] | None = None) -> FederatedRun:
-    """`cfg` on a simulation runtime in this process (or Flower's simulation runtime). `sites`: only
-    these of the dataset's sites, in this order (their position keys their random streams)."""
+                  sites: Sequence[str] | None = None, resume: bool = False) -> FederatedRun:
+    """`cfg` on a simulation runtime in this process. `sites`: only these of the dataset's sites, in
+    this order (their position keys their random streams). Flower's simulation runtime (`flower-sim`)
+    is `fedmi.apps.simulation.run_flower_simulation`."""
     if cfg.runtime == "flower-sim":
-        if sites is not None:
-            raise FedmiError("flower-sim runs every site of the dataset; a subset is for in-process runtimes")
-        from fedmi.runtime.flower.simulation import run_flower_simulation
-
-        return run_flower_simulation(cfg, out, on_round)
+        raise FedmiError("runtime flower-sim runs through fedmi.apps.simulation (the `fedmi run` command and "
+                         "fedmi.run choose it)")
     fed = federation_for(cfg.data, cfg.seed)
     if sites is not None:
         by_name = {s.name: s for s in fed.sites}
@@ -59,10 +58,10 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
             raise FedmiError(f"dataset {fed.name} has no site {', '.join(unknown)}; its sites: {', '.join(by_name)}")
         fed.sites = [by_name[n] for n in sites]
     sites = fed.split(cfg.seed, cfg.data.test_fraction)
-    model = build_model(cfg.model, fed.input_shape, cfg.seed)
-    runtime = make_runtime(cfg.runtime, model, sites, cfg.workers)
+    model = build_model(cfg.model, fed.input_shape, cfg.seed, fed.task.num_outputs)
+    runtime = make_runtime(cfg.runtime, model, sites, fed.task, cfg.workers)
     try:
-        result = train_federation(cfg, runtime, fed.input_shape, out, on_round,
+        result = train_federation(cfg, runtime, fed.input_shape, fed.task, out, on_round, resume,
                                   summary={"dataset": fed.name, "synthetic": fed.synthetic,
                                            "description": fed.description})
     finally:
@@ -70,20 +69,28 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     return FederatedRun(cfg, fed, result)
 
 
-def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, ...], out: Path | None,
+def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, ...], task: Task, out: Path | None,
                      on_round: Callable[[int], None] | None = None, resume: bool = False,
                      summary: dict | None = None) -> RunResult:
     """The run's rounds on `runtime`, whichever it is; with `out`, a resumable checkpoint after every
     round, metrics.jsonl, the final model and summary.json. `resume` continues from out's checkpoint."""
-    model = build_model(cfg.model, input_shape, cfg.seed)
+    model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
-    aggregator = parse_pipeline(cfg.aggregator) if cfg.aggregator else make_aggregator(cfg.trainer.name, cfg.server_lr)
+    aggregator = make_aggregator(cfg.aggregator, cfg.server_lr)
     checkpoint = None if out is None else out / CHECKPOINT
+    site_states: SiteStates | None = getattr(runtime, "site_states", None)  # simulated sites keep theirs here
     start = None
     if resume:
         if checkpoint is None:
             raise FedmiError("resuming needs the run's folder")
-        start = load_checkpoint(checkpoint)
+        start = ServerState.load(checkpoint)
+        if site_states is not None:
+            site_states.load(out / SITES / f"round-{start.round}")
+
+    def save_sites(completed: int) -> None:
+        """The sites' own checkpoints for this round, written before the server's names the round."""
+        site_states.save(out / SITES / f"round-{completed}")
+        shutil.rmtree(out / SITES / f"round-{completed - 2}", ignore_errors=True)
     sink = None
     if out is not None:
         from fedmi.experiments.report import JsonlWriter  # matplotlib: not needed by a site
@@ -94,7 +101,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     try:
         runner = Runner(
             runtime=runtime,
-            trainer=make_trainer(cfg.trainer.name, **cfg.trainer.options()),
+            method=make_method(cfg.trainer.name, **cfg.trainer.options()),
             aggregator=aggregator,
             rounds=cfg.rounds,
             seed=cfg.seed,
@@ -104,6 +111,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
             min_sites=cfg.min_sites,
             max_retries=cfg.max_retries,
             checkpoint=checkpoint,
+            before_checkpoint=save_sites if site_states is not None and out is not None else None,
             sink=sink,
             tags={"method": cfg.trainer.name},
         )

@@ -16,7 +16,7 @@ from rich.table import Table  # noqa: E402
 
 from fedmi.core import params as P  # noqa: E402
 from fedmi.experiments.table2 import Table2Result  # noqa: E402
-from fedmi.metrics import TABLE_METRICS, format_summary  # noqa: E402
+from fedmi.core.metrics import format_summary  # noqa: E402
 
 NOT_PRIVATE = "†"
 FOOTNOTE = f"{NOT_PRIVATE} Mix pools the sites' data: not privacy-preserving, shown as a reference."
@@ -71,16 +71,16 @@ def _table_rows(result: Table2Result) -> Iterable[tuple[str, str, list[str]]]:
             per_site = result.results[row["label"]].get(site)
             label = row["label"] + ("" if row["privacy_preserving"] else f" {NOT_PRIVATE}")
             if per_site is None:  # Cross: the site it was trained on
-                yield site, label, ["–"] * len(TABLE_METRICS)
+                yield site, label, ["–"] * len(result.task.table_metrics)
             else:
-                yield site, label, [format_summary(per_site[m]) for m in TABLE_METRICS]
+                yield site, label, [format_summary(per_site[m]) for m in result.task.table_metrics]
 
 
 def _caption(result: Table2Result) -> str:
     cfg = result.config
     ratio = f"stratified {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split"
     if result.fixed_split:
-        split = "one fixed train/test split"
+        split = "one fixed train/test split" + (f", mean±std over {cfg.repeats} training seeds" if cfg.repeats > 1 else "")
     elif cfg.repeats == 1:
         split = f"one {ratio}"
     else:
@@ -91,7 +91,7 @@ def _caption(result: Table2Result) -> str:
 
 def rich_table(result: Table2Result) -> Table:
     table = Table(title=_title(result), caption=_caption(result) + "\n" + FOOTNOTE, show_lines=False)
-    for col in ("Site", "Method", *(m.upper() for m in TABLE_METRICS)):
+    for col in ("Site", "Method", *(m.upper() for m in result.task.table_metrics)):
         table.add_column(col, justify="left" if col in ("Site", "Method") else "right")
     previous = None
     for site, label, cells in _table_rows(result):
@@ -104,8 +104,8 @@ def rich_table(result: Table2Result) -> Table:
 
 def markdown_table(result: Table2Result) -> str:
     lines = [f"# {_title(result)}", "", result.description, "",
-             "| Site | Method | " + " | ".join(m.upper() for m in TABLE_METRICS) + " |",
-             "|---|---|" + "---:|" * len(TABLE_METRICS)]
+             "| Site | Method | " + " | ".join(m.upper() for m in result.task.table_metrics) + " |",
+             "|---|---|" + "---:|" * len(result.task.table_metrics)]
     previous = None
     for site, label, cells in _table_rows(result):
         lines.append(f"| {site if site != previous else ''} | {label} | " + " | ".join(cells) + " |")
@@ -114,7 +114,9 @@ def markdown_table(result: Table2Result) -> str:
     return "\n".join(lines)
 
 
-def plot_auc_by_site(result: Table2Result, path: Path) -> None:
+def plot_by_site(result: Table2Result, path: Path) -> None:
+    """The task's primary metric (AUC for binary tasks) per site and setting, mean with std error bars."""
+    metric, name = result.task.primary, result.task.primary.upper()
     labels = [r["label"] for r in result.rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(result.sites) + 0.25 * len(labels)) + 1.8, 4.2))
     width = 0.8 / len(labels)
@@ -122,7 +124,7 @@ def plot_auc_by_site(result: Table2Result, path: Path) -> None:
     for j, row in enumerate(result.rows):
         means, errs, xs = [], [], []
         for i, site in enumerate(result.sites):
-            s = result.results[row["label"]].get(site, {}).get("auc")
+            s = result.results[row["label"]].get(site, {}).get(metric)
             if s and s["mean"] is not None:
                 xs.append(i - 0.4 + width * (j + 0.5))
                 means.append(s["mean"])
@@ -131,30 +133,31 @@ def plot_auc_by_site(result: Table2Result, path: Path) -> None:
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=label, color=colors(j % 10),
                hatch="//" if row["method"] == "cross" else None, alpha=0.9)
     for i, site in enumerate(result.sites):
-        if not any((result.results[r["label"]].get(site, {}).get("auc") or {}).get("mean") is not None
+        if not any((result.results[r["label"]].get(site, {}).get(metric) or {}).get("mean") is not None
                    for r in result.rows):
-            ax.text(i, 0.5, "AUC n/a\n(one class\nin test)", ha="center", va="center", fontsize=8, color="grey")
+            ax.text(i, 0.5, f"{name} n/a\n(undefined\non test)", ha="center", va="center", fontsize=8, color="grey")
     ax.set_xticks(range(len(result.sites)), result.sites)
-    ax.set_ylabel("test AUC (mean ± std)")
-    ax.set_ylim(0, 1.05)
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_title(_title(result) + ": AUC per site")
+    ax.set_ylabel(f"test {name} (mean ± std)")
+    if metric == "auc":
+        ax.set_ylim(0, 1.05)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_title(_title(result) + f": {name} per site")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def convergence_curves(history: list[dict]) -> dict[str, dict[str, np.ndarray]]:
-    """Per method: rounds, mean and std over repeats of the train loss and of the site-mean test AUC."""
+def convergence_curves(history: list[dict], metric: str = "auc") -> dict[str, dict[str, np.ndarray]]:
+    """Per method: rounds, mean and std over repeats of the train loss and of the site-mean test `metric`."""
     by_method: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for rec in history:
         m = by_method[rec["method"]]
         if rec.get("train_loss") is not None:
             m["train_loss"][rec["round"]].append(rec["train_loss"])
-        aucs = [v["auc"] for v in rec.get("test", {}).values() if v["auc"] is not None]
-        if aucs:
-            m["test_auc"][rec["round"]].append(float(np.mean(aucs)))
+        values = [v[metric] for v in rec.get("test", {}).values() if v.get(metric) is not None]
+        if values:
+            m["test"][rec["round"]].append(float(np.mean(values)))
     out: dict[str, dict[str, np.ndarray]] = {}
     for method, series in by_method.items():
         out[method] = {}
@@ -164,17 +167,17 @@ def convergence_curves(history: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def plot_convergence(history: list[dict], path: Path, title: str) -> None:
-    curves = convergence_curves(history)
+def plot_convergence(history: list[dict], path: Path, title: str, metric: str = "auc") -> None:
+    curves = convergence_curves(history, metric)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for method, series in curves.items():
-        for ax, key in zip(axes, ("train_loss", "test_auc")):
+        for ax, key in zip(axes, ("train_loss", "test")):
             if key in series:
                 r, mu, sd = series[key].T
                 ax.plot(r, mu, label=method)
                 ax.fill_between(r, mu - sd, mu + sd, alpha=0.2)
     axes[0].set(xlabel="round", ylabel="training loss (sample-weighted)", title="training loss")
-    axes[1].set(xlabel="round", ylabel="test AUC, mean over sites", title="test AUC")
+    axes[1].set(xlabel="round", ylabel=f"test {metric.upper()}, mean over sites", title=f"test {metric.upper()}")
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=8)
@@ -187,13 +190,13 @@ def plot_convergence(history: list[dict], path: Path, title: str) -> None:
 def write_table2_report(result: Table2Result, out: Path) -> list[Path]:
     """Write results.json, table.md, the plots and the final models; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "results.json", out / "table.md", out / "auc_by_site.png"]
+    written = [out / "results.json", out / "table.md", out / f"{result.task.primary}_by_site.png"]
     written[0].write_text(to_json(result.to_json(), indent=2) + "\n")
     written[1].write_text(markdown_table(result))
-    plot_auc_by_site(result, written[2])
+    plot_by_site(result, written[2])
     if result.history:
         written.append(out / "convergence.png")
-        plot_convergence(result.history, written[-1], _title(result) + ": federated methods")
+        plot_convergence(result.history, written[-1], _title(result) + ": federated methods", result.task.primary)
     for name, params in result.models.items():
         written.append(out / "models" / f"{name}.safetensors")
         P.save(params, written[-1], metadata={"dataset": result.dataset, "model": result.config.model})

@@ -9,8 +9,9 @@ Settings, each evaluated on every site's own test split:
 - FedSGD: each round every site sends one full-batch gradient at the global model; the server
           averages (weighted by sample count) and takes one step of size `fedsgd_lr`.
 - FedProx: local SGD for one pass over the site's data with the proximal term mu = 0.1.
-Each site is split 80/20 (stratified), repeated `repeats` times with different seeds (or the
-dataset's fixed split once); results are mean ± sample std over repeats.
+Each site is split 80/20 (stratified), repeated `repeats` times with different seeds; on a
+dataset's fixed split, the repeats keep the split and vary the training seed (initial weights and
+batch order), as FLamby reports its benchmarks over seeds. Results are mean ± sample std over repeats.
 
 Centralised settings (Cross, Single, Mix) train the same model with the same local SGD for
 `epochs` passes, through the same trainer code the sites use.
@@ -24,18 +25,21 @@ from typing import Callable
 
 import torch
 
+from fedmi.client import make_method
 from fedmi.client.evaluation import evaluate_site
-from fedmi.client.trainers import LocalTrainer, SGDTrainer, make_trainer
 from fedmi.core import params as P
-from fedmi.core.rng import Stream, derive_seed, torch_generator
+from fedmi.core.local import LocalMethod
+from fedmi.core.metrics import summarize
+from fedmi.core.rng import Stream, derive_seed, repeat_seed
 from fedmi.core.runner import Runner, check_update
+from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError, check_number
-from fedmi.metrics import METRICS, summarize
 from fedmi.models import MODELS, build_model
 from fedmi.runtime import RUNTIMES, make_runtime
-from fedmi.server.aggregation import make_aggregator
+from fedmi.runtime.sequential import train_site
+from fedmi.server import make_aggregator
 
 CENTRALISED = ("cross", "single", "mix")
 FEDERATED = ("fedavg", "fedsgd", "fedprox")
@@ -95,6 +99,7 @@ class Table2Result:
     results: dict[str, dict[str, dict[str, dict]]]  # label -> site -> metric -> summary
     history: list[dict]  # per-round records of the federated methods
     models: dict[str, P.Params]  # "<method>_r<repeat>" -> final global parameters
+    task: Task = field(default_factory=lambda: BinaryTask())
 
     def to_json(self) -> dict:
         return {
@@ -105,6 +110,8 @@ class Table2Result:
             "sites": self.sites,
             "config": asdict(self.config),
             "rows": self.rows,
+            "task": self.task.name,
+            "table_metrics": list(self.task.table_metrics),
             "results": self.results,
         }
 
@@ -128,23 +135,23 @@ def _pooled(sites: list[SiteData]) -> SiteData:
     )
 
 
-def fit_centralised(model: torch.nn.Module, init: P.ParamsT, data: SiteData, cfg: Table2Config,
-                    rng: torch.Generator) -> P.Params:
-    """Train on one dataset with the sites' own SGD trainer for `cfg.epochs` passes."""
-    trainer = SGDTrainer(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, local_steps=None,
+def fit_centralised(model: torch.nn.Module, task: Task, init: P.ParamsT, data: SiteData, cfg: Table2Config,
+                    seed: int) -> P.Params:
+    """Train on one dataset with the sites' own local SGD for `cfg.epochs` passes (batches keyed by `seed`)."""
+    method = make_method("fedavg", lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size,
                          local_epochs=cfg.epochs)
-    update = trainer.train(model, init, data, RoundInfo(0, 1, cfg.seed), rng)
+    update, _ = train_site(method, model, task, data, init, None, RoundInfo(0, 1, seed), 0)
     check_update(update, init, max_norm=None)  # the server's own check: NaN/Inf means training diverged
     return P.add(init, update.delta)
 
 
-def _trainer(method: str, cfg: Table2Config) -> LocalTrainer:
+def _method(method: str, cfg: Table2Config) -> LocalMethod:
     if method == "fedsgd":
-        return make_trainer("fedsgd")
+        return make_method("fedsgd")
     common = {"lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch_size}
     if method == "fedavg":
-        return make_trainer("fedavg", local_steps=cfg.local_steps, **common)
-    return make_trainer("fedprox", mu=cfg.mu, **common)
+        return make_method("fedavg", local_steps=cfg.local_steps, **common)
+    return make_method("fedprox", mu=cfg.mu, **common)
 
 
 def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] | None = None,
@@ -156,9 +163,10 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     names = fed.site_names
     if len(names) < 2 and any(m in cfg.methods for m in ("cross", *FEDERATED)):
         raise FedmiError(f"dataset {fed.name} has one site; Cross and the federated settings need two or more")
-    repeats = 1 if fed.has_fixed_split else cfg.repeats
+    repeats = cfg.repeats  # on a fixed split, repeats vary the training seed (initial weights, batches)
     rows = _rows(cfg, names)
-    values = {r["label"]: {s: {m: [] for m in METRICS} for s in names} for r in rows}
+    metric_names = fed.task.metric_names
+    values = {r["label"]: {s: {m: [] for m in metric_names} for s in names} for r in rows}
     history: list[dict] = []
     models: dict[str, P.Params] = {}
 
@@ -168,19 +176,19 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
             sink(rec)
 
     for rep in range(repeats):
-        seed = derive_seed(Stream.REPEAT, cfg.seed, rep)
+        seed = repeat_seed(cfg.seed, rep)
         sites = {s.name: s for s in fed.split(seed, cfg.test_fraction)}
-        model = build_model(cfg.model, fed.input_shape, seed)
+        model = build_model(cfg.model, fed.input_shape, seed, fed.task.num_outputs)
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
         site_fits: dict[str, P.Params] = {}  # one fit per site serves both Cross and Single
 
         def record(label: str, site: str, metrics: dict) -> None:
-            for m in METRICS:
+            for m in metric_names:
                 values[label][site][m].append(metrics[m])
 
         def score(label: str, params: P.ParamsT, targets: list[str]) -> None:
             for b in targets:
-                record(label, b, evaluate_site(model, params, sites[b]))
+                record(label, b, evaluate_site(model, fed.task, params, sites[b]))
 
         for method in cfg.methods:
             note = f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}"
@@ -189,21 +197,21 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
             if method in ("cross", "single"):
                 for i, a in enumerate(names):
                     if a not in site_fits:
-                        rng = torch_generator(Stream.CENTRAL_TRAINING, seed, 0, i)
-                        site_fits[a] = fit_centralised(model, init, sites[a], cfg, rng)
+                        fit_seed = derive_seed(Stream.CENTRAL_TRAINING, seed, 0, i)
+                        site_fits[a] = fit_centralised(model, fed.task, init, sites[a], cfg, fit_seed)
                     if method == "single":
                         score("Single", site_fits[a], [a])
                     else:
                         score(f"{a}-tr", site_fits[a], [b for b in names if b != a])
             elif method == "mix":
-                rng = torch_generator(Stream.CENTRAL_TRAINING, seed, 1, 0)
-                pooled = fit_centralised(model, init, _pooled(list(sites.values())), cfg, rng)
+                fit_seed = derive_seed(Stream.CENTRAL_TRAINING, seed, 1, 0)
+                pooled = fit_centralised(model, fed.task, init, _pooled(list(sites.values())), cfg, fit_seed)
                 score("Mix", pooled, names)
             else:
-                runtime = make_runtime(cfg.runtime, model, list(sites.values()))
+                runtime = make_runtime(cfg.runtime, model, list(sites.values()), fed.task)
                 runner = Runner(
                     runtime=runtime,
-                    trainer=_trainer(method, cfg),
+                    method=_method(method, cfg),
                     aggregator=make_aggregator(method, cfg.fedsgd_lr if method == "fedsgd" else 1.0),
                     rounds=cfg.rounds,
                     seed=seed,
@@ -225,14 +233,14 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     results = {
         label: {site: {m: summarize(v) for m, v in per_site.items()}
                 for site, per_site in by_site.items()
-                if per_site["acc"]}  # Cross has no entry for its own training site
+                if per_site[metric_names[0]]}  # Cross has no entry for its own training site
         for label, by_site in values.items()
     }
     return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, names, cfg, rows, results,
-                        history, models)
+                        history, models, fed.task)
 
 
 def work_units(fed: Federation, cfg: Table2Config) -> int:
     """The total that `run_table2` reports through `advance`, for a progress bar."""
     per_repeat = sum(len(fed.sites) if m in ("cross", "single") else 1 for m in cfg.methods)
-    return per_repeat * (1 if fed.has_fixed_split else cfg.repeats)
+    return per_repeat * cfg.repeats

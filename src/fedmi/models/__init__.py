@@ -1,4 +1,8 @@
-"""Model registry. Every model maps an input batch to one logit per sample (binary tasks).
+"""Model registry. A model maps an input batch to the task's outputs: one logit per sample for a
+binary task (shape (n,)), `num_outputs` per sample otherwise (shape (n, num_outputs)).
+
+Models register themselves in `MODELS` (`@MODELS.register("name")` on a builder
+`(input_shape, num_outputs) -> nn.Module`).
 
 A model may also define `stacked_forward(params, x)`: the same function for many sites at once,
 with every parameter stacked along a leading site axis and x of shape (sites, batch, ...). The
@@ -13,7 +17,10 @@ import math
 import torch
 from torch import nn
 
+from fedmi.core.registry import Registry
 from fedmi.errors import FedmiError
+
+MODELS: Registry = Registry("model")
 
 
 def _stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -26,63 +33,84 @@ def _stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.baddbmm(bias.unsqueeze(2), weight, x.transpose(1, 2)).transpose(1, 2)
 
 
-class LogisticRegression(nn.Module):
-    """The survey's model (§IX-B): p(y=1|x) = sigmoid(w.x + b) on flattened inputs."""
+def _squeeze(out: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    return out.squeeze(-1) if num_outputs == 1 else out
 
-    def __init__(self, in_features: int):
+
+class LogisticRegression(nn.Module):
+    """The survey's model (§IX-B): p(y=1|x) = sigmoid(w.x + b) on flattened inputs (softmax
+    regression with num_outputs > 1)."""
+
+    def __init__(self, in_features: int, num_outputs: int = 1):
         super().__init__()
-        self.linear = nn.Linear(in_features, 1)
+        self.num_outputs = num_outputs
+        self.linear = nn.Linear(in_features, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1)).squeeze(-1)
+        return _squeeze(self.linear(x.flatten(1)), self.num_outputs)
 
-    @staticmethod
-    def stacked_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return _stacked_linear(x.flatten(2), p["linear.weight"], p["linear.bias"]).squeeze(-1)
+    def stacked_forward(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return _squeeze(_stacked_linear(x.flatten(2), p["linear.weight"], p["linear.bias"]), self.num_outputs)
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: int = 64):
+    def __init__(self, in_features: int, num_outputs: int = 1, hidden: int = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.num_outputs = num_outputs
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        return _squeeze(self.net(x), self.num_outputs)
 
-    @staticmethod
-    def stacked_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def stacked_forward(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(_stacked_linear(x.flatten(2), p["net.1.weight"], p["net.1.bias"]))
-        return _stacked_linear(hidden, p["net.3.weight"], p["net.3.bias"]).squeeze(-1)
+        return _squeeze(_stacked_linear(hidden, p["net.3.weight"], p["net.3.bias"]), self.num_outputs)
 
 
 class SmallCNN(nn.Module):
     """Two conv blocks and a linear head for 28x28 images (about 20k parameters)."""
 
-    def __init__(self, in_channels: int = 1, size: int = 28):
+    def __init__(self, in_channels: int = 1, size: int = 28, num_outputs: int = 1):
         super().__init__()
+        self.num_outputs = num_outputs
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * (size // 4) ** 2, 1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * (size // 4) ** 2, num_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).squeeze(-1)
+        return _squeeze(self.head(self.features(x)), self.num_outputs)
 
 
-MODELS = ("logistic", "mlp", "cnn")
+@MODELS.register("logistic")
+def _logistic(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return LogisticRegression(math.prod(input_shape), num_outputs)
 
 
-def build_model(name: str, input_shape: tuple[int, ...], seed: int) -> nn.Module:
-    """Build a model with weights drawn from `seed`, without touching the global RNG."""
+@MODELS.register("mlp")
+def _mlp(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return MLP(math.prod(input_shape), num_outputs)
+
+
+@MODELS.register("cnn")
+def _cnn(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
+        raise FedmiError(f"model 'cnn' needs square images (c, h, w), the data has shape {input_shape}")
+    return SmallCNN(input_shape[0], input_shape[1], num_outputs)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], seed: int, num_outputs: int = 1) -> nn.Module:
+    """Build a registered model with weights drawn from `seed`, without touching the global RNG.
+
+    Args:
+      name: the model's registry name ("logistic", "mlp", "cnn", ...).
+      input_shape: one sample's shape.
+      seed: seeds the initial weights.
+      num_outputs: the task's output width (`Task.num_outputs`).
+    """
+    builder = MODELS.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "logistic":
-            return LogisticRegression(math.prod(input_shape))
-        if name == "mlp":
-            return MLP(math.prod(input_shape))
-        if name == "cnn":
-            if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
-                raise FedmiError(f"model 'cnn' needs square images (c, h, w), the data has shape {input_shape}")
-            return SmallCNN(input_shape[0], input_shape[1])
-    raise FedmiError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+        return builder(tuple(input_shape), num_outputs)

@@ -1,13 +1,12 @@
-"""Runtimes: how a round's local training reaches the sites. Algorithms never know which one runs them.
+"""Runtimes: backends that run a round's local methods at the sites. Methods never know which.
 
-- sequential: every site in this process, one after another, on one reused model;
-- vectorised: many sites' copies of the model trained at once (torch.func); falls back to
-  sequential, with a notice, for a model or trainer it cannot batch;
+- sequential: every site in this process, one after another;
+- vectorised: many sites' copies of the model at once (stacked tensors, vmap); a method or model
+  it cannot batch runs sequentially, with a one-line notice;
 - processes: sites spread over worker processes sharing the data read-only (heavy models);
-- auto: vectorised for models with a `stacked_forward` (batched matrix products: logistic
-  regression, MLP), sequential otherwise: on the CPU a convolution batched over sites (what vmap
-  makes of it) is slower than one site's convolution after another, because the work is
-  arithmetic, not per-call overhead (benchmarks/RESULTS.md, W3). `vectorised` forces it.
+- auto: see `choose_runtime`.
+Flower's runtimes (deployment and simulation) are `fedmi.runtime.flower.grid` with the apps in
+`fedmi.apps`.
 """
 
 from __future__ import annotations
@@ -17,31 +16,41 @@ from typing import Sequence
 
 from torch import nn
 
+from fedmi.core.runtime import Runtime
+from fedmi.core.tasks import Task
 from fedmi.core.types import SiteData
 from fedmi.errors import FedmiError
-from fedmi.runtime.base import Runtime
-from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.runtime.sequential import SequentialRuntime
 from fedmi.runtime.vectorised import VectorisedRuntime
 
-RUNTIMES = ("auto", "sequential", "vectorised", "processes")
 log = logging.getLogger("fedmi")
 
+RUNTIMES = ("auto", "sequential", "vectorised", "processes")
 
-def make_runtime(kind: str, model: nn.Module, sites: Sequence[SiteData], workers: int | None = None) -> Runtime:
-    """A runtime by name (see the module's docstring for what "auto" picks)."""
-    if kind == "auto" and getattr(model, "stacked_forward", None) is None:
-        log.info("runtime auto: %s has no stacked_forward; its sites train one after another",
-                 type(model).__name__)
-        kind = "sequential"
+
+def choose_runtime(model: nn.Module) -> str:
+    """What `auto` runs: vectorised for models that define `stacked_forward` (batched matrix
+    products: logistic regression, MLP), sequential otherwise: on the CPU a convolution batched
+    over sites costs what the sites' convolutions cost one by one (benchmarks/RESULTS.md, W3).
+    `processes` is not chosen automatically: it forks, which not every host program tolerates."""
+    return "vectorised" if getattr(model, "stacked_forward", None) is not None else "sequential"
+
+
+def make_runtime(kind: str, model: nn.Module, sites: Sequence[SiteData], task: Task | None = None,
+                 workers: int | None = None) -> Runtime:
+    """A runtime by name: "auto", "sequential", "vectorised" or "processes"."""
+    if kind == "auto":
+        kind = choose_runtime(model)
+        log.info("runtime auto: %s for %s", kind, type(model).__name__)
     if kind == "sequential":
-        return InProcessRuntime(model, sites)
-    if kind in ("auto", "vectorised"):
-        return VectorisedRuntime(model, sites)
+        return SequentialRuntime(model, sites, task)
+    if kind == "vectorised":
+        return VectorisedRuntime(model, sites, task)
     if kind == "processes":
         from fedmi.runtime.process_pool import ProcessPoolRuntime
 
-        return ProcessPoolRuntime(model, sites, workers=workers)
+        return ProcessPoolRuntime(model, sites, task, workers=workers)
     raise FedmiError(f"unknown runtime '{kind}'; choose one of {', '.join(RUNTIMES)}")
 
 
-__all__ = ["RUNTIMES", "InProcessRuntime", "Runtime", "VectorisedRuntime", "make_runtime"]
+__all__ = ["RUNTIMES", "Runtime", "SequentialRuntime", "VectorisedRuntime", "choose_runtime", "make_runtime"]

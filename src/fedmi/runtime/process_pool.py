@@ -3,9 +3,10 @@
 For models too heavy to vectorise across sites. The workers start once and serve every round.
 They get the model and the sites' data at start-up (inherited through fork on Linux; the data
 sits in shared memory, so it is never copied per round). Each round only the global parameters,
-the trainer, the round info and site names go out, and only `Update`s come back.
+the method, the round info, site names and those sites' states go out, and only `Update`s and the
+sites' new states come back (the states stay on the sites' side of the runtime).
 
-Every site draws from the same (seed, round, site index) generator as in `InProcessRuntime`, and
+Every site runs `train_site`, the sequential runtime's own loop, with the same batches, and
 updates are yielded in the order of the requested sites, so a run matches the sequential one.
 """
 
@@ -22,40 +23,38 @@ import torch
 import torch.multiprocessing as tmp
 from torch import nn
 
-from fedmi.client.evaluation import evaluate_site
-from fedmi.client.trainers import LocalTrainer
 from fedmi.core import params as P
-from fedmi.core.rng import Stream, torch_generator
+from fedmi.core.local import LocalMethod, State
+from fedmi.core.tasks import Task
 from fedmi.core.types import RoundInfo, SiteData, Update
 from fedmi.errors import FedmiError
-from fedmi.runtime.base import SitesByName
+from fedmi.runtime.sequential import SequentialRuntime, train_site
 
 # Several chunks per worker so that a worker that draws large sites does not hold up the round.
 _CHUNKS_PER_WORKER = 4
 
 # Worker-side state, set once by `_init_worker` in each worker process.
 _model: nn.Module | None = None
+_task: Task | None = None
 _sites: dict[str, SiteData] = {}
 _index: dict[str, int] = {}
 
 
-def _init_worker(model: nn.Module, sites: Sequence[SiteData]) -> None:
-    global _model, _sites, _index
+def _init_worker(model: nn.Module, task: Task, sites: Sequence[SiteData]) -> None:
+    global _model, _task, _sites, _index
     torch.set_num_threads(1)  # one core per worker: the pool itself supplies the parallelism
     # A private copy: the model's storage may be shared memory (spawn passes it that way, or the
     # caller shared it), and workers training one shared set of weights would race.
     _model = copy.deepcopy(model)
+    _task = task
     _sites = {s.name: s for s in sites}
     _index = {s.name: i for i, s in enumerate(sites)}
 
 
-def _train_chunk(trainer: LocalTrainer, params: P.ParamsT, names: Sequence[str],
-                 round_info: RoundInfo) -> tuple[int, list[Update]]:
-    updates = []
-    for name in names:
-        rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, _index[name])
-        updates.append(trainer.train(_model, params, _sites[name], round_info, rng))
-    return os.getpid(), updates
+def _train_chunk(method: LocalMethod, params: P.ParamsT, names: Sequence[str], states: list[State | None],
+                 round_info: RoundInfo) -> tuple[int, list[tuple[Update, State | None]]]:
+    return os.getpid(), [train_site(method, _model, _task, _sites[name], params, state, round_info, _index[name])
+                         for name, state in zip(names, states)]
 
 
 def _chunks(names: Sequence[str], count: int) -> list[list[str]]:
@@ -74,20 +73,20 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-class ProcessPoolRuntime(SitesByName):
+class ProcessPoolRuntime(SequentialRuntime):
     """Sites train in `workers` processes (default: one per core); evaluation runs in this process.
 
     Use it as a context manager, or call `close()`, to stop the workers. A closed runtime can
     still evaluate but refuses to train. Note that the sites' tensors are moved to shared memory.
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[SiteData], workers: int | None = None):
+    def __init__(self, model: nn.Module, sites: Sequence[SiteData], task: Task | None = None,
+                 workers: int | None = None):
         if workers is None:
             workers = os.cpu_count() or 1
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise FedmiError(f"process pool: workers must be a positive integer, got {workers!r}")
-        super().__init__(sites)
-        self._model = model
+        super().__init__(model, sites, task)
         self._site_list = list(sites)
         self._workers = workers
         self._executor: ProcessPoolExecutor | None = None
@@ -116,7 +115,7 @@ class ProcessPoolRuntime(SitesByName):
             self._executor = ProcessPoolExecutor(
                 max_workers=self._workers, mp_context=tmp.get_context(method),
                 # A copy, so that spawn's pickling does not move the caller's weights to shared memory.
-                initializer=_init_worker, initargs=(copy.deepcopy(self._model), self._site_list),
+                initializer=_init_worker, initargs=(copy.deepcopy(self._model), self.task, self._site_list),
             )
         return self._executor
 
@@ -126,7 +125,7 @@ class ProcessPoolRuntime(SitesByName):
             raise FedmiError("process pool runtime is closed; create a new one to train again")
         self._pool().submit(os.getpid).result()
 
-    def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
+    def train(self, method: LocalMethod, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update]:
         if self._closed:
             raise FedmiError("process pool runtime is closed; create a new one to train again")
@@ -141,7 +140,8 @@ class ProcessPoolRuntime(SitesByName):
             v.share_memory_()
         pool = self._pool()
         chunks = _chunks(names, min(len(names), self._workers * _CHUNKS_PER_WORKER))
-        futures = [pool.submit(_train_chunk, trainer, shared, chunk, round_info) for chunk in chunks]
+        futures = [pool.submit(_train_chunk, method, shared, chunk, [self.site_states.get(n) for n in chunk],
+                               round_info) for chunk in chunks]
         return self._collect(pool, chunks, futures)
 
     def _collect(self, pool: ProcessPoolExecutor, chunks: list[list[str]],
@@ -161,15 +161,13 @@ class ProcessPoolRuntime(SitesByName):
                     raise FedmiError(f"process pool: training failed at site(s) "
                                      f"{', '.join(chunk)}: {_one_line(e)}") from e
                 self._pids.add(pid)
-                yield from updates
+                for update, kept in updates:
+                    self.site_states.put(update.site, kept)
+                    yield update
         finally:
             # The consumer stopped early or a chunk failed: drop the work that has not started.
             for future in futures:
                 future.cancel()
-
-    def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
-        names = list(self._sites) if sites is None else sites
-        return {n: evaluate_site(self._model, params, self._site(n), split) for n in names}
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""

@@ -1,43 +1,44 @@
-"""Vectorised runtime: many sites' copies of one model trained at once with torch.func.
+"""Vectorised runtime: many sites' copies of the model trained at once, for any local method.
 
-Sites are bucketed by their number of local steps. Within a bucket, step t of every site is one
-batched call: `vmap(functional_call)` runs the model on every site's own parameters (stacked
-along a leading site axis) and its own mini-batch, padded to the bucket's widest and masked, so
-each site's loss is still the mean over its own real samples,
+Each round the batches of every selected site are planned in one call (`core.batches`, the same
+batches each site would draw alone). Sites with the same number of steps form a bucket; a model
+with buffers (batch norm) buckets by the exact batch widths instead, since padding would enter
+its batch statistics. Within a bucket the method's client states are stacked along a leading
+site axis and step t of every site is one batched computation:
 
-    L_k(w_k) = sum_i m_ki * l(f(x_ki; w_k), y_ki) / sum_i m_ki  (+ mu/2 ||w_k - w_t||^2 for FedProx).
+- the objective: on the fast path (a method that keeps the default objective) the model runs on
+  every site's parameters and batch at once, through the model's `stacked_forward` where it has
+  one (batched matrix products) or `vmap(functional_call)`, and the task's per-sample losses are
+  weighted by 1/|batch| on real samples and 0 on padding, so each site's loss is the mean over its
+  own batch:  L_k = sum_i m_ki l(f(x_ki; w_k), y_ki) / sum_i m_ki  (+ the method's regulariser).
+  A method with its own objective runs it under `vmap`.
+- the gradient: one backward pass of sum_k L_k. The sites' parameters are disjoint, so it gives
+  each site exactly dL_k/dw_k, as `vmap(grad(L))` would, without torch.func.grad's per-call cost.
+- the step: the method's own `step`, applied to the stacked tensors directly when the method
+  declares it elementwise, else under `vmap`.
 
-A model that defines `stacked_forward` (the same function as batched matrix products) runs that
-instead of vmap. The sites' losses share no parameters, so one backward pass of sum_k L_k(w_k)
-gives every site's own gradient dL_k/dw_k (the same as vmap(grad(L)), without torch.func.grad's one-off
-import of the compiler stack, about 2 s). SGD (momentum and weight decay as torch.optim.SGD)
-then updates every site's stacked parameters and momentum buffers in one tensor operation.
-Mini-batches come from the same per-site generators (seed, round, site) as the sequential
-runtime, so the updates equal its updates to float rounding. FedSGD is one masked full-batch
-gradient per site at the global weights.
-
-A trainer or model it cannot run (another trainer class, a model with buffers such as batch
-norm, a layer vmap cannot batch) falls back to the sequential runtime with a one-line notice.
+`init` and `final` run per site. Results equal the sequential runtime's to float rounding. A
+method or model that cannot run batched (a layer without a vmap rule, `.item()` in a step, ...)
+is found by a dry run on two sites and runs sequentially, with one log line saying why.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, defaultdict
-from typing import Iterator, Sequence
+from collections import defaultdict
+from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.nn.utils.rnn import pad_sequence
 
-from fedmi.client.trainers import GradientTrainer, LocalTrainer, SGDTrainer, batches, sgd_direction
 from fedmi.core import params as P
-from fedmi.core.rng import Stream, torch_generator
+from fedmi.core.batches import BatchPlan, plan_batches
+from fedmi.core.local import Batch, LocalMethod, SiteContext, SiteStates, State
+from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
 from fedmi.errors import FedmiError
-from fedmi.runtime.inprocess import InProcessRuntime
+from fedmi.runtime.sequential import SequentialRuntime, gradients, site_context
 
 log = logging.getLogger("fedmi")
 
@@ -46,10 +47,32 @@ MAX_BATCH_ELEMENTS = 1 << 25  # sites x padded batch x sample size
 MAX_PARAM_ELEMENTS = 1 << 26  # sites x model size (parameters, gradients, momentum)
 
 
+def tree_stack(trees: Sequence[Any]) -> Any:
+    """Stack same-shaped nested dicts of tensors along a new leading axis."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: tree_stack([t[k] for t in trees]) for k in first}
+    return torch.stack(list(trees))
+
+
+def tree_index(tree: Any, j: int) -> Any:
+    """The j-th slice of a stacked tree."""
+    if isinstance(tree, dict):
+        return {k: tree_index(v, j) for k, v in tree.items()}
+    return tree[j]
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
 class VectorisedRuntime:
-    def __init__(self, model: nn.Module, sites: Sequence[SiteData]):
+    def __init__(self, model: nn.Module, sites: Sequence[SiteData], task: Task | None = None):
         self._model = model
-        self._sequential = InProcessRuntime(model, sites)
+        self.task = task or BinaryTask()
+        self._sequential = SequentialRuntime(model, sites, self.task)
+        self.site_states: SiteStates = self._sequential.site_states  # one store: the fallback shares it
         self._sites = list(sites)
         self._index = {s.name: i for i, s in enumerate(self._sites)}
         # All training data in one tensor: a step gathers every site's batch with one index.
@@ -58,11 +81,14 @@ class VectorisedRuntime:
         self._y = torch.cat([s.y_train for s in self._sites])
         sizes = torch.tensor([s.num_train for s in self._sites])
         self._offset = torch.cumsum(sizes, 0) - sizes
-        self._names = [name for name, _ in model.named_parameters()]
-        self._forward = getattr(model, "stacked_forward", None) or vmap(
-            lambda p, xb: functional_call(model, p, (xb,)))
-        self._noticed: set[str] = set()
-        self._unsupported_model = self._check_model()
+        self._has_buffers = bool(list(model.buffers()))
+        stacked = getattr(model, "stacked_forward", None)
+        if stacked is not None and not self._has_buffers:
+            self._forward = lambda params, buffers, x: stacked(params, x)
+        else:
+            vmapped = vmap(lambda p, b, x: functional_call(model, (p, b), (x,)))
+            self._forward = vmapped
+        self._verdicts: dict[type, str | None] = {}  # method type -> why it cannot run batched
 
     def close(self) -> None:
         pass
@@ -70,160 +96,140 @@ class VectorisedRuntime:
     def site_infos(self) -> list[SiteInfo]:
         return self._sequential.site_infos()
 
-    def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
-        return self._sequential.evaluate(params, sites, split)
+    def evaluate(self, params: P.ParamsT, method: LocalMethod | None = None, sites: Sequence[str] | None = None,
+                 split: str = "test") -> dict[str, dict]:
+        return self._sequential.evaluate(params, method, sites, split)
 
-    def unsupported(self, trainer: LocalTrainer) -> str | None:
-        """Why this trainer and model cannot run vectorised, or None when they can."""
-        if type(trainer) not in (SGDTrainer, GradientTrainer):
-            return f"trainer {type(trainer).__name__} has no vectorised form"
-        return self._unsupported_model
-
-    def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
+    def train(self, method: LocalMethod, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update]:
-        reason = self.unsupported(trainer)
-        if reason is not None:
-            if reason not in self._noticed:
-                self._noticed.add(reason)
-                log.warning("vectorised runtime: %s; training the sites one after another", reason)
-            yield from self._sequential.train(trainer, params, sites, round_info)
-            return
         unknown = [n for n in sites if n not in self._index]
         if unknown:
             raise FedmiError(f"no site named '{unknown[0]}' in this federation")
+        if not sites:
+            return
+        params = P.Params((k, v.detach()) for k, v in params.items())
         indices = [self._index[n] for n in sites]
-        params = OrderedDict((k, v.detach()) for k, v in params.items())
-        if isinstance(trainer, GradientTrainer):
-            yield from self._gradients(params, indices)
-        else:
-            yield from self._local_sgd(trainer, params, indices, round_info)
+        reason = self._verdict(method, params, indices[0], round_info)
+        if reason is not None:
+            yield from self._sequential.train(method, params, sites, round_info)
+            return
+        plan = plan_batches(method.schedule, [self._sites[i].num_train for i in indices], indices,
+                            round_info.seed, round_info.round)
+        for members in self._buckets(plan):
+            for chunk in self._chunks(members, plan):
+                yield from self._train_bucket(method, params, [indices[j] for j in chunk],
+                                              _select(plan, chunk), round_info)
 
-    # -- support ------------------------------------------------------------------------
+    # -- planning -------------------------------------------------------------------------
 
-    def _check_model(self) -> str | None:
-        named = dict(self._model.named_parameters())
-        if list(self._model.buffers()):
-            return f"model {type(self._model).__name__} has buffers (e.g. batch norm statistics)"
-        if set(named) != set(self._model.state_dict()):
-            return f"model {type(self._model).__name__} has state beyond its parameters"
-        if any(p.dtype != torch.float32 for p in named.values()):
-            return "model parameters are not all float32"
-        site = self._sites[0]
-        try:  # a dry run: some layers have no batching rule
-            probe = self._stacked({k: v.detach() for k, v in named.items()}, 2)
-            x = site.x_train[:1].unsqueeze(0).expand(2, *site.x_train[:1].shape)
-            y = site.y_train[:1].unsqueeze(0).expand(2, 1)
-            self._gradients_of(probe, x, y, torch.ones(2, 1), None, None)
-        except Exception as e:  # noqa: BLE001 - any failure means: not vectorisable
-            return f"model {type(self._model).__name__} cannot be batched with vmap ({type(e).__name__}: {e})"
-        return None
+    def _buckets(self, plan: BatchPlan) -> list[list[int]]:
+        """Positions in the plan grouped by step count (by exact batch widths for models with buffers)."""
+        widths = plan.mask.sum(-1)
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for j in range(len(plan.steps)):
+            key = tuple(widths[j].tolist()) if self._has_buffers else int(plan.steps[j])
+            groups[key].append(j)
+        return [groups[k] for k in sorted(groups, key=str)]
 
-    # -- the batched loss and its per-site gradients --------------------------------------
-
-    def _stacked(self, params: P.ParamsT, sites: int) -> dict[str, torch.Tensor]:
-        """`sites` trainable copies of the parameters along a new leading axis."""
-        return {k: params[k].unsqueeze(0).repeat(sites, *([1] * params[k].dim())).requires_grad_()
-                for k in self._names}
-
-    def _gradients_of(self, w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                      anchor: P.ParamsT | None, mu: float | None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Each site's gradient of its own loss at its own weights, and each site's data loss.
-
-        `weight` (sites, width) is 1/batch size on a site's real samples and 0 on padding, so
-        each site's loss is the mean over its own batch.
-        """
-        logits = self._forward(w, x)
-        data_loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * weight).sum(1)
-        total = data_loss.sum()
-        if mu is not None:
-            total = total + 0.5 * mu * sum(((w[k] - anchor[k]) ** 2).sum() for k in self._names)
-        grads = torch.autograd.grad(total, [w[k] for k in self._names])
-        return list(grads), data_loss.detach()
-
-    # -- FedAvg / FedProx ---------------------------------------------------------------
-
-    def _local_sgd(self, trainer: SGDTrainer, params: P.Params, indices: list[int],
-                   round_info: RoundInfo) -> Iterator[Update]:
-        plans: dict[int, list[tuple[int, list[torch.Tensor]]]] = defaultdict(list)
-        for i in indices:
-            rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, i)
-            plan = list(batches(self._sites[i].num_train, trainer.batch_size, trainer.local_steps,
-                                trainer.local_epochs, rng))
-            plans[len(plan)].append((i, plan))
-        for steps in sorted(plans):
-            for chunk in self._chunks(plans[steps], max(len(b) for _, plan in plans[steps] for b in plan)):
-                yield from self._train_bucket(trainer, params, chunk, steps)
-
-    def _chunks(self, members: list, batch: int) -> Iterator[list]:
+    def _chunks(self, members: list[int], plan: BatchPlan) -> Iterator[list[int]]:
         sample = self._x[0].numel()
         size = P.num_parameters(self._model.state_dict())
-        per_call = max(1, min(MAX_BATCH_ELEMENTS // max(1, batch * sample), MAX_PARAM_ELEMENTS // (3 * size)))
+        width = int(plan.mask[members].sum(-1).max())
+        per_call = max(1, min(MAX_BATCH_ELEMENTS // max(1, width * sample), MAX_PARAM_ELEMENTS // (3 * size)))
         for start in range(0, len(members), per_call):
             yield members[start : start + per_call]
 
-    def _padded(self, members: list[tuple[int, list[torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices into the pooled data, (sites, steps, width), of each member site's batches,
-        padded to the widest batch, and the mask that is 1 on real samples."""
-        sites = [i for i, _ in members]
-        steps = len(members[0][1])
-        flat = [b for _, plan in members for b in plan]  # site-major: site 0's steps, then site 1's, ...
-        lengths = torch.tensor([b.shape[0] for b in flat])
-        idx = pad_sequence(flat, batch_first=True).view(len(sites), steps, -1)
-        mask = (torch.arange(idx.shape[-1]) < lengths[:, None]).view(idx.shape).float()
-        return idx + self._offset[sites].view(-1, 1, 1), mask
+    # -- support --------------------------------------------------------------------------
 
-    @staticmethod
-    def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
-        return mask / mask.sum(-1, keepdim=True).clamp_min(1.0)
+    def _verdict(self, method: LocalMethod, params: P.Params, site: int, round_info: RoundInfo) -> str | None:
+        """None if `method` runs batched with this model (a dry run on two copies of a site), else why not."""
+        kind = type(method)
+        if kind not in self._verdicts:
+            n = self._sites[site].num_train
+            width = min(2, n)
+            index = torch.arange(width).view(1, 1, width).expand(2, 1, width)
+            probe = BatchPlan(index, torch.ones(2, 1, width, dtype=torch.bool), torch.ones(2, dtype=torch.long))
+            try:
+                for _ in self._train_bucket(method, params, [site, site], probe, round_info, dry_run=True):
+                    pass
+                reason = None
+            except Exception as e:  # noqa: BLE001 - any failure means: not batchable
+                reason = (f"cannot run {kind.__name__} with {type(self._model).__name__} batched across sites "
+                          f"({_one_line(e)})")
+                log.warning("vectorised runtime: %s; its sites train one after another", reason)
+            self._verdicts[kind] = reason
+        return self._verdicts[kind]
 
-    def _gather(self, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Samples at `idx` (sites, width) of the pooled data: whole rows copied, faster than x[idx].
+    def unsupported(self, method: LocalMethod) -> str | None:
+        """Why `method` fell back to sequential training, or None (after its first round)."""
+        return self._verdicts.get(type(method))
 
-        `out` (idx.numel() rows) is reused across a bucket's steps: a fresh tensor of this size
-        every step costs more in page faults than the copy itself.
-        """
-        rows = torch.index_select(self._x_rows, 0, idx.reshape(-1), out=out)
-        return rows.view(*idx.shape, *self._x.shape[1:])
+    # -- one bucket ---------------------------------------------------------------------------
 
-    def _train_bucket(self, trainer: SGDTrainer, params: P.Params, members: list[tuple[int, list[torch.Tensor]]],
-                      steps: int) -> Iterator[Update]:
-        sites = [i for i, _ in members]
-        s = len(sites)
-        idx, mask = (t.transpose(0, 1) for t in self._padded(members))  # (steps, sites, width)
-        y, weight, count = self._y[idx], self._mean_weights(mask), mask.sum(-1)
+    def _objective(self, method: LocalMethod, state: State, batch: Batch, ctx: SiteContext
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over sites of their objectives, each site's data loss)."""
+        if type(method).objective is not LocalMethod.objective:
+            totals, data = vmap(lambda st, x, y, w: method.objective(st, Batch(x, y, w), ctx))(
+                state, batch.x, batch.y, batch.weight)
+            return totals.sum(), data
+        outputs = self._forward(state["params"], state["buffers"], batch.x)
+        per_sample = self.task.per_sample_loss(outputs.flatten(0, 1), batch.y.flatten(0, 1))
+        data = (per_sample.view(batch.weight.shape) * batch.weight).sum(1)
+        total = data.sum()
+        if type(method).regulariser is LocalMethod.regulariser:
+            return total, data
+        if method.elementwise:  # a sum of elementwise terms: over stacked sites, the sum of theirs
+            return total + method.regulariser(state, ctx), data
+        return total + vmap(lambda st: method.regulariser(st, ctx))(state).sum(), data
 
-        w = self._stacked(params, s)
-        momentum: dict[str, torch.Tensor | None] = dict.fromkeys(self._names)
+    def _train_bucket(self, method: LocalMethod, params: P.Params, sites: list[int], plan: BatchPlan,
+                      round_info: RoundInfo, dry_run: bool = False) -> Iterator[Update]:
+        model = self._model
+        model.train()
+        ctxs = [site_context(model, self.task, params, round_info, self._sites[i].name, self._sites[i].num_train)
+                for i in sites]
+        shared = site_context(model, self.task, params, round_info)
+        states = [method.init(params, None if dry_run else self.site_states.get(c.site), c) for c in ctxs]
+        state = tree_stack(states)
+        del states
+        steps = int(plan.steps.max())
+        rows = plan.index + self._offset[sites].view(-1, 1, 1)
+        count = plan.mask.sum(-1)  # (sites, steps)
+        weight = plan.mask / count.clamp_min(1).unsqueeze(-1)
+        buffer = self._x_rows.new_empty(rows[:, 0].numel(), self._x_rows.shape[1])
         data_losses = []
-        rows = self._x_rows.new_empty(idx[0].numel(), self._x_rows.shape[1])
+        step_fn = method.step if method.elementwise else vmap(lambda st, g: method.step(st, g, shared), in_dims=(0, 0))
+        widths = count.max(0).values.tolist()  # per step; a bucket of a model with buffers has no padding
         for t in range(steps):
-            grads, data_loss = self._gradients_of(w, self._gather(idx[t], rows), y[t], weight[t], params, trainer.mu)
-            data_losses.append(data_loss)
+            idx = rows[:, t, : widths[t]]
+            out = buffer[: idx.numel()]
+            x = torch.index_select(self._x_rows, 0, idx.reshape(-1), out=out).view(*idx.shape, *self._x.shape[1:])
+            batch = Batch(x, self._y[idx], weight[:, t, : widths[t]])
+            leaves = method.trainable(state)
+            for v in leaves.values():
+                v.requires_grad_(True)
+            total, data = self._objective(method, state, batch, shared)
+            grads = gradients(total, leaves)
+            data_losses.append(data.detach())
             with torch.no_grad():
-                for k, g in zip(self._names, grads):
-                    g, momentum[k] = sgd_direction(g, w[k], momentum[k], trainer.momentum, trainer.weight_decay)
-                    w[k].add_(g, alpha=-trainer.lr)
-        # As the sequential trainer: the mean of the steps' losses, each weighted by its batch size.
-        loss_sum = (torch.stack(data_losses).double() * count).sum(0)
-        counts = count.sum(0).double()
-        for j, i in enumerate(sites):
-            delta = OrderedDict((k, w[k][j].detach() - params[k]) for k in params)
-            yield Update(self._sites[i].name, delta, self._sites[i].num_train,
-                         metrics={"train_loss": float(loss_sum[j] / counts[j].clamp_min(1))})
+                for v in leaves.values():
+                    v.requires_grad_(False)
+                state = step_fn(state, grads, shared) if method.elementwise else step_fn(state, grads)
+        # As the sequential loop: the mean of the steps' losses, each weighted by its batch size.
+        loss_sum = (torch.stack(data_losses).double() * count.T).sum(0)
+        totals = count.sum(1).double().clamp_min(1)
+        with torch.no_grad():
+            for j, ctx in enumerate(ctxs):
+                ctx.train_loss = float(loss_sum[j] / totals[j])
+                update, kept = method.final(tree_index(state, j), ctx)
+                if not dry_run:
+                    self.site_states.put(ctx.site, kept)
+                yield update
 
-    # -- FedSGD -------------------------------------------------------------------------
 
-    def _gradients(self, params: P.Params, indices: list[int]) -> Iterator[Update]:
-        """delta_k = -grad F_k(w_t) over site k's whole training set, many sites per call."""
-        members = [(i, [torch.arange(self._sites[i].num_train)]) for i in indices]
-        widest = max(self._sites[i].num_train for i in indices)
-        for chunk in self._chunks(members, widest):
-            sites = [i for i, _ in chunk]
-            idx, mask = (t[:, 0] for t in self._padded(chunk))  # one full batch per site
-            grads, data_loss = self._gradients_of(self._stacked(params, len(sites)), self._gather(idx), self._y[idx],
-                                                  self._mean_weights(mask), None, None)
-            by_name = dict(zip(self._names, grads))
-            for j, i in enumerate(sites):
-                delta = OrderedDict((k, -by_name[k][j].clone()) for k in params)
-                yield Update(self._sites[i].name, delta, self._sites[i].num_train,
-                             metrics={"train_loss": float(data_loss[j])})
+def _select(plan: BatchPlan, members: list[int]) -> BatchPlan:
+    """The plan of some of its sites, trimmed to their own longest step count and widest batch."""
+    steps = plan.steps[members]
+    t, w = int(steps.max()), int(plan.mask[members].sum(-1).max())
+    return BatchPlan(plan.index[members, :t, :w], plan.mask[members, :t, :w], steps)

@@ -1,18 +1,18 @@
-"""Site selection: which sites train in a round. Selectors see only `SiteInfo`, never data."""
+"""Site selection: which sites train in a round. Selectors see only `SiteInfo`, never data.
+
+The extension point is `fedmi.core.runner.Selector` (`select(sites, round_info, rng) -> names`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from fedmi.core.runner import Selector
 from fedmi.core.types import RoundInfo, SiteInfo
 from fedmi.errors import FedmiError
-
-
-class Selector(Protocol):
-    def select(self, sites: Sequence[SiteInfo], round_info: RoundInfo, rng: np.random.Generator) -> list[str]: ...
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmi.core import params as P
+from fedmi.core.tasks import Task, make_task
 from fedmi.core.types import Update
 from fedmi.errors import FedmiError
 
@@ -51,6 +53,19 @@ def record_params(record: Any, what: str) -> P.Params:
 def content_bytes(content: RecordDict) -> int:
     """Bytes of arrays a message carries (what an oversized reply is measured by)."""
     return sum(rec.count_bytes() for rec in content.array_records.values())
+
+
+def task_json(task: Task) -> str:
+    """A task as JSON text: its registry name and options."""
+    return json.dumps({"name": task.name, "options": {f.name: getattr(task, f.name) for f in fields(task)}})
+
+
+def task_from_json(text: object) -> Task:
+    try:
+        spec = json.loads(str(text))
+        return make_task(spec["name"], **spec["options"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise FedmiError(f"not a task description: {text!r:.200} ({e})") from None
 
 
 def task_config(server_round: int, task: dict) -> ConfigRecord:

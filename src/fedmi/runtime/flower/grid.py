@@ -23,12 +23,13 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedmi.client.trainers import LocalTrainer, trainer_spec
-from fedmi.config import DeploymentConfig
 from fedmi.core import params as P
+from fedmi.core.local import LocalMethod
+from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import Rejected, RoundInfo, SiteInfo, Update
 from fedmi.errors import FedmiError
 from fedmi.runtime.flower import codec
+from fedmi.runtime.flower.settings import DeploymentConfig
 
 log = logging.getLogger("fedmi")
 QUERY_TIMEOUT = 120.0
@@ -42,21 +43,23 @@ class _Site:
     input_shape: tuple[int, ...] | None  # None: a plain Flower client, which does not say
     key: int = 0
     partition: int | None = None  # a simulated site's position in its federation
+    task: Task | None = None  # None: a plain Flower client, which does not say
 
 
 class GridRuntime:
-    def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig = DeploymentConfig(),
+    def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig | None = None,
                  poll_interval: float = 0.2, enrolled: set[int] | None = None):
         """`task`: what every request carries (seed, test_fraction, model, the run's data section).
         `enrolled`: the node ids the server's operator enrolled; other nodes are refused (None: all)."""
         self.grid = grid
         self.enrolled = enrolled
         self._refused: set[int] = set()
-        self.task = dict(task)
-        self.deployment = deployment
+        self.request = dict(task)
+        self.deployment = deployment or DeploymentConfig()
         self.poll_interval = poll_interval
         self._sites: dict[str, _Site] = {}
         self._max_bytes: int | None = None
+        self.task: Task = BinaryTask()  # the sites' task, known once they have connected
 
     # -- sites ---------------------------------------------------------------------------------
     def connect(self, want: int) -> list[SiteInfo]:
@@ -91,12 +94,17 @@ class GridRuntime:
         if len(shapes) > 1:
             raise FedmiError("the sites' data have different shapes: " +
                              ", ".join(f"{s.name} {s.input_shape}" for s in self._sites.values()))
+        tasks = {s.task for s in self._sites.values() if s.task is not None}
+        if len(tasks) > 1:
+            raise FedmiError("the sites' labels are of different tasks: " +
+                             ", ".join(f"{s.name} {s.task}" for s in self._sites.values()))
+        self.task = tasks.pop() if tasks else BinaryTask()
         log.info("sites connected: %s", ", ".join(f"{s.name} ({s.num_train} training examples)"
                                                  for s in self._sites.values()))
         return self.site_infos()
 
     def _introduce(self, node_ids: Sequence[int], deadline: float) -> None:
-        content = RecordDict({"config": ConfigRecord({codec.TASK: json.dumps(self.task)})})
+        content = RecordDict({"config": ConfigRecord({codec.TASK: json.dumps(self.request)})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         for node_id, reply in self._exchange(messages, max(deadline - time.monotonic(), QUERY_TIMEOUT), "query"):
             if reply is not None and reply.has_error() and "No query function registered" in (reply.error.reason or ""):
@@ -114,8 +122,9 @@ class GridRuntime:
                 info = reply.content.config_records["site"]
                 site = _Site(str(info["name"]), node_id, int(info["num-train"]),
                              tuple(int(d) for d in info["input-shape"]),
-                             partition=int(info["partition"]) if "partition" in info else None)
-            except (KeyError, TypeError, ValueError):
+                             partition=int(info["partition"]) if "partition" in info else None,
+                             task=codec.task_from_json(info["task"]) if "task" in info else None)
+            except (KeyError, TypeError, ValueError, FedmiError):
                 log.warning("node %d answered its introduction with a malformed reply; it is left out", node_id)
                 continue
             if site.name in self._sites:
@@ -171,17 +180,17 @@ class GridRuntime:
         for name in sites:
             site = self._site(name)
             content = RecordDict({"arrays": arrays, "config": codec.task_config(
-                server_round, {**self.task, **task, "site_index": site.key})})
+                server_round, {**self.request, **task, "site_index": site.key})})
             out.append(Message(content, dst_node_id=site.node_id, message_type=kind, group_id=str(server_round)))
         return out
 
     def _name(self, node_id: int) -> str:
         return next((s.name for s in self._sites.values() if s.node_id == node_id), f"node {node_id}")
 
-    def train(self, trainer: LocalTrainer, params: P.ParamsT, sites: Sequence[str],
+    def train(self, method: LocalMethod, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update | Rejected]:
         r = round_info.round + 1
-        task = {"trainer": trainer_spec(trainer), "round": round_info.round, "num_rounds": round_info.num_rounds}
+        task = {"trainer": method.spec(), "round": round_info.round, "num_rounds": round_info.num_rounds}
         limit = self.max_message_bytes(params)
         messages = self._request(MessageType.TRAIN, params, sites, task, r)
         for node_id, reply in self._exchange(messages, self.deployment.round_timeout, "train"):
@@ -210,9 +219,11 @@ class GridRuntime:
         model_bytes = sum(v.numel() * v.element_size() for v in params.values())
         return 3 * model_bytes + 2**20  # the update, as many bytes of extras again, headers
 
-    def evaluate(self, params: P.ParamsT, sites: Sequence[str] | None = None, split: str = "test") -> dict[str, dict]:
+    def evaluate(self, params: P.ParamsT, method: LocalMethod | None = None, sites: Sequence[str] | None = None,
+                 split: str = "test") -> dict[str, dict]:
         names = sorted(self._sites, key=lambda n: self._sites[n].key) if sites is None else list(sites)
-        messages = self._request(MessageType.EVALUATE, params, names, {"split": split}, 0)
+        task = {"split": split} if method is None else {"split": split, "trainer": method.spec()}
+        messages = self._request(MessageType.EVALUATE, params, names, task, 0)
         out: dict[str, dict] = {}
         for node_id, reply in self._exchange(messages, self.deployment.round_timeout, "evaluate"):
             name = self._name(node_id)
@@ -222,7 +233,7 @@ class GridRuntime:
                 continue
             metrics = dict(reply.content["metrics"])
             metrics["n"] = int(metrics.pop("num-examples", 0))
-            for k in ("acc", "sen", "spe", "auc", "bacc", "loss"):
+            for k in (*self.task.metric_names, "loss"):
                 metrics.setdefault(k, None)
             out[name] = metrics
         return {n: out[n] for n in names if n in out}

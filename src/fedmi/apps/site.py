@@ -1,5 +1,7 @@
-"""The site side: fedmi's ClientApp. It loads the site's own data, trains with fedmi's local
-trainer and answers with an `Update` (or metrics); the data never leaves this process.
+"""The site side: fedmi's ClientApp. It loads the site's own data, runs the local method with
+`train_site` (the loop every fedmi runtime runs) and answers with an `Update` (or metrics); the
+data never leaves this process. A method's site state is kept in the node's own Flower context
+(`context.state`), so it stays at the site between rounds.
 
 Where the data is: a SuperNode started by `fedmi site` has `data-config` in its node config,
 the path of a `SiteConfig` YAML on the site's machine. On Flower's simulation runtime a virtual
@@ -18,15 +20,19 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedmi.client import make_method, method_from_spec
 from fedmi.client.evaluation import evaluate_site
-from fedmi.client.trainers import make_trainer, trainer_from_spec
-from fedmi.config import DataConfig, SiteConfig, load_yaml_model
 from fedmi.core import params as P
-from fedmi.core.rng import Stream, torch_generator
+from fedmi.core.local import State
+from fedmi.core.server_state import decode, encode
+from fedmi.core.tasks import Task
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.errors import FedmiError
+from fedmi.experiments.config import DataConfig, SiteConfig, load_yaml_model
+from fedmi.experiments.federated_run import federation_for
 from fedmi.models import MODELS, build_model
 from fedmi.runtime.flower import codec
+from fedmi.runtime.sequential import train_site
 
 log = logging.getLogger("fedmi")
 
@@ -34,10 +40,9 @@ STOCK_METRICS = ("n", "acc", "loss")
 
 
 @lru_cache(maxsize=8)
-def _load_site(source: str, partition: int | None, seed: int, test_fraction: float, key: int | None) -> SiteData:
-    """The site's split for this run; `source` is a data-config path or the run's data section (JSON)."""
-    from fedmi.experiments.federated_run import federation_for
-
+def _load_site(source: str, partition: int | None, seed: int, test_fraction: float, key: int | None
+               ) -> tuple[SiteData, Task]:
+    """The site's split for this run and its task; `source` is a data-config path or the run's data section (JSON)."""
     if partition is None:
         cfg = load_yaml_model(SiteConfig, source, "site data config")
         fed = federation_for(cfg, seed)
@@ -50,10 +55,11 @@ def _load_site(source: str, partition: int | None, seed: int, test_fraction: flo
         if not 0 <= partition < len(fed.sites):
             raise FedmiError(f"partition {partition} does not exist: dataset {fed.name} has {len(fed.sites)} sites")
         name = fed.site_names[partition]
-    return fed.split_site(name, seed, test_fraction, key)
+    return fed.split_site(name, seed, test_fraction, key), fed.task
 
 
-def site_data(context: Context, task: dict, key: int | None, default_data: DataConfig | None = None) -> SiteData:
+def site_data(context: Context, task: dict, key: int | None, default_data: DataConfig | None = None
+              ) -> tuple[SiteData, Task]:
     node = context.node_config
     seed, test_fraction = int(task.get("seed", 0)), float(task.get("test_fraction", 0.2))
     if "data-config" in node:
@@ -66,15 +72,15 @@ def site_data(context: Context, task: dict, key: int | None, default_data: DataC
 
 
 @lru_cache(maxsize=4)
-def _model(name: str, input_shape: tuple[int, ...]) -> nn.Module:
-    return build_model(name, input_shape, 0)  # weights are replaced by the server's
+def _model(name: str, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return build_model(name, input_shape, 0, num_outputs)  # weights are replaced by the server's
 
 
-def _model_for(params: P.ParamsT, input_shape: tuple[int, ...]) -> nn.Module:
+def _model_for(params: P.ParamsT, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     """The fedmi model whose parameters have these names and shapes (a stock Flower server names none)."""
     for name in MODELS:
         try:
-            model = _model(name, input_shape)
+            model = _model(name, input_shape, num_outputs)
         except FedmiError:
             continue
         reference = model.state_dict()
@@ -83,11 +89,35 @@ def _model_for(params: P.ParamsT, input_shape: tuple[int, ...]) -> nn.Module:
     raise FedmiError(f"no fedmi model has the parameters the server sent ({', '.join(list(params)[:4])}, ...)")
 
 
-def _stock_trainer(config: ConfigRecord):
+def _stock_method(config: ConfigRecord):
     """FedAvg's local SGD, with options a stock Flower strategy may put in its train config."""
     options = {k.replace("-", "_"): config[k] for k in ("lr", "batch-size", "local-steps", "local-epochs")
                if k in config}
-    return make_trainer("fedavg", **options)
+    return make_method("fedavg", **options)
+
+
+# The method's site state in the node's context: its tensors, and the JSON skeleton that nests them.
+_SITE_STATE, _SKELETON = "fedmi.site-state", "fedmi.site-state.skeleton"
+
+
+def _kept_state(context: Context) -> State | None:
+    record = context.state.array_records.get(_SITE_STATE)
+    config = context.state.config_records.get(_SKELETON)
+    if record is None or config is None:
+        return None
+    return decode(json.loads(str(config["skeleton"])), codec.record_params(record, "site state"))
+
+
+def _keep_state(context: Context, state: State | None) -> None:
+    if state is None:
+        for key in (_SITE_STATE, _SKELETON):
+            if key in context.state:
+                del context.state[key]
+        return
+    tensors: dict = {}
+    skeleton = encode(state, tensors)
+    context.state[_SITE_STATE] = codec.params_record(tensors)
+    context.state[_SKELETON] = ConfigRecord({"skeleton": json.dumps(skeleton)})
 
 
 def client_app(default_data: DataConfig | None = None) -> ClientApp:
@@ -103,31 +133,33 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
         if task is None:  # a stock Flower strategy: this site's key is its name's checksum
             task = {"seed": int(config.get("seed", 0)), "round": (server_round or 1) - 1}
         key = task.get("site_index")
-        site = site_data(context, task, key, default_data)
+        site, site_task = site_data(context, task, key, default_data)
         if key is None:
             key = zlib.crc32(site.name.encode())
         input_shape = tuple(site.x_train.shape[1:])
-        model = _model(task["model"], input_shape) if "model" in task else _model_for(params, input_shape)
-        return task, config, params, site, model, key
+        model = _model(task["model"], input_shape, site_task.num_outputs) if "model" in task else \
+            _model_for(params, input_shape, site_task.num_outputs)
+        return task, config, params, site, site_task, model, key
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         _, task, _ = codec.read_task(msg.content)
         task = task or {}
-        site = site_data(context, task, task.get("site_index"), default_data)
+        site, site_task = site_data(context, task, task.get("site_index"), default_data)
         info = ConfigRecord({"name": site.name, "num-train": site.num_train,
-                             "input-shape": [int(d) for d in site.x_train.shape[1:]]})
+                             "input-shape": [int(d) for d in site.x_train.shape[1:]],
+                             "task": codec.task_json(site_task)})
         if "partition-id" in context.node_config and "data-config" not in context.node_config:
             info["partition"] = int(context.node_config["partition-id"])  # its position in the simulated federation
         return Message(RecordDict({"site": info}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        task, config, params, site, model, key = request(msg, context)
-        trainer = trainer_from_spec(task["trainer"]) if "trainer" in task else _stock_trainer(config)
+        task, config, params, site, site_task, model, key = request(msg, context)
+        method = method_from_spec(task["trainer"]) if "trainer" in task else _stock_method(config)
         round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]))
-        rng = torch_generator(Stream.LOCAL_TRAINING, round_info.seed, round_info.round, key)
-        update = trainer.train(model, params, site, round_info, rng)
+        update, kept = train_site(method, model, site_task, site, params, _kept_state(context), round_info, key)
+        _keep_state(context, kept)
         if "trainer" in task:
             return Message(codec.update_content(update), reply_to=msg)
         # A stock Flower strategy averages local weights, weighted by "num-examples".
@@ -137,8 +169,10 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        task, _, params, site, model, _ = request(msg, context)
-        metrics = evaluate_site(model, params, site, task.get("split", "test"))
+        task, _, params, site, site_task, model, _ = request(msg, context)
+        if "trainer" in task:  # a personalised method evaluates with what it keeps at the site
+            params = method_from_spec(task["trainer"]).evaluation_params(params, _kept_state(context))
+        metrics = evaluate_site(model, site_task, params, site, task.get("split", "test"))
         if "model" not in task:
             # A stock Flower strategy averages each key over every reply and refuses replies whose keys
             # differ: only what every test set defines (SEN, SPE and AUC need both classes present).

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedmi.errors import FedmiError
+from fedmi.runtime.flower.settings import DeploymentConfig
 
 
 class _Strict(BaseModel):
@@ -18,23 +19,51 @@ class _Strict(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-class DataConfig(_Strict):
-    dataset: str = "heart-disease"  # embedded name, csv:PATH or npz:PATH
-    site_column: str = "site"
-    label_column: str = "label"
-    split_column: str | None = None
-    positive_label: str | None = None
-    num_sites: int = Field(4, ge=1)  # partitioned image datasets
-    partition: Literal["iid", "dirichlet", "quantity"] = "iid"
-    alpha: float = Field(1.0, gt=0)
-    shift_strength: float = Field(1.0, ge=0)
-    max_samples: int | None = Field(None, ge=2)
+def _registered(registry, name: str) -> str:
+    """`name` if `registry` knows it; else the registry's error (naming the known ones) for pydantic."""
+    try:
+        registry.get(name)
+    except FedmiError as e:
+        raise ValueError(str(e)) from None
+    return name
+
+
+class DataConfig(BaseModel):
+    """Which dataset, its own options, and how each site splits its data.
+
+    The dataset's options sit beside `dataset` (`num_sites: 4`, `label: severity`, ...) and are
+    validated against the dataset's own options model (`fedmi.data.DATASETS`): one declaration per
+    dataset serves YAML, the command line and the Python API.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    dataset: str = "heart-disease"  # a registered dataset, csv:PATH or npz:PATH
     test_fraction: float = Field(0.2, gt=0, lt=1)
     standardize: bool | None = None  # z-score per site with its own training statistics; None: tabular only
 
+    @model_validator(mode="after")
+    def _options_fit_the_dataset(self) -> "DataConfig":
+        from fedmi.data import dataset_options
 
-class TrainerConfig(_Strict):
-    name: Literal["fedavg", "fedprox", "fedsgd"] = "fedavg"
+        try:
+            dataset_options(self.dataset, self.options())
+        except FedmiError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def options(self) -> dict:
+        """The dataset's own options as given (the dataset fills in its defaults)."""
+        return dict(self.model_extra or {})
+
+
+class TrainerConfig(BaseModel):
+    """The local method and its options. The common options are typed here; a method's own options
+    (any registered method's constructor arguments) are accepted too and checked by building it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "fedavg"  # a registered local method (fedmi.client)
     lr: float | None = Field(None, gt=0)
     batch_size: int | None = Field(None, ge=1)
     local_steps: int | None = Field(None, ge=1)
@@ -43,24 +72,31 @@ class TrainerConfig(_Strict):
     momentum: float | None = Field(None, ge=0, lt=1)
     weight_decay: float | None = Field(None, ge=0)
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from fedmi.client import METHODS
+
+        return _registered(METHODS, name)
+
+    @model_validator(mode="after")
+    def _builds(self) -> "TrainerConfig":
+        from fedmi.client import make_method
+
+        try:
+            make_method(self.name, **self.options())
+        except FedmiError as e:
+            raise ValueError(str(e)) from None
+        return self
+
     def options(self) -> dict:
-        """The options given, for `make_trainer` (which fills in the method's defaults)."""
+        """The options given, for `make_method` (which fills in the method's defaults)."""
         return self.model_dump(exclude={"name"}, exclude_none=True)
-
-
-class DeploymentConfig(_Strict):
-    """How the server waits for sites on Flower's runtimes (`fedmi submit`, `runtime: flower-sim`)."""
-
-    sites: int | None = Field(None, ge=1)  # start once this many have connected (default: min_sites)
-    connect_timeout: float = Field(300.0, gt=0)  # seconds to wait for them
-    round_timeout: float = Field(600.0, gt=0)  # seconds a round waits for replies; late ones are left out
-    max_message_mb: float | None = Field(None, gt=0)  # larger replies are refused; default 3 x model + 1 MiB
-    input_shape: list[int] | None = None  # the model's input when only plain Flower clients connect
 
 
 class RunConfig(_Strict):
     data: DataConfig = DataConfig()
-    model: Literal["logistic", "mlp", "cnn"] = "logistic"
+    model: str = "logistic"  # a registered model (fedmi.models)
     trainer: TrainerConfig = TrainerConfig()
     aggregator: str | None = None  # a pipeline such as "weighted_mean | server_sgd(lr=1.0)"
     server_lr: float = Field(1.0, gt=0)  # used when aggregator is not given
@@ -76,11 +112,18 @@ class RunConfig(_Strict):
     deployment: DeploymentConfig = DeploymentConfig()
     out: str | None = None
 
+    @field_validator("model")
+    @classmethod
+    def _model_registered(cls, name: str) -> str:
+        from fedmi.models import MODELS
+
+        return _registered(MODELS, name)
+
     @field_validator("aggregator")
     @classmethod
     def _pipeline_parses(cls, text: str | None) -> str | None:
         if text is not None:
-            from fedmi.server.aggregation import parse_pipeline
+            from fedmi.server import parse_pipeline
 
             try:
                 parse_pipeline(text)

@@ -16,11 +16,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fedmi.config import RunConfig
+from fedmi.experiments.config import RunConfig
 from fedmi.errors import FedmiError
 from fedmi.experiments.federated_run import FederatedRun, federation_for
-from fedmi.runtime.flower import site
-from fedmi.runtime.flower.server import run_on_grid
+from fedmi.apps import site
+from fedmi.apps.server import run_on_grid
 
 
 def simulation_backend(workers: int | None = None) -> dict:

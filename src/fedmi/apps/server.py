@@ -18,9 +18,9 @@ from typing import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmi.config import RunConfig, parse_config
+from fedmi.experiments.config import RunConfig, parse_config
 from fedmi.core.runner import RunResult
-from fedmi.deploy.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, site_names
+from fedmi.apps.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, site_names
 from fedmi.errors import FedmiError
 from fedmi.experiments.federated_run import train_federation
 from fedmi.runtime.flower.grid import GridRuntime
@@ -36,7 +36,7 @@ def run_on_grid(grid: Grid, cfg: RunConfig, out: Path | None, resume: bool = Fal
         task["data"] = cfg.data.model_dump()
     runtime = GridRuntime(grid, task, cfg.deployment, enrolled=enrolled)
     runtime.connect(cfg.deployment.sites or cfg.min_sites)
-    return train_federation(cfg, runtime, runtime.input_shape, out, on_round, resume,
+    return train_federation(cfg, runtime, runtime.input_shape, runtime.task, out, on_round, resume,
                             summary={"dataset": cfg.data.dataset if simulation else "deployment",
                                      "sites": [s.name for s in runtime.site_infos()]})
 

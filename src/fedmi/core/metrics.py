@@ -20,7 +20,7 @@ METRICS = ("acc", "sen", "spe", "auc", "bacc")
 TABLE_METRICS = ("acc", "sen", "spe", "auc")
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
+def average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their average rank (scipy's rankdata; scipy.stats takes ~1.4 s
     to import, which every short-lived site process would pay)."""
     _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
@@ -45,7 +45,7 @@ def binary_metrics(y_true: Sequence[float], prob: Sequence[float], threshold: fl
     spe = tn / n0 if n0 else None
     auc = None
     if n1 and n0:
-        auc = float((_average_ranks(p)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+        auc = float((average_ranks(p)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
     return {
         "acc": (tp + tn) / len(y),
         "sen": sen,

@@ -1,0 +1,140 @@
+"""fedmi's Python API, for notebooks and scripts: `import fedmi`, then `fedmi.run(...)`.
+
+    import fedmi
+
+    fed = fedmi.load_federation("heart-disease")                  # or Federation.from_arrays / from_frame
+    result = fedmi.run(fed, model="logistic", method="fedprox", mu=0.01, rounds=20)
+    result.final_table()                                           # each site's test metrics (pandas)
+
+Everything can be an object instead of a name: `model` any `torch.nn.Module` mapping a batch to
+the task's outputs, `method` a `LocalMethod`, `aggregator` a pipeline (`fedmi.server.median()`),
+`runtime` "auto", "sequential", "vectorised" or "processes".
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from fedmi.client import make_method
+from fedmi.core import params as P
+from fedmi.core.local import LocalMethod
+from fedmi.core.runner import Runner, Selector
+from fedmi.data.federation import Federation
+from fedmi.errors import FedmiError
+from fedmi.models import build_model
+from fedmi.runtime import make_runtime
+from fedmi.server import AggregationPipeline, Step, make_aggregator, make_selector
+
+
+@dataclass
+class Result:
+    """What `run` returns.
+
+    Attributes:
+      params: the final global parameters (and buffers).
+      history: one record per round: "round", "sites", "rejected", "train_loss", "seconds" and, on
+        evaluated rounds, "test": {site: {metric: value}}.
+      model: the model with the final parameters loaded.
+      federation: the federation it ran on.
+    """
+
+    params: P.Params
+    history: list[dict]
+    model: nn.Module
+    federation: Federation
+    method: LocalMethod = field(repr=False, default=None)
+
+    @property
+    def final(self) -> dict[str, dict]:
+        """Each site's test metrics after the last round."""
+        return self.history[-1].get("test", {})
+
+    def final_table(self) -> pd.DataFrame:
+        """The final metrics as a table: one row per site, one column per metric (n/a as NaN)."""
+        return pd.DataFrame.from_dict(self.final, orient="index").astype(float)
+
+    def curves(self) -> pd.DataFrame:
+        """Per evaluated round and site: the training loss of the round and each test metric."""
+        rows = [{"round": r["round"], "site": site, "train_loss": r.get("train_loss"), **metrics}
+                for r in self.history for site, metrics in r.get("test", {}).items()]
+        return pd.DataFrame(rows)
+
+
+def _model(model: str | nn.Module, fed: Federation, seed: int) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model)  # the runtime loads weights into it; the caller's stays as it was
+    if isinstance(model, str):
+        return build_model(model, fed.input_shape, seed, fed.task.num_outputs)
+    raise FedmiError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
+
+
+def _method(method: str | LocalMethod, options: dict[str, Any]) -> LocalMethod:
+    if isinstance(method, LocalMethod):
+        if options:
+            raise FedmiError(f"method options {sorted(options)} go to a method given by name; "
+                             f"{type(method).__name__} is already built")
+        return method
+    if isinstance(method, str):
+        return make_method(method, **options)
+    raise FedmiError(f"method must be a method name or a LocalMethod, got {type(method).__name__}")
+
+
+def _aggregator(aggregator: str | Step | AggregationPipeline | None, server_lr: float) -> AggregationPipeline:
+    if isinstance(aggregator, AggregationPipeline):
+        aggregator.parts()  # its shape is checked now, not in round 1
+        return aggregator
+    if isinstance(aggregator, Step):
+        return AggregationPipeline([aggregator])
+    if aggregator is None or isinstance(aggregator, str):
+        return make_aggregator(aggregator, server_lr)
+    raise FedmiError(f"aggregator must be a pipeline text, a step or a pipeline, got {type(aggregator).__name__}")
+
+
+def run(federation: Federation, model: str | nn.Module = "logistic", method: str | LocalMethod = "fedavg",
+        aggregator: str | Step | AggregationPipeline | None = None, runtime: str = "auto", rounds: int = 20,
+        seed: int = 0, test_fraction: float = 0.2, fraction: float = 1.0, selector: Selector | None = None,
+        server_lr: float = 1.0, evaluate_every: int = 1, workers: int | None = None,
+        on_round: Callable[[int], None] | None = None, **method_options: Any) -> Result:
+    """Train one model across the federation's sites and evaluate it at each site.
+
+    Args:
+      federation: the sites (`load_federation`, `Federation.from_arrays`, `Federation.from_frame`).
+      model: a registered model name ("logistic", "mlp", "cnn", ...) or any torch.nn.Module.
+      method: a local method name ("fedavg", "fedprox", "fedsgd", ...) or a `LocalMethod` object.
+      aggregator: a pipeline text ("median", "weighted_mean | server_sgd(lr=0.5)"), a step or a
+        pipeline; default: the sample-weighted mean and a server step of `server_lr`.
+      runtime: "auto", "sequential", "vectorised" or "processes".
+      rounds, seed: the run's length and seed (splits, initial weights, batches, selection).
+      test_fraction: each site's held-out share (a dataset's fixed split, if it has one, wins).
+      fraction / selector: the share of sites drawn each round, or a `Selector` object.
+      evaluate_every: evaluate every k rounds (0: only after the last).
+      workers: worker processes for runtime "processes".
+      on_round: called with the number of completed rounds after each round.
+      **method_options: options of a method given by name (lr, batch_size, local_steps, mu, ...).
+    Returns:
+      A `Result`: final parameters, per-round history, the trained model, final metrics per site.
+    """
+    if not isinstance(federation, Federation):
+        raise FedmiError(f"federation must be a fedmi Federation, got {type(federation).__name__}")
+    sites = federation.split(seed, test_fraction)
+    net = _model(model, federation, seed)
+    local = _method(method, method_options)
+    pipeline = _aggregator(aggregator, server_lr)
+    init = P.clone(net.state_dict())
+    backend = make_runtime(runtime, net, sites, federation.task, workers)
+    try:
+        result = Runner(backend, local, pipeline, rounds=rounds, seed=seed,
+                        selector=selector or make_selector(fraction), evaluate_every=evaluate_every,
+                        tags={"method": getattr(local, "name", type(local).__name__)}).run(init, on_round)
+    finally:
+        backend.close()
+    with torch.no_grad():
+        net.load_state_dict(result.params)
+    net.eval()
+    return Result(result.params, result.history, net, federation, local)

@@ -1,0 +1,143 @@
+"""Local schedules and the mini-batches a site draws in a round, planned for many sites at once.
+
+A site's batches in round r are a pure function of (seed, r, the site's key, its size): the
+order of pass p is the argsort of a counter-based hash of (seed, r, key, p, i) over its sample
+indices i. A site that plans alone (sequential runtime, a deployed site) and a runtime that plans
+a thousand sites in one call (vectorised) therefore draw the same batches, and planning costs a
+few array operations per round instead of a generator and a permutation per site.
+
+Within a pass, batches are consecutive slices of `batch_size` (the last one may be smaller); the
+next pass is a new order. `local_steps` counts batches across passes; `local_epochs` counts
+passes. A full batch (batch_size None, or at least the site's size) keeps the data in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedmi.core.rng import Stream
+from fedmi.errors import FedmiError
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class LocalSchedule:
+    """How much local work a site does in a round.
+
+    Args:
+      batch_size: samples per mini-batch; None is the site's whole training set.
+      local_steps: mini-batch iterations per round (give this or `local_epochs`).
+      local_epochs: passes over the site's training set per round.
+
+    Example: ``LocalSchedule(batch_size=32, local_steps=10)`` is FedAvg's "10 local iterations".
+    """
+
+    batch_size: int | None = 32
+    local_steps: int | None = 10
+    local_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise FedmiError("trainer: give exactly one of local_steps and local_epochs")
+        for name in ("batch_size", "local_steps", "local_epochs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise FedmiError(f"trainer {name} must be a positive integer, got {value!r}")
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective scramble of 64-bit words (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _chain(h: np.ndarray, value: np.ndarray | int) -> np.ndarray:
+    return _mix(h ^ (np.asarray(value, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batches of a group of sites in one round, padded to a common shape.
+
+    Attributes:
+      index: (sites, steps, width) int64 positions into each site's own training set; padding is 0.
+      mask: (sites, steps, width) bool, True on real samples.
+      steps: (sites,) the number of batches each site takes (its later steps are all padding).
+    """
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    steps: torch.Tensor
+
+    def site_batches(self, j: int) -> list[torch.Tensor]:
+        """Site j's batches as index tensors (what a site training alone iterates over)."""
+        return [self.index[j, t][self.mask[j, t]] for t in range(int(self.steps[j]))]
+
+
+def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: list[int] | np.ndarray,
+                 seed: int, round_index: int) -> BatchPlan:
+    """Every listed site's batches for one round, in one vectorised computation.
+
+    Args:
+      schedule: batch size and local steps or epochs.
+      sizes: each site's number of training samples.
+      keys: each site's key (its position in the federation): it, not the list's order, keys its draws.
+      seed: the run's seed.
+      round_index: 0-based round.
+    Returns:
+      A `BatchPlan`; site j's batch t holds `plan.index[j, t][plan.mask[j, t]]`.
+    """
+    n = np.asarray(sizes, dtype=np.int64)
+    if (n < 1).any():
+        raise FedmiError("a site with no training samples cannot train")
+    bs = n.copy() if schedule.batch_size is None else np.minimum(schedule.batch_size, n)
+    per_pass = -(-n // bs)  # batches in one pass
+    steps = per_pass * schedule.local_epochs if schedule.local_epochs is not None else \
+        np.full_like(n, schedule.local_steps)
+    passes = -(-steps // per_pass)
+    s_count = len(n)
+
+    # One segment per (site, pass): the hash keys of its indices, sorted within the segment.
+    seg_site = np.repeat(np.arange(s_count), passes)
+    seg_pass = np.concatenate([np.arange(p) for p in passes]) if s_count else np.zeros(0, np.int64)
+    seg_len = n[seg_site]
+    seg_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]]).astype(np.int64)
+    total = int(seg_len.sum())
+    elem_seg = np.repeat(np.arange(len(seg_len)), seg_len)
+    elem_i = np.arange(total, dtype=np.int64) - seg_start[elem_seg]
+    site_hash = _chain(_chain(_chain(np.full(s_count, int(Stream.LOCAL_TRAINING), np.uint64), seed), round_index),
+                       np.asarray(keys, dtype=np.int64).astype(np.uint64))
+    seg_hash = _chain(site_hash[seg_site], seg_pass.astype(np.uint64))
+    key = (_chain(seg_hash[elem_seg], elem_i.astype(np.uint64)) >> np.uint64(32)).astype(np.int64)
+    in_order = (bs >= n)[seg_site][elem_seg]  # a full batch keeps the data's order
+    key = np.where(in_order, elem_i, key) | (elem_seg << 32)
+    # Stable: within a segment, equal hashes keep index order, whatever other sites are planned along.
+    order = np.argsort(key, kind="stable")
+    perm = elem_i[order]  # position within each segment's site
+
+    # Batch t of site j: pass t // per_pass, slice (t % per_pass) * bs of width min(bs, n - start).
+    t_max = int(steps.max()) if s_count else 0
+    width = int(bs.max()) if s_count else 0
+    t = np.arange(t_max)
+    p = t[None, :] // per_pass[:, None]
+    start = (t[None, :] % per_pass[:, None]) * bs[:, None]
+    real_step = t[None, :] < steps[:, None]
+    w = np.where(real_step, np.minimum(bs[:, None], n[:, None] - start), 0)
+    seg_first = np.concatenate([[0], np.cumsum(passes)[:-1]]).astype(np.int64)
+    seg_of = seg_first[:, None] + np.minimum(p, passes[:, None] - 1)
+    base = seg_start[seg_of] + start  # (sites, steps)
+    col = np.arange(width)
+    mask = col[None, None, :] < w[:, :, None]
+    flat = np.where(mask, base[:, :, None] + col[None, None, :], 0)
+    index = np.where(mask, perm[np.minimum(flat, max(total - 1, 0))], 0)
+    return BatchPlan(torch.from_numpy(index), torch.from_numpy(mask), torch.from_numpy(steps))
+
+
+def site_batches(schedule: LocalSchedule, size: int, key: int, seed: int, round_index: int) -> list[torch.Tensor]:
+    """One site's batches in a round (what `plan_batches` gives that site among any others)."""
+    return plan_batches(schedule, [size], [key], seed, round_index).site_batches(0)

@@ -1,0 +1,126 @@
+"""Aggregation steps (server end, survey §V): the extension points, in the shape of optax.
+
+A pipeline is zero or more update transforms, one reducer and at most one server optimiser,
+written `clip | weighted_mean | server_sgd(lr=1.0)`. Every step has its own state, made by its
+`init` and threaded through the rounds by the pipeline (a tuple with one entry per step, as optax's
+`chain` keeps), so the server's checkpoint holds each step's state separately.
+
+- `UpdateTransform`: the round's list of updates -> a new list (clipping, noise, filtering).
+- `Reducer`: many updates -> one delta. A streaming reducer folds each update into an O(model)
+  accumulator as it arrives (`start` / `fold` / `finish`); one that needs every update at once sets
+  `needs_all_updates` and overrides `reduce`.
+- `ServerOptimizer`: (params, delta) -> new params (SGD, and adaptive ones such as Adam).
+
+Steps register themselves in `STEPS` under the name pipeline texts use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+from fedmi.core import params as P
+from fedmi.core.registry import Registry
+from fedmi.core.types import RoundInfo, Update
+
+
+class Step:
+    """Base of all aggregation steps; `a | b` chains steps into a pipeline.
+
+    Class attributes:
+      name: the name pipeline texts use (`"weighted_mean"`).
+    """
+
+    name: ClassVar[str]
+
+    def init(self, params: P.ParamsT) -> Any:
+        """This step's state before the first round (default: none).
+
+        Args:
+          params: the initial global parameters (for a state shaped like the model).
+        Returns:
+          Any nest of dicts, lists, tuples, tensors, numbers and strings (it is checkpointed).
+        """
+        return None
+
+    def __or__(self, other: "Step") -> Any:
+        from fedmi.server.pipeline import AggregationPipeline
+
+        return AggregationPipeline([self]) | other
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{self.name}({args})"
+
+
+class UpdateTransform(Step):
+    """Maps the round's accepted updates to a new list before the reducer.
+
+    Example (scale every update by one half):
+
+        @STEPS.register()
+        class Halve(UpdateTransform):
+            name = "halve"
+            def transform(self, updates, state, round_info):
+                return [replace(u, delta=P.scale(u.delta, 0.5)) for u in updates], state
+    """
+
+    needs_all_updates: ClassVar[bool] = True  # a transform sees the round's whole list
+
+    def transform(self, updates: list[Update], state: Any, round_info: RoundInfo) -> tuple[list[Update], Any]:
+        """Args: the updates, this step's state, the round. Returns: (new updates, new state)."""
+        raise NotImplementedError
+
+
+class Reducer(Step):
+    """Many updates -> one delta.
+
+    A streaming reducer implements `start` / `fold` / `finish` over an O(model) accumulator; one
+    that needs every update together sets `needs_all_updates` and overrides `reduce`.
+
+    Example (the unweighted mean, streaming):
+
+        class Mean(Reducer):
+            name = "mean"
+            def start(self, like): return (P.zeros_like(like), 0)
+            def fold(self, acc, update): return (P.add(acc[0], update.delta), acc[1] + 1)
+            def finish(self, acc, like): return P.scale(acc[0], 1 / acc[1])
+    """
+
+    needs_all_updates: ClassVar[bool] = False
+
+    def start(self, like: P.ParamsT) -> Any:
+        """An empty accumulator shaped like the parameters `like`."""
+        raise NotImplementedError
+
+    def fold(self, acc: Any, update: Update) -> Any:
+        """The accumulator with `update` folded in (it may change `acc` in place)."""
+        raise NotImplementedError
+
+    def finish(self, acc: Any, like: P.ParamsT) -> P.Params:
+        """The round's delta from the accumulator."""
+        raise NotImplementedError
+
+    def reduce(self, updates: Sequence[Update], like: P.ParamsT) -> P.Params:
+        """The round's delta from all its updates at once (used when the round buffers them)."""
+        acc = self.start(like)
+        for u in updates:
+            acc = self.fold(acc, u)
+        return self.finish(acc, like)
+
+
+class ServerOptimizer(Step):
+    """Applies the round's delta to the global parameters.
+
+    Example (server SGD, `w <- w + lr * delta`):
+
+        class ServerSGD(ServerOptimizer):
+            name = "server_sgd"
+            def step(self, params, delta, state): return P.axpy(self.lr, delta, params), state
+    """
+
+    def step(self, params: P.ParamsT, delta: P.ParamsT, state: Any) -> tuple[P.Params, Any]:
+        """Args: global parameters, the reducer's delta, this step's state. Returns: (new params, new state)."""
+        raise NotImplementedError
+
+
+STEPS: Registry[type[Step]] = Registry("aggregation step")

@@ -1,0 +1,71 @@
+"""One server state: a run stopped after round k and resumed from its saved state reaches exactly the
+uninterrupted run's model, for every aggregator and every in-process runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmi.client import make_method
+from fedmi.core import params as P
+from fedmi.core.runner import Runner
+from fedmi.core.server_state import ServerState
+from fedmi.errors import FedmiError
+from fedmi.models import build_model
+from fedmi.runtime import make_runtime
+from fedmi.server import FractionSelector, make_aggregator
+from tests.conftest import make_site_data
+
+AGGREGATORS = ["weighted_mean", "mean", "median", "krum(f=0, m=2)", "weighted_mean | server_sgd(lr=0.5)"]
+RUNTIMES = ["sequential", "vectorised", "processes"]
+
+
+@pytest.fixture(scope="module")
+def runtimes():
+    sites = [make_site_data(f"s{i}", n, 5, seed=i) for i, n in enumerate((30, 22, 41, 17, 35, 28))]
+    model = build_model("mlp", (5,), 3)
+    made = {kind: make_runtime(kind, model, sites, workers=2) for kind in RUNTIMES}
+    yield model, made
+    for runtime in made.values():
+        runtime.close()
+
+
+def _runner(runtime, aggregator, rounds, checkpoint=None):
+    return Runner(runtime, make_method("fedavg", lr=0.1, batch_size=8, local_steps=3, momentum=0.5),
+                  make_aggregator(aggregator), rounds=rounds, seed=5, selector=FractionSelector(0.5),
+                  evaluate_every=2, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("kind", RUNTIMES)
+@pytest.mark.parametrize("aggregator", AGGREGATORS)
+def test_stop_after_round_k_and_resume_gives_the_identical_model(runtimes, kind, aggregator, tmp_path):
+    model, made = runtimes
+    init = P.clone(model.state_dict())
+    whole = _runner(made[kind], aggregator, 4).run(init)
+    _runner(made[kind], aggregator, 2, checkpoint=tmp_path / "state.safetensors").run(init)
+    saved = ServerState.load(tmp_path / "state.safetensors")
+    assert saved.round == 2 and len(saved.history) == 2
+    resumed = _runner(made[kind], aggregator, 4).run(init, resume=saved)
+    assert P.allclose(resumed.params, whole.params, rtol=0, atol=0)
+    assert [r["sites"] for r in resumed.history] == [r["sites"] for r in whole.history]  # the selector's draws too
+    assert resumed.history[-1]["test"] == whole.history[-1]["test"]
+
+
+def test_each_aggregation_step_keeps_its_own_state(tmp_path):
+    pipeline = make_aggregator("weighted_mean | server_sgd(lr=0.5)")
+    params = P.Params(w=torch.zeros(3))
+    state = ServerState.initial(params, pipeline.init(params), seed=1)
+    assert state.aggregation == (None, None)  # reducer, optimiser: one entry each
+    state.aggregation = ({"count": 3}, {"m": torch.arange(3.0), "t": (1, "x")})
+    state.save(tmp_path / "s.safetensors")
+    back = ServerState.load(tmp_path / "s.safetensors")
+    assert back.aggregation[0] == {"count": 3} and back.aggregation[1]["t"] == (1, "x")
+    assert torch.equal(back.aggregation[1]["m"], torch.arange(3.0))
+    assert P.allclose(P.load(tmp_path / "s.safetensors"), params)  # the file reads as a model, too
+    assert back.selection.random() == state.selection.random()  # the generator's position is kept
+
+
+def test_a_state_of_another_pipeline_is_refused():
+    params = P.Params(w=torch.zeros(2))
+    with pytest.raises(FedmiError, match="state has 1 entries"):
+        make_aggregator("median").begin_round((None,), params, None)

@@ -175,3 +175,23 @@ def test_workers_train_private_copies_even_of_a_shared_model(heart):
 
     par = _run(SharedModelPool, heart, model_name, trainer, aggregator, workers=2)
     assert P.allclose(par.params, seq.params, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_runs_convolutions_in_processes_only_where_forking_is_safe(monkeypatch):
+    import threading
+
+    from fedmi.runtime import choose_runtime
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert choose_runtime(build_model("logistic", (1, 28, 28), 0)) == "vectorised"
+    assert choose_runtime(build_model("cnn", (1, 28, 28), 0)) == "processes", threading.enumerate()
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)  # a second thread, as in a notebook kernel
+    helper.start()
+    try:
+        assert choose_runtime(build_model("cnn", (1, 28, 28), 0)) == "sequential"
+    finally:
+        stop.set()
+        helper.join()
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert choose_runtime(build_model("cnn", (1, 28, 28), 0)) == "sequential"

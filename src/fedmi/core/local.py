@@ -53,11 +53,16 @@ State = dict[str, Any]  # nested dicts whose leaves are tensors
 @dataclass(frozen=True)
 class Batch:
     """One mini-batch. `weight` is 1/|batch| on each real sample and 0 on padding, so
-    `(per_sample_loss * weight).sum()` is the batch's mean loss whatever the padding."""
+    `(per_sample_loss * weight).sum()` is the batch's mean loss whatever the padding; None when
+    there is no padding (every sample weighs the same: the mean, one kernel cheaper)."""
 
     x: torch.Tensor
     y: torch.Tensor
-    weight: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    def mean(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """The batch's mean of per-sample values (padding excluded)."""
+        return per_sample.mean() if self.weight is None else (per_sample * self.weight).sum()
 
 
 @dataclass
@@ -86,9 +91,8 @@ class SiteContext:
 
     def data_loss(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
                   batch: Batch) -> torch.Tensor:
-        """The task's loss of the model at (params, buffers) on `batch`: sum_i weight_i * loss_i."""
-        outputs = self.forward(params, buffers, batch.x)
-        return (self.task.per_sample_loss(outputs, batch.y) * batch.weight).sum()
+        """The task's mean loss of the model at (params, buffers) on `batch`."""
+        return batch.mean(self.task.per_sample_loss(self.forward(params, buffers, batch.x), batch.y))
 
     def update(self, delta: P.ParamsT, metrics: Mapping[str, float] | None = None,
                extras: Mapping[str, torch.Tensor] | None = None) -> Update:
@@ -172,7 +176,9 @@ class LocalMethod:
         """The state after one batch, given the objective's gradient w.r.t. `trainable(state)`.
 
         Args:
-          state: the client state (do not modify its tensors in place: the runtime may need them).
+          state: the client state. Its tensors belong to this round's state: a step may update
+            them in place (as SGD does) or return new ones. Never modify `grads`, `ctx.global_params`
+            or a site state handed to `init` in place.
           grads: same keys as `trainable(state)`.
           ctx: the site's context.
         Returns:

@@ -4,7 +4,8 @@
 - vectorised: many sites' copies of the model at once (stacked tensors, vmap); a method or model
   it cannot batch runs sequentially, with a one-line notice;
 - processes: sites spread over worker processes sharing the data read-only (heavy models);
-- auto: see `choose_runtime`.
+- auto: vectorised for models with `stacked_forward`, processes for the others where forking is
+  safe, else sequential (`choose_runtime`).
 Flower's runtimes (deployment and simulation) are `fedmi.runtime.flower.grid` with the apps in
 `fedmi.apps`.
 """
@@ -12,6 +13,9 @@ Flower's runtimes (deployment and simulation) are `fedmi.runtime.flower.grid` wi
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 from typing import Sequence
 
 from torch import nn
@@ -29,11 +33,29 @@ RUNTIMES = ("auto", "sequential", "vectorised", "processes")
 
 
 def choose_runtime(model: nn.Module) -> str:
-    """What `auto` runs: vectorised for models that define `stacked_forward` (batched matrix
-    products: logistic regression, MLP), sequential otherwise: on the CPU a convolution batched
-    over sites costs what the sites' convolutions cost one by one (benchmarks/RESULTS.md, W3).
-    `processes` is not chosen automatically: it forks, which not every host program tolerates."""
-    return "vectorised" if getattr(model, "stacked_forward", None) is not None else "sequential"
+    """What `auto` runs.
+
+    - vectorised for models that define `stacked_forward` (batched matrix products: logistic
+      regression, MLP): their time is per-call overhead, which batching across sites removes;
+    - processes for the others (convolutions: arithmetic, which a batch over sites does not
+      reduce on the CPU, but more cores do), when forking is safe: on Linux, with more than one
+      core, from a process that runs a single Python thread (the fedmi command, a script);
+    - sequential otherwise (a notebook kernel or a threaded server runs several threads, and a
+      fork copies their locks in whatever state they are).
+    """
+    if getattr(model, "stacked_forward", None) is not None:
+        return "vectorised"
+    if sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1 and not _other_threads():
+        return "processes"
+    return "sequential"
+
+
+def _other_threads() -> list[threading.Thread]:
+    """The threads a fork would copy mid-flight, besides this one. multiprocessing's own helper
+    (the thread that hands shared-memory handles to workers, started by a process pool) is left
+    out: multiprocessing resets it in a forked child."""
+    return [t for t in threading.enumerate() if t is not threading.current_thread() and
+            not getattr(getattr(t, "_target", None), "__module__", "").startswith("multiprocessing.")]
 
 
 def make_runtime(kind: str, model: nn.Module, sites: Sequence[SiteData], task: Task | None = None,

@@ -12,29 +12,70 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from fedmi.client.evaluation import evaluate_site
 from fedmi.core import params as P
-from fedmi.core.batches import site_batches
+from fedmi.core.batches import plan_batches, site_batches
 from fedmi.core.local import Batch, LocalMethod, SiteContext, SiteStates, State
 from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
 from fedmi.errors import FedmiError
 
 
-def model_forward(model: nn.Module):
-    """`forward(params, buffers, x)`: the model applied to parameter and buffer dicts."""
-    def forward(params, buffers, x):
-        return functional_call(model, (params, buffers), (x,))
-    return forward
+class FunctionalModel:
+    """`forward(params, buffers, x)`: the model applied to parameter and buffer dicts.
+
+    What `torch.func.functional_call` does (the tensors stand in the modules' slots for one call,
+    so in-place buffer updates such as batch norm's land in the given dicts), with the slots
+    looked up once: functional_call resolves every name on every call, which costs a small
+    model's whole forward pass again.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._slots = {}
+        for prefix, module in model.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                for name in getattr(module, kind):
+                    self._slots[f"{prefix}.{name}" if prefix else name] = (getattr(module, kind), name)
+
+    def __call__(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        saved = []
+        try:
+            for group in (params, buffers):
+                for name, tensor in group.items():
+                    slots, key = self._slots[name]
+                    saved.append((slots, key, slots[key]))
+                    slots[key] = tensor
+            return self.model(x)
+        finally:
+            for slots, key, original in saved:
+                slots[key] = original
+
+
+def model_forward(model: nn.Module) -> FunctionalModel:
+    return FunctionalModel(model)
 
 
 def site_context(model: nn.Module, task: Task, params: P.ParamsT, round_info: RoundInfo, site: str = "",
                  num_train: int = 0) -> SiteContext:
+    """A site's context for one round (`dataclasses.replace` it for the next site: the names stay)."""
     buffers = tuple(name for name, _ in model.named_buffers())
     return SiteContext(round_info, task, model_forward(model), params,
                        tuple(k for k in params if k not in buffers), buffers, site, num_train)
+
+
+def channels_last(params: P.ParamsT) -> P.ParamsT:
+    """4-D tensors (convolution kernels) in channels-last memory format; the rest as they are.
+
+    The client state starts as copies of these, so a model's convolutions run on channels-last
+    kernels, which oneDNN's CPU convolutions compute about 30% faster on one core (measured on the
+    small CNN). Values are unchanged; results agree with the default layout to float rounding.
+    """
+    if not any(v.dim() == 4 for v in params.values()):
+        return params
+    return P.Params((k, v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v)
+                    for k, v in params.items())
 
 
 def gradients(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,7 +85,8 @@ def gradients(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData, params: P.ParamsT,
-               site_state: State | None, round_info: RoundInfo, key: int) -> tuple[Update, State | None]:
+               site_state: State | None, round_info: RoundInfo, key: int,
+               batches: list[torch.Tensor] | None = None) -> tuple[Update, State | None]:
     """One site's round: (its update for the server, the state it keeps).
 
     Args:
@@ -56,23 +98,27 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
       site_state: what the method kept at this site last round (None at first).
       round_info: the round.
       key: the site's key in the random streams (its position in the federation).
+      batches: the site's batches if already planned (with other sites'); else planned here.
     """
     model.train()
+    params = channels_last(params)
     ctx = site_context(model, task, params, round_info, site.name, site.num_train)
+    if batches is None:
+        batches = site_batches(method.schedule, site.num_train, key, round_info.seed, round_info.round)
     state = method.init(params, site_state, ctx)
     total, count = 0.0, 0
-    for idx in site_batches(method.schedule, site.num_train, key, round_info.seed, round_info.round):
-        batch = Batch(site.x_train[idx], site.y_train[idx], torch.full((len(idx),), 1.0 / len(idx)))
+    for idx in batches:
+        n = idx.shape[0]
+        batch = Batch(site.x_train[idx], site.y_train[idx])
         leaves = method.trainable(state)
         for v in leaves.values():
-            v.requires_grad_(True)
+            if not v.requires_grad:
+                v.requires_grad_(True)
         loss, data_loss = method.objective(state, batch, ctx)
         grads = gradients(loss, leaves)
-        total += float(data_loss.detach()) * len(idx)
-        count += len(idx)
+        total += float(data_loss.detach()) * n
+        count += n
         with torch.no_grad():
-            for v in leaves.values():
-                v.requires_grad_(False)
             state = method.step(state, grads, ctx)
     ctx.train_loss = total / max(count, 1)
     with torch.no_grad():
@@ -111,11 +157,15 @@ class SequentialRuntime(SitesByName):
 
     def train(self, method: LocalMethod, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update]:
-        for name in sites:
-            site = self._site(name)
-            update, kept = train_site(method, self._model, self.task, site, params, self.site_states.get(name),
-                                      round_info, self._index[name])
-            self.site_states.put(name, kept)
+        chosen = [self._site(name) for name in sites]
+        if not chosen:
+            return
+        plan = plan_batches(method.schedule, [s.num_train for s in chosen], [self._index[s.name] for s in chosen],
+                            round_info.seed, round_info.round)  # every site's batches in one call
+        for j, site in enumerate(chosen):
+            update, kept = train_site(method, self._model, self.task, site, params, self.site_states.get(site.name),
+                                      round_info, self._index[site.name], plan.site_batches(j))
+            self.site_states.put(site.name, kept)
             yield update
 
     def evaluate(self, params: P.ParamsT, method: LocalMethod | None = None, sites: Sequence[str] | None = None,

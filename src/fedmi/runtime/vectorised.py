@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from fedmi.core import params as P
 from fedmi.core.batches import BatchPlan, plan_batches
@@ -38,7 +39,7 @@ from fedmi.core.local import Batch, LocalMethod, SiteContext, SiteStates, State
 from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
 from fedmi.errors import FedmiError
-from fedmi.runtime.sequential import SequentialRuntime, gradients, site_context
+from fedmi.runtime.sequential import SequentialRuntime, gradients, model_forward, site_context
 
 log = logging.getLogger("fedmi")
 
@@ -82,12 +83,12 @@ class VectorisedRuntime:
         sizes = torch.tensor([s.num_train for s in self._sites])
         self._offset = torch.cumsum(sizes, 0) - sizes
         self._has_buffers = bool(list(model.buffers()))
+        self._model_size = P.num_parameters(model.state_dict())
         stacked = getattr(model, "stacked_forward", None)
         if stacked is not None and not self._has_buffers:
             self._forward = lambda params, buffers, x: stacked(params, x)
         else:
-            vmapped = vmap(lambda p, b, x: functional_call(model, (p, b), (x,)))
-            self._forward = vmapped
+            self._forward = vmap(model_forward(model))
         self._verdicts: dict[type, str | None] = {}  # method type -> why it cannot run batched
 
     def close(self) -> None:
@@ -124,16 +125,14 @@ class VectorisedRuntime:
 
     def _buckets(self, plan: BatchPlan) -> list[list[int]]:
         """Positions in the plan grouped by step count (by exact batch widths for models with buffers)."""
-        widths = plan.mask.sum(-1)
+        keys = [tuple(w) for w in plan.mask.sum(-1).tolist()] if self._has_buffers else plan.steps.tolist()
         groups: dict[Any, list[int]] = defaultdict(list)
-        for j in range(len(plan.steps)):
-            key = tuple(widths[j].tolist()) if self._has_buffers else int(plan.steps[j])
+        for j, key in enumerate(keys):
             groups[key].append(j)
         return [groups[k] for k in sorted(groups, key=str)]
 
     def _chunks(self, members: list[int], plan: BatchPlan) -> Iterator[list[int]]:
-        sample = self._x[0].numel()
-        size = P.num_parameters(self._model.state_dict())
+        sample, size = self._x[0].numel(), self._model_size
         width = int(plan.mask[members].sum(-1).max())
         per_call = max(1, min(MAX_BATCH_ELEMENTS // max(1, width * sample), MAX_PARAM_ELEMENTS // (3 * size)))
         for start in range(0, len(members), per_call):
@@ -171,7 +170,7 @@ class VectorisedRuntime:
         """(sum over sites of their objectives, each site's data loss)."""
         if type(method).objective is not LocalMethod.objective:
             totals, data = vmap(lambda st, x, y, w: method.objective(st, Batch(x, y, w), ctx))(
-                state, batch.x, batch.y, batch.weight)
+                state, batch.x, batch.y, batch.weight)  # one site's weights: padding 0, the rest 1/|batch|
             return totals.sum(), data
         outputs = self._forward(state["params"], state["buffers"], batch.x)
         per_sample = self.task.per_sample_loss(outputs.flatten(0, 1), batch.y.flatten(0, 1))
@@ -187,9 +186,8 @@ class VectorisedRuntime:
                       round_info: RoundInfo, dry_run: bool = False) -> Iterator[Update]:
         model = self._model
         model.train()
-        ctxs = [site_context(model, self.task, params, round_info, self._sites[i].name, self._sites[i].num_train)
-                for i in sites]
         shared = site_context(model, self.task, params, round_info)
+        ctxs = [replace(shared, site=self._sites[i].name, num_train=self._sites[i].num_train) for i in sites]
         states = [method.init(params, None if dry_run else self.site_states.get(c.site), c) for c in ctxs]
         state = tree_stack(states)
         del states
@@ -197,6 +195,7 @@ class VectorisedRuntime:
         rows = plan.index + self._offset[sites].view(-1, 1, 1)
         count = plan.mask.sum(-1)  # (sites, steps)
         weight = plan.mask / count.clamp_min(1).unsqueeze(-1)
+        labels = self._y[rows]  # every step's labels at once
         buffer = self._x_rows.new_empty(rows[:, 0].numel(), self._x_rows.shape[1])
         data_losses = []
         step_fn = method.step if method.elementwise else vmap(lambda st, g: method.step(st, g, shared), in_dims=(0, 0))
@@ -205,16 +204,15 @@ class VectorisedRuntime:
             idx = rows[:, t, : widths[t]]
             out = buffer[: idx.numel()]
             x = torch.index_select(self._x_rows, 0, idx.reshape(-1), out=out).view(*idx.shape, *self._x.shape[1:])
-            batch = Batch(x, self._y[idx], weight[:, t, : widths[t]])
+            batch = Batch(x, labels[:, t, : widths[t]], weight[:, t, : widths[t]])
             leaves = method.trainable(state)
             for v in leaves.values():
-                v.requires_grad_(True)
+                if not v.requires_grad:
+                    v.requires_grad_(True)
             total, data = self._objective(method, state, batch, shared)
             grads = gradients(total, leaves)
             data_losses.append(data.detach())
             with torch.no_grad():
-                for v in leaves.values():
-                    v.requires_grad_(False)
                 state = step_fn(state, grads, shared) if method.elementwise else step_fn(state, grads)
         # As the sequential loop: the mean of the steps' losses, each weighted by its batch size.
         loss_sum = (torch.stack(data_losses).double() * count.T).sum(0)

@@ -85,7 +85,8 @@ def test_every_runtime_gives_the_same_run(monkeypatch, capsys, tmp_path):
 def test_datasets_lists_embedded_data(monkeypatch, capsys):
     code, stdout, _ = fedmi(monkeypatch, capsys, "datasets")
     assert code == 0
-    for word in ("heart-disease", "Switzerland", "synthetic-adni (synthetic)", "breastmnist", "pneumoniamnist", "balanced subset"):
+    for word in ("heart-disease", "Switzerland", "synthetic-adni (synthetic)", "breastmnist", "pneumoniamnist",
+                 "balanced subset", "options of heart-disease: split (random), label (disease)", "options of csv:PATH"):
         assert word in stdout
 
 

@@ -101,3 +101,22 @@ def test_site_states_are_checkpointed_at_the_sites_and_a_resumed_run_is_identica
     resumed = run_federated(_cfg(runtime), tmp_path, resume=True).result
     assert P.allclose(resumed.params, whole.params, rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["round-2", "round-3"]  # older ones go
+
+
+def test_a_method_that_cannot_travel_says_why():
+    from fedmi.client.sgd import FedAvg
+    from fedmi.errors import FedmiError
+
+    class Renamed(FedAvg):  # keeps FedAvg's name: a Flower site would rebuild plain FedAvg
+        pass
+
+    with pytest.raises(FedmiError, match="not registered under its own name"):
+        Renamed().spec()
+
+    @register_method
+    class NoOptions(LocalMethod):
+        name = "test-no-options"
+
+    with pytest.raises(FedmiError, match="defines no options"):
+        NoOptions().spec()
+    assert SiteVelocitySGD().spec() == {"name": "test-site-velocity", "options": SiteVelocitySGD().options()}

@@ -349,3 +349,10 @@ def test_tasks_are_immutable_values():
     with pytest.raises(AttributeError):
         task.num_classes = 4
     assert hash(task) == hash(MulticlassTask(3)) and task != MulticlassTask(4)
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=repr)
+def test_mean_loss_is_the_mean_of_the_per_sample_losses(task):
+    output, target = batch_for(task, sites=1, n=7, g=torch.Generator().manual_seed(5))
+    assert torch.allclose(task.mean_loss(output[0], target[0]), task.per_sample_loss(output[0], target[0]).mean(),
+                          atol=1e-6)

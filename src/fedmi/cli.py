@@ -343,8 +343,16 @@ def datasets() -> None:
         table.add_section()
     out_console.print(table)
     for d in described:
-        out_console.print(f"[bold]{d['name']}[/]: {d['description']}; labels 0 = {d['label_names'][0]}, "
-                          f"1 = {d['label_names'][1]}; input {tuple(d['input_shape'])}")
+        labels = ", ".join(f"{i} = {name}" for i, name in enumerate(d["label_names"]))
+        out_console.print(f"[bold]{d['name']}[/]: {d['description']}; {d['task']} task, labels {labels}; "
+                          f"input {tuple(d['input_shape'])}")
+    from fedmi.data import DATASETS
+
+    for name in DATASETS:
+        fields = DATASETS.get(name).Options.model_fields
+        shown = f"{name}:PATH" if DATASETS.get(name).path_prefix else name
+        options = ", ".join(f"{k} ({f.default})" for k, f in fields.items() if k != "path") or "none"
+        out_console.print(f"options of {shown}: {options}", highlight=False)
 
 
 @app.command()

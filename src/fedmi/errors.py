@@ -24,3 +24,9 @@ def check_number(name: str, value: float, low: float | None = None, high: float 
         bounds = " and ".join(b for b in (lo, hi) if b)
         raise FedmiError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}")
     return value
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one line, "Type: message" (a log line or a FedmiError's detail)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__

@@ -76,7 +76,8 @@ class BatchPlan:
 
     def site_batches(self, j: int) -> list[torch.Tensor]:
         """Site j's batches as index tensors (what a site training alone iterates over)."""
-        return [self.index[j, t][self.mask[j, t]] for t in range(int(self.steps[j]))]
+        widths = self.mask[j].sum(-1).tolist()  # real samples come first in every row
+        return [self.index[j, t, :w] for t, w in enumerate(widths[: int(self.steps[j])])]
 
 
 def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: list[int] | np.ndarray,

@@ -45,7 +45,9 @@ from safetensors.torch import save_file
 from fedmi.core import params as P
 from fedmi.core.batches import LocalSchedule
 from fedmi.core.registry import Registry
+from fedmi.core.server_state import decode, encode
 from fedmi.core.types import RoundInfo, Update
+from fedmi.errors import FedmiError
 
 State = dict[str, Any]  # nested dicts whose leaves are tensors
 
@@ -59,10 +61,6 @@ class Batch:
     x: torch.Tensor
     y: torch.Tensor
     weight: torch.Tensor | None = None
-
-    def mean(self, per_sample: torch.Tensor) -> torch.Tensor:
-        """The batch's mean of per-sample values (padding excluded)."""
-        return per_sample.mean() if self.weight is None else (per_sample * self.weight).sum()
 
 
 @dataclass
@@ -92,7 +90,10 @@ class SiteContext:
     def data_loss(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
                   batch: Batch) -> torch.Tensor:
         """The task's mean loss of the model at (params, buffers) on `batch`."""
-        return batch.mean(self.task.per_sample_loss(self.forward(params, buffers, batch.x), batch.y))
+        outputs = self.forward(params, buffers, batch.x)
+        if batch.weight is None:
+            return self.task.mean_loss(outputs, batch.y)
+        return (self.task.per_sample_loss(outputs, batch.y) * batch.weight).sum()
 
     def update(self, delta: P.ParamsT, metrics: Mapping[str, float] | None = None,
                extras: Mapping[str, torch.Tensor] | None = None) -> Update:
@@ -197,8 +198,20 @@ class LocalMethod:
         return global_params
 
     def spec(self) -> dict:
-        """The method as plain data (registry name and options), to send it to another process."""
-        return {"name": self.name, "options": self.options()}
+        """The method as plain data (registry name and options), to send it to a site elsewhere.
+
+        The receiving side rebuilds it from the registry, so the method must be registered under
+        its own name (a subclass that keeps its parent's name would arrive as the parent).
+        """
+        kind = type(self).__name__
+        if self.name not in METHODS or METHODS.get(self.name) is not type(self):
+            raise FedmiError(f"method {kind} cannot be sent to a site in another process: it is not registered "
+                             f"under its own name (give it a `name` and decorate it with @register_method)")
+        try:
+            return {"name": self.name, "options": self.options()}
+        except NotImplementedError:
+            raise FedmiError(f"method {kind} cannot be sent to a site in another process: it defines no "
+                             "options() to rebuild it from") from None
 
     def options(self) -> dict:
         """The constructor arguments that rebuild this method (override if they are not attributes)."""
@@ -225,8 +238,6 @@ class SiteStates:
             self.states[site] = state
 
     def save(self, folder: Path) -> None:
-        from fedmi.core.server_state import encode
-
         folder.mkdir(parents=True, exist_ok=True)
         for i, (site, state) in enumerate(self.states.items()):
             tensors: dict[str, torch.Tensor] = {}
@@ -236,8 +247,6 @@ class SiteStates:
             os.replace(tmp, folder / f"site-{i}.safetensors")
 
     def load(self, folder: Path) -> None:
-        from fedmi.core.server_state import decode
-
         for path in sorted(folder.glob("site-*.safetensors")):
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -12,6 +12,7 @@ from typing import Iterator, Protocol, Sequence
 
 from fedmi.core import params as P
 from fedmi.core.local import LocalMethod
+from fedmi.core.registry import Registry
 from fedmi.core.types import Rejected, RoundInfo, SiteInfo, Update
 
 
@@ -52,3 +53,8 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """Release workers and shared memory; a no-op for in-process runtimes."""
+
+
+# Backends register a factory `(model, sites, task, workers) -> Runtime` under their name where
+# they are defined (`@RUNTIMES.register("sequential")`); `fedmi.runtime.make_runtime` builds one.
+RUNTIMES = Registry("runtime")

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmi.errors import FedmiError
 from fedmi.core.metrics import METRICS as BINARY_METRICS
 from fedmi.core.metrics import TABLE_METRICS as BINARY_TABLE_METRICS
 from fedmi.core.metrics import average_ranks, binary_metrics
+from fedmi.errors import FedmiError
 
 # MONAI DiceLoss's default smoothing; keeps the loss finite when a class is absent from both.
 _DICE_SMOOTH = 1e-5
@@ -108,6 +108,11 @@ class Task(abc.ABC):
         Returns:
           A tensor of shape (batch,).
         """
+
+    def mean_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss (a batch without padding). Override with a fused kernel where torch
+        has one: on a small model, the extra reduction is a measurable share of a step."""
+        return self.per_sample_loss(output, target).mean()
 
     @abc.abstractmethod
     def scores(self, output: torch.Tensor) -> torch.Tensor:
@@ -249,6 +254,10 @@ class BinaryTask(Task):
         logits = output.reshape(output.shape[0])
         return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
 
+    def mean_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = output.reshape(output.shape[0])
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+
     def scores(self, output: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(output.reshape(output.shape[0]))
 
@@ -293,6 +302,9 @@ class MulticlassTask(Task):
 
     def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output, target.long(), reduction="none")
+
+    def mean_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output, target.long())
 
     def scores(self, output: torch.Tensor) -> torch.Tensor:
         return torch.softmax(output, dim=1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -107,7 +107,7 @@ class RunConfig(_Strict):
     max_update_norm: float | None = Field(None, gt=0)
     min_sites: int = Field(1, ge=1)  # a round with fewer acceptable updates is run again
     max_retries: int = Field(2, ge=0)  # ... at most this many times
-    runtime: Literal["auto", "sequential", "vectorised", "processes", "flower-sim"] = "auto"
+    runtime: str = "auto"  # auto, a registered runtime (sequential, vectorised, processes) or flower-sim
     workers: int | None = Field(None, ge=1)  # processes: worker processes; flower-sim: concurrent clients
     deployment: DeploymentConfig = DeploymentConfig()
     out: str | None = None
@@ -118,6 +118,15 @@ class RunConfig(_Strict):
         from fedmi.models import MODELS
 
         return _registered(MODELS, name)
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_known(cls, name: str) -> str:
+        from fedmi.runtime import runtime_names
+
+        if name not in (*runtime_names(), "flower-sim"):
+            raise ValueError(f"unknown runtime '{name}'; choose one of {', '.join(runtime_names())}, flower-sim")
+        return name
 
     @field_validator("aggregator")
     @classmethod

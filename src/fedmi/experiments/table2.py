@@ -37,7 +37,7 @@ from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError, check_number
 from fedmi.models import MODELS, build_model
-from fedmi.runtime import RUNTIMES, make_runtime
+from fedmi.runtime import make_runtime, runtime_names
 from fedmi.runtime.sequential import train_site
 from fedmi.server import make_aggregator
 
@@ -66,8 +66,8 @@ class Table2Config:
     runtime: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise FedmiError(f"unknown runtime '{self.runtime}'; choose one of {', '.join(RUNTIMES)}")
+        if self.runtime not in runtime_names():
+            raise FedmiError(f"unknown runtime '{self.runtime}'; choose one of {', '.join(runtime_names())}")
         if self.model not in MODELS:
             raise FedmiError(f"unknown model '{self.model}'; choose one of {', '.join(MODELS)}")
         unknown = [m for m in self.methods if m not in METHODS]

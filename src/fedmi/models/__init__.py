@@ -2,7 +2,8 @@
 binary task (shape (n,)), `num_outputs` per sample otherwise (shape (n, num_outputs)).
 
 Models register themselves in `MODELS` (`@MODELS.register("name")` on a builder
-`(input_shape, num_outputs) -> nn.Module`).
+`(input_shape, num_outputs) -> nn.Module`); this package imports every module in its folder, so a
+new model is one new file here.
 
 A model may also define `stacked_forward(params, x)`: the same function for many sites at once,
 with every parameter stacked along a leading site axis and x of shape (sites, batch, ...). The
@@ -17,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from fedmi.core.registry import Registry
+from fedmi.core.registry import Registry, import_submodules
 from fedmi.errors import FedmiError
 
 MODELS: Registry = Registry("model")
@@ -114,3 +115,6 @@ def build_model(name: str, input_shape: tuple[int, ...], seed: int, num_outputs:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(tuple(input_shape), num_outputs)
+
+
+import_submodules(__name__)  # models defined in other files of this package register themselves

@@ -20,7 +20,8 @@ from typing import Sequence
 
 from torch import nn
 
-from fedmi.core.runtime import Runtime
+from fedmi.core.registry import import_submodules
+from fedmi.core.runtime import RUNTIMES, Runtime
 from fedmi.core.tasks import Task
 from fedmi.core.types import SiteData
 from fedmi.errors import FedmiError
@@ -28,8 +29,8 @@ from fedmi.runtime.sequential import SequentialRuntime
 from fedmi.runtime.vectorised import VectorisedRuntime
 
 log = logging.getLogger("fedmi")
+import_submodules(__name__)  # each backend registers itself
 
-RUNTIMES = ("auto", "sequential", "vectorised", "processes")
 
 
 def choose_runtime(model: nn.Module) -> str:
@@ -60,19 +61,27 @@ def _other_threads() -> list[threading.Thread]:
 
 def make_runtime(kind: str, model: nn.Module, sites: Sequence[SiteData], task: Task | None = None,
                  workers: int | None = None) -> Runtime:
-    """A runtime by name: "auto", "sequential", "vectorised" or "processes"."""
+    """A runtime by registered name ("sequential", "vectorised", "processes", ...) or "auto".
+
+    Args:
+      kind: the runtime's name, or "auto" (`choose_runtime`).
+      model: the model's code (its weights are replaced by each round's parameters).
+      sites: the sites' data, in the order that keys their random streams.
+      task: loss, scores and metrics of the labels (default: binary).
+      workers: worker processes, for runtimes that have them.
+    """
     if kind == "auto":
         kind = choose_runtime(model)
         log.info("runtime auto: %s for %s", kind, type(model).__name__)
-    if kind == "sequential":
-        return SequentialRuntime(model, sites, task)
-    if kind == "vectorised":
-        return VectorisedRuntime(model, sites, task)
-    if kind == "processes":
-        from fedmi.runtime.process_pool import ProcessPoolRuntime
-
-        return ProcessPoolRuntime(model, sites, task, workers=workers)
-    raise FedmiError(f"unknown runtime '{kind}'; choose one of {', '.join(RUNTIMES)}")
+    if kind not in RUNTIMES:
+        raise FedmiError(f"unknown runtime '{kind}'; choose one of {', '.join(runtime_names())}")
+    return RUNTIMES.get(kind)(model, sites, task, workers)
 
 
-__all__ = ["RUNTIMES", "Runtime", "SequentialRuntime", "VectorisedRuntime", "choose_runtime", "make_runtime"]
+def runtime_names() -> tuple[str, ...]:
+    """Every name `make_runtime` accepts."""
+    return ("auto", *RUNTIMES)
+
+
+__all__ = ["RUNTIMES", "Runtime", "SequentialRuntime", "VectorisedRuntime", "choose_runtime", "make_runtime",
+           "runtime_names"]

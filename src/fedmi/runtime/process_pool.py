@@ -25,9 +25,10 @@ from torch import nn
 
 from fedmi.core import params as P
 from fedmi.core.local import LocalMethod, State
+from fedmi.core.runtime import RUNTIMES
 from fedmi.core.tasks import Task
 from fedmi.core.types import RoundInfo, SiteData, Update
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, one_line
 from fedmi.runtime.sequential import SequentialRuntime, train_site
 
 # Several chunks per worker so that a worker that draws large sites does not hold up the round.
@@ -66,11 +67,6 @@ def _chunks(names: Sequence[str], count: int) -> list[list[str]]:
         out.append(list(names[start:end]))
         start = end
     return out
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class ProcessPoolRuntime(SequentialRuntime):
@@ -156,10 +152,10 @@ class ProcessPoolRuntime(SequentialRuntime):
                         self._executor = None
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise FedmiError(f"process pool: a worker process died; site(s) {', '.join(chunk)} "
-                                     f"did not finish: {_one_line(e)}") from e
+                                     f"did not finish: {one_line(e)}") from e
                 except Exception as e:
                     raise FedmiError(f"process pool: training failed at site(s) "
-                                     f"{', '.join(chunk)}: {_one_line(e)}") from e
+                                     f"{', '.join(chunk)}: {one_line(e)}") from e
                 self._pids.add(pid)
                 for update, kept in updates:
                     self.site_states.put(update.site, kept)
@@ -181,3 +177,8 @@ class ProcessPoolRuntime(SequentialRuntime):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@RUNTIMES.register("processes")
+def _make(model: nn.Module, sites: Sequence[SiteData], task: Task | None, workers: int | None) -> ProcessPoolRuntime:
+    return ProcessPoolRuntime(model, sites, task, workers=workers)

@@ -17,6 +17,7 @@ from fedmi.client.evaluation import evaluate_site
 from fedmi.core import params as P
 from fedmi.core.batches import plan_batches, site_batches
 from fedmi.core.local import Batch, LocalMethod, SiteContext, SiteStates, State
+from fedmi.core.runtime import RUNTIMES
 from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
 from fedmi.errors import FedmiError
@@ -176,3 +177,8 @@ class SequentialRuntime(SitesByName):
             own = params if method is None else method.evaluation_params(params, self.site_states.get(n))
             out[n] = evaluate_site(self._model, self.task, own, self._site(n), split)
         return out
+
+
+@RUNTIMES.register("sequential")
+def _make(model: nn.Module, sites: Sequence[SiteData], task: Task | None, workers: int | None) -> SequentialRuntime:
+    return SequentialRuntime(model, sites, task)

@@ -36,9 +36,10 @@ from torch.func import vmap
 from fedmi.core import params as P
 from fedmi.core.batches import BatchPlan, plan_batches
 from fedmi.core.local import Batch, LocalMethod, SiteContext, SiteStates, State
+from fedmi.core.runtime import RUNTIMES
 from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, one_line
 from fedmi.runtime.sequential import SequentialRuntime, gradients, model_forward, site_context
 
 log = logging.getLogger("fedmi")
@@ -61,11 +62,6 @@ def tree_index(tree: Any, j: int) -> Any:
     if isinstance(tree, dict):
         return {k: tree_index(v, j) for k, v in tree.items()}
     return tree[j]
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 class VectorisedRuntime:
@@ -154,7 +150,7 @@ class VectorisedRuntime:
                 reason = None
             except Exception as e:  # noqa: BLE001 - any failure means: not batchable
                 reason = (f"cannot run {kind.__name__} with {type(self._model).__name__} batched across sites "
-                          f"({_one_line(e)})")
+                          f"({one_line(e)})")
                 log.warning("vectorised runtime: %s; its sites train one after another", reason)
             self._verdicts[kind] = reason
         return self._verdicts[kind]
@@ -231,3 +227,8 @@ def _select(plan: BatchPlan, members: list[int]) -> BatchPlan:
     steps = plan.steps[members]
     t, w = int(steps.max()), int(plan.mask[members].sum(-1).max())
     return BatchPlan(plan.index[members, :t, :w], plan.mask[members, :t, :w], steps)
+
+
+@RUNTIMES.register("vectorised")
+def _make(model: nn.Module, sites: Sequence[SiteData], task: Task | None, workers: int | None) -> VectorisedRuntime:
+    return VectorisedRuntime(model, sites, task)

@@ -163,7 +163,9 @@ class Federation:
         if site.test_mask is not None:
             test = site.test_mask
         else:
-            test = stratified_test_mask(site.y, test_fraction, numpy_generator(Stream.SPLIT, seed, key))
+            # Stratified by class where a sample has one class label; else by sample (masks, values).
+            strata = site.y if self.task.name in ("binary", "multiclass") else np.zeros(site.n, dtype=np.int64)
+            test = stratified_test_mask(strata, test_fraction, numpy_generator(Stream.SPLIT, seed, key))
         x_tr, x_te = site.x[~test], site.x[test]
         if self.standardize and len(x_tr):
             mean = x_tr.mean(axis=0)
@@ -180,7 +182,7 @@ class Federation:
         if data.num_train == 0:
             raise FedmiError(f"site {site.name}: its training split is empty")
         for part, y in (("training", data.y_train), ("test", data.y_test)):
-            if len(y) and len(torch.unique(y)) < 2:
+            if self.task.name in ("binary", "multiclass") and len(y) and len(torch.unique(y)) < 2:
                 log.warning(
                     "site %s: its %s split holds a single class (%d); metrics undefined there are n/a",
                     site.name, part, int(y[0]),

@@ -79,6 +79,9 @@ def _with_dataset_options(command):
     arrive in its **dataset_options, None where not given."""
     import inspect
 
+    if getattr(command, "_with_dataset_options", False):
+        return command
+    command._with_dataset_options = True
     signature = inspect.signature(command)
     params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     for name, (flag, kind, text) in _dataset_option_fields().items():
@@ -89,7 +92,6 @@ def _with_dataset_options(command):
 
 
 @app.command()
-@_with_dataset_options
 def table2(
     dataset: str = typer.Option("heart-disease", help="a dataset (fedmi datasets), csv:PATH or npz:PATH"),
     methods: str = typer.Option("cross,single,mix,fedavg,fedsgd,fedprox", help="comma-separated settings"),
@@ -373,6 +375,8 @@ def export(
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "table2":  # the datasets' options: only this command pays their imports
+        _with_dataset_options(table2)
     try:
         app()  # usage errors (unknown option, bad value) are typer's: it prints them and exits 2
     except FedmiError as e:

@@ -9,14 +9,13 @@ from __future__ import annotations
 from enum import IntEnum
 
 import numpy as np
-import torch
 
 
 class Stream(IntEnum):
     REPEAT = 1  # (seed, repeat): the seed of one repeat of an experiment
     SPLIT = 2  # (seed, site): a site's train/test split
     SIMULATION = 3  # (seed,): simulated partitions, scanners, synthetic cohorts
-    LOCAL_TRAINING = 4  # (seed, round, site): a site's batches in a round
+    LOCAL_TRAINING = 4  # (seed, round, site): a site's batches in a round (the tag of core.batches' hash)
     CENTRAL_TRAINING = 5  # (seed, which, site): centralised baselines
     SELECTION = 6  # (seed,): which sites train in each round
 
@@ -24,10 +23,6 @@ class Stream(IntEnum):
 def derive_seed(stream: Stream, *key: int) -> int:
     """A 63-bit seed from a stream tag and non-negative integers (NumPy's SeedSequence hashing)."""
     return int(np.random.SeedSequence([int(stream), *key]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def torch_generator(stream: Stream, *key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(stream, *key))
 
 
 def numpy_generator(stream: Stream, *key: int) -> np.random.Generator:

@@ -14,7 +14,8 @@ torch.autograd, many sites' from one backward pass over their summed objectives 
 are disjoint, so each site gets exactly its own gradient). `torch.func.grad` would do the same per
 call but costs about 1 ms of overhead per call on a small model against 0.2 ms for autograd.
 
-Models run through `torch.func.functional_call` on the state's parameter and buffer dicts, so
+Models run functionally on the state's parameter and buffer dicts (what
+`torch.func.functional_call` does; `fedmi.runtime.sequential.FunctionalModel`), so
 batch-norm statistics are ordinary state: they change in place during the forward pass in
 training mode, and a method decides whether they travel to the server or stay at the site.
 

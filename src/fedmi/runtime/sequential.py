@@ -8,6 +8,7 @@ init / objective + step per batch / final, and differentiates the objective with
 
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -39,6 +40,7 @@ class FunctionalModel:
             for kind in ("_parameters", "_buffers"):
                 for name in getattr(module, kind):
                     self._slots[f"{prefix}.{name}" if prefix else name] = (getattr(module, kind), name)
+        self.buffers = tuple(name for name, _ in model.named_buffers())
 
     def __call__(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
         saved = []
@@ -54,16 +56,23 @@ class FunctionalModel:
                 slots[key] = original
 
 
+_FORWARDS: "weakref.WeakKeyDictionary[nn.Module, FunctionalModel]" = weakref.WeakKeyDictionary()
+
+
 def model_forward(model: nn.Module) -> FunctionalModel:
-    return FunctionalModel(model)
+    """The model's `FunctionalModel`, built once per model (its slots are found by a module walk)."""
+    forward = _FORWARDS.get(model)
+    if forward is None:
+        forward = _FORWARDS[model] = FunctionalModel(model)
+    return forward
 
 
 def site_context(model: nn.Module, task: Task, params: P.ParamsT, round_info: RoundInfo, site: str = "",
                  num_train: int = 0) -> SiteContext:
     """A site's context for one round (`dataclasses.replace` it for the next site: the names stay)."""
-    buffers = tuple(name for name, _ in model.named_buffers())
-    return SiteContext(round_info, task, model_forward(model), params,
-                       tuple(k for k in params if k not in buffers), buffers, site, num_train)
+    forward = model_forward(model)
+    return SiteContext(round_info, task, forward, params, tuple(k for k in params if k not in forward.buffers),
+                       forward.buffers, site, num_train)
 
 
 def channels_last(params: P.ParamsT) -> P.ParamsT:

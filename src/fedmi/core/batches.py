@@ -13,7 +13,9 @@ passes. A full batch (batch_size None, or at least the site's size) keeps the da
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,30 +82,32 @@ class BatchPlan:
         return [self.index[j, t, :w] for t, w in enumerate(widths[: int(self.steps[j])])]
 
 
-def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: list[int] | np.ndarray,
-                 seed: int, round_index: int) -> BatchPlan:
-    """Every listed site's batches for one round, in one vectorised computation.
+class _Layout(NamedTuple):
+    """What a round's plan shares with every other round of the same sites: all but the order."""
 
-    Args:
-      schedule: batch size and local steps or epochs.
-      sizes: each site's number of training samples.
-      keys: each site's key (its position in the federation): it, not the list's order, keys its draws.
-      seed: the run's seed.
-      round_index: 0-based round.
-    Returns:
-      A `BatchPlan`; site j's batch t holds `plan.index[j, t][plan.mask[j, t]]`.
-    """
+    seg_site: np.ndarray  # (segments,) the site of each (site, pass) segment
+    seg_pass: np.ndarray  # (segments,) its pass, as uint64
+    elem_seg: np.ndarray  # (elements,) the segment of each element
+    elem_i: np.ndarray  # (elements,) its sample index within its site
+    elem_i64: np.ndarray  # the same as uint64
+    in_order: np.ndarray  # (elements,) True where a full batch keeps the data's order
+    seg_bits: np.ndarray  # (elements,) the segment in the sort key's high bits
+    gather: np.ndarray  # (sites, steps, width) position in the sorted elements (0 on padding)
+    mask: torch.Tensor
+    steps: torch.Tensor
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(batch_size: int | None, local_steps: int | None, local_epochs: int | None,
+            sizes: tuple[int, ...]) -> _Layout:
     n = np.asarray(sizes, dtype=np.int64)
-    if (n < 1).any():
-        raise FedmiError("a site with no training samples cannot train")
-    bs = n.copy() if schedule.batch_size is None else np.minimum(schedule.batch_size, n)
+    bs = n.copy() if batch_size is None else np.minimum(batch_size, n)
     per_pass = -(-n // bs)  # batches in one pass
-    steps = per_pass * schedule.local_epochs if schedule.local_epochs is not None else \
-        np.full_like(n, schedule.local_steps)
+    steps = per_pass * local_epochs if local_epochs is not None else np.full_like(n, local_steps)
     passes = -(-steps // per_pass)
     s_count = len(n)
 
-    # One segment per (site, pass): the hash keys of its indices, sorted within the segment.
+    # One segment per (site, pass): its indices are ordered by their hash keys within the segment.
     seg_site = np.repeat(np.arange(s_count), passes)
     seg_pass = np.concatenate([np.arange(p) for p in passes]) if s_count else np.zeros(0, np.int64)
     seg_len = n[seg_site]
@@ -111,15 +115,6 @@ def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: l
     total = int(seg_len.sum())
     elem_seg = np.repeat(np.arange(len(seg_len)), seg_len)
     elem_i = np.arange(total, dtype=np.int64) - seg_start[elem_seg]
-    site_hash = _chain(_chain(_chain(np.full(s_count, int(Stream.LOCAL_TRAINING), np.uint64), seed), round_index),
-                       np.asarray(keys, dtype=np.int64).astype(np.uint64))
-    seg_hash = _chain(site_hash[seg_site], seg_pass.astype(np.uint64))
-    key = (_chain(seg_hash[elem_seg], elem_i.astype(np.uint64)) >> np.uint64(32)).astype(np.int64)
-    in_order = (bs >= n)[seg_site][elem_seg]  # a full batch keeps the data's order
-    key = np.where(in_order, elem_i, key) | (elem_seg << 32)
-    # Stable: within a segment, equal hashes keep index order, whatever other sites are planned along.
-    order = np.argsort(key, kind="stable")
-    perm = elem_i[order]  # position within each segment's site
 
     # Batch t of site j: pass t // per_pass, slice (t % per_pass) * bs of width min(bs, n - start).
     t_max = int(steps.max()) if s_count else 0
@@ -134,9 +129,39 @@ def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: l
     base = seg_start[seg_of] + start  # (sites, steps)
     col = np.arange(width)
     mask = col[None, None, :] < w[:, :, None]
-    flat = np.where(mask, base[:, :, None] + col[None, None, :], 0)
-    index = np.where(mask, perm[np.minimum(flat, max(total - 1, 0))], 0)
-    return BatchPlan(torch.from_numpy(index), torch.from_numpy(mask), torch.from_numpy(steps))
+    gather = np.where(mask, np.minimum(base[:, :, None] + col[None, None, :], max(total - 1, 0)), 0)
+    return _Layout(seg_site, seg_pass.astype(np.uint64), elem_seg, elem_i, elem_i.astype(np.uint64),
+                   (bs >= n)[seg_site][elem_seg], elem_seg << 32, gather, torch.from_numpy(mask),
+                   torch.from_numpy(steps))
+
+
+def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: list[int] | np.ndarray,
+                 seed: int, round_index: int) -> BatchPlan:
+    """Every listed site's batches for one round, in one vectorised computation.
+
+    Args:
+      schedule: batch size and local steps or epochs.
+      sizes: each site's number of training samples.
+      keys: each site's key (its position in the federation): it, not the list's order, keys its draws.
+      seed: the run's seed.
+      round_index: 0-based round.
+    Returns:
+      A `BatchPlan`; site j's batch t holds `plan.index[j, t][plan.mask[j, t]]`. Its `mask` and
+      `steps` are shared with other rounds' plans of the same sites: read them, do not write.
+    """
+    sizes = tuple(np.asarray(sizes, dtype=np.int64).tolist())
+    if any(n < 1 for n in sizes):
+        raise FedmiError("a site with no training samples cannot train")
+    lay = _layout(schedule.batch_size, schedule.local_steps, schedule.local_epochs, sizes)
+    site_hash = _chain(_chain(_chain(np.full(len(sizes), int(Stream.LOCAL_TRAINING), np.uint64), seed), round_index),
+                       np.asarray(keys, dtype=np.int64).astype(np.uint64))
+    seg_hash = _chain(site_hash[lay.seg_site], lay.seg_pass)
+    key = (_chain(seg_hash[lay.elem_seg], lay.elem_i64) >> np.uint64(32)).astype(np.int64)
+    key = np.where(lay.in_order, lay.elem_i, key) | lay.seg_bits
+    # Stable: within a segment, equal hashes keep index order, whatever other sites are planned along.
+    perm = lay.elem_i[np.argsort(key, kind="stable")]  # position within each segment's site
+    index = np.where(lay.mask.numpy(), perm[lay.gather], 0)
+    return BatchPlan(torch.from_numpy(index), lay.mask, lay.steps)
 
 
 def site_batches(schedule: LocalSchedule, size: int, key: int, seed: int, round_index: int) -> list[torch.Tensor]:

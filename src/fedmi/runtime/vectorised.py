@@ -188,19 +188,24 @@ class VectorisedRuntime:
         state = tree_stack(states)
         del states
         steps = int(plan.steps.max())
-        rows = plan.index + self._offset[sites].view(-1, 1, 1)
-        count = plan.mask.sum(-1)  # (sites, steps)
-        weight = plan.mask / count.clamp_min(1).unsqueeze(-1)
+        # Step-major (steps, sites, width), so that each step's slice is one contiguous block.
+        rows = (plan.index + self._offset[sites].view(-1, 1, 1)).transpose(0, 1).contiguous()
+        mask = plan.mask.transpose(0, 1)
+        count = mask.sum(-1)  # (steps, sites)
+        weight = (mask / count.clamp_min(1).unsqueeze(-1)).contiguous()
         labels = self._y[rows]  # every step's labels at once
-        buffer = self._x_rows.new_empty(rows[:, 0].numel(), self._x_rows.shape[1])
+        buffer = self._x_rows.new_empty(rows[0].numel(), self._x_rows.shape[1])
+        sample_shape = self._x.shape[1:]
         data_losses = []
         step_fn = method.step if method.elementwise else vmap(lambda st, g: method.step(st, g, shared), in_dims=(0, 0))
-        widths = count.max(0).values.tolist()  # per step; a bucket of a model with buffers has no padding
+        widths = count.max(1).values.tolist()  # per step; a bucket of a model with buffers has no padding
+        full = rows.shape[-1]
         for t in range(steps):
-            idx = rows[:, t, : widths[t]]
-            out = buffer[: idx.numel()]
-            x = torch.index_select(self._x_rows, 0, idx.reshape(-1), out=out).view(*idx.shape, *self._x.shape[1:])
-            batch = Batch(x, labels[:, t, : widths[t]], weight[:, t, : widths[t]])
+            w = widths[t]
+            idx, y, wt = (rows[t], labels[t], weight[t]) if w == full else \
+                (rows[t, :, :w], labels[t, :, :w], weight[t, :, :w])
+            x = torch.index_select(self._x_rows, 0, idx.reshape(-1), out=buffer[: idx.numel()])
+            batch = Batch(x.view(*idx.shape, *sample_shape), y, wt)
             leaves = method.trainable(state)
             for v in leaves.values():
                 if not v.requires_grad:
@@ -211,8 +216,8 @@ class VectorisedRuntime:
             with torch.no_grad():
                 state = step_fn(state, grads, shared) if method.elementwise else step_fn(state, grads)
         # As the sequential loop: the mean of the steps' losses, each weighted by its batch size.
-        loss_sum = (torch.stack(data_losses).double() * count.T).sum(0)
-        totals = count.sum(1).double().clamp_min(1)
+        loss_sum = (torch.stack(data_losses).double() * count).sum(0)
+        totals = count.sum(0).double().clamp_min(1)
         with torch.no_grad():
             for j, ctx in enumerate(ctxs):
                 ctx.train_loss = float(loss_sum[j] / totals[j])

@@ -88,7 +88,11 @@ def test_chunks_are_contiguous_and_balanced():
 
 def test_site_data_is_shared_and_workers_default_to_the_cores(three_sites):
     rt = ProcessPoolRuntime(build_model("logistic", (5,), seed=0), three_sites)
-    assert rt.workers == max(1, os.cpu_count() or 1)
+    assert rt.workers == min(3, max(1, os.cpu_count() or 1))
+    assert all(t.is_shared() for s in three_sites for t in (s.x_train, s.y_train, s.x_test, s.y_test))
+    rt.close()
+    rt = ProcessPoolRuntime(build_model("logistic", (5,), seed=0), three_sites, workers=1000)
+    assert rt.workers == 3  # never more workers than sites
     assert all(t.is_shared() for s in three_sites for t in (s.x_train, s.y_train, s.x_test, s.y_test))
     rt.close()
     for bad in (0, -1, 1.5, True):

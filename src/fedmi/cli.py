@@ -13,7 +13,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from fedmi.errors import FedmiError
@@ -51,8 +52,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _progress() -> Progress:
+    """A progress display on stderr (elapsed, estimate of the rest); none when stderr is not a terminal."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
+                    TextColumn("left"), TimeRemainingColumn(), console=err_console, transient=True,
+                    disable=not err_console.is_terminal)
 
 
 def _dataset_option_fields() -> dict[str, tuple[str, type, str]]:
@@ -104,7 +107,7 @@ def table2(
     fedsgd_lr: float = typer.Option(1.0, help="FedSGD's server step size"),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
                                                help="z-score features per site (default: on for tabular data)"),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="seed of splits, initial weights and batch order"),
     runtime: str = typer.Option("auto", help="auto, sequential, vectorised or processes (how sites are simulated)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default runs/table2-DATASET)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -155,44 +158,62 @@ def table2(
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="YAML file describing one federated run"),
+    config: Optional[Path] = typer.Argument(None, help="YAML file describing one federated run"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: the config's `out`, else runs/NAME)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the interrupted run in this folder from its last "
+                                                     "checkpoint (its own config.yaml; no CONFIG)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in the output folder, "
+                                                              "once this one finishes"),
     runtime: Optional[str] = typer.Option(None, help="override the config's runtime: auto, sequential, vectorised, "
                                                      "processes or flower-sim"),
     workers: Optional[int] = typer.Option(None, help="processes: worker processes; flower-sim: concurrent clients"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """One federated training run described by a YAML config."""
+    """One federated training run described by a YAML config; `--resume RUN_DIR` continues an interrupted one."""
     _setup_logging(verbose)
     from fedmi.experiments.config import RunConfig, load_config, validated
     from fedmi.experiments.federated_run import run_federated
+    from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, check_output, output_folder
     from fedmi.experiments.report import plot_convergence
 
-    cfg = load_config(config)
+    if (config is None) == (resume is None):
+        raise FedmiError("fedmi run: give a config file to start a run, or --resume RUN_DIR to continue one")
+    if resume is not None and (out is not None or overwrite):
+        raise FedmiError("fedmi run: --resume continues the run in its own folder; --out and --overwrite do not apply")
+    if resume is not None:
+        check_output(resume, "resume", "fedmi run --resume")
+        cfg, target, mode = load_config(resume / RUN_CONFIG), resume, "resume"
+    else:
+        cfg = load_config(config)
+        target = out or Path(cfg.out or Path("runs") / config.stem)
+        mode = "overwrite" if overwrite else "new"
     overrides = {k: v for k, v in (("runtime", runtime), ("workers", workers)) if v is not None}
     if overrides:
         cfg = validated(RunConfig, {**cfg.model_dump(), **overrides}, "fedmi run", prefix="option --")
-    out = out or Path(cfg.out or Path("runs") / config.stem)
-    with _progress() as progress:
-        task = progress.add_task(f"{config.name}: rounds", total=cfg.rounds)
+    check_output(target, mode, "fedmi run --resume")
+    name = config.stem if config else target.name
+    with output_folder(target, mode, "fedmi run --resume {}") as folder, _progress() as progress:
+        continuing = mode == "resume" and (folder / CHECKPOINT).is_file()
+        task = progress.add_task(f"{name}: {cfg.trainer.name}, round", total=cfg.rounds)
         advance = lambda r: progress.update(task, completed=r)  # noqa: E731
         if cfg.runtime == "flower-sim":
             from fedmi.apps.simulation import run_flower_simulation
 
-            done = run_flower_simulation(cfg, out, advance)
+            done = run_flower_simulation(cfg, folder, advance, resume=continuing)
         else:
-            done = run_federated(cfg, out, on_round=advance)
+            done = run_federated(cfg, folder, on_round=advance, resume=continuing)
+        task_ = done.federation.task
+        title = f"{cfg.trainer.name} on {done.federation.name}" + \
+            (" (SYNTHETIC DATA)" if done.federation.synthetic else "")
+        plot_convergence(done.result.history, folder / "convergence.png", title, task_.primary)
     final = done.result.history[-1]["test"]
-    task = done.federation.task
-    title = f"{cfg.trainer.name} on {done.federation.name}" + (" (SYNTHETIC DATA)" if done.federation.synthetic else "")
     table = Table(title=f"{title}: after {cfg.rounds} rounds")
-    for col in ("Site", "n", *(m.upper() for m in task.table_metrics)):
+    for col in ("Site", "n", *(m.upper() for m in task_.table_metrics)):
         table.add_column(col, justify="left" if col == "Site" else "right")
     for site, m in final.items():
-        table.add_row(site, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in task.table_metrics))
+        table.add_row(site, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in task_.table_metrics))
     out_console.print(table)
-    plot_convergence(done.result.history, out / "convergence.png", title, task.primary)
-    out_console.print(f"wrote {out}/: metrics.jsonl, model.safetensors, checkpoint.safetensors, summary.json, convergence.png")
+    out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
 
 
 _CONNECTION_HELP = "the server's HOST:PORT"
@@ -361,7 +382,7 @@ def datasets() -> None:
 def export(
     dataset: str = typer.Argument(..., help="a tabular dataset: heart-disease or synthetic-adni"),
     path: Path = typer.Argument(..., help="CSV file to write"),
-    seed: int = typer.Option(0, min=0, help="synthetic-adni: the generator's seed"),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="synthetic-adni: the generator's seed"),
 ) -> None:
     """Write a tabular dataset as CSV (site, label, features): the format `--dataset csv:PATH` reads."""
     from fedmi.data.registry import load_federation
@@ -377,17 +398,23 @@ def export(
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "table2":  # the datasets' options: only this command pays their imports
         _with_dataset_options(table2)
+    from fedmi.experiments.outputs import RunInterrupted
+
     try:
         app()  # usage errors (unknown option, bad value) are typer's: it prints them and exits 2
+    except RunInterrupted as e:
+        _fail(str(e), 130)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
     except FedmiError as e:
         _fail(str(e))
     except OSError as e:  # an output path that is a folder, a read-only disk, ...
         _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

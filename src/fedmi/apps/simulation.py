@@ -31,8 +31,9 @@ def simulation_backend(workers: int | None = None) -> dict:
 
 
 def run_flower_simulation(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None,
-                          client_app: ClientApp | None = None) -> FederatedRun:
-    """`client_app` replaces fedmi's own (a plain Flower client app, say); one virtual node per site."""
+                          client_app: ClientApp | None = None, resume: bool = False) -> FederatedRun:
+    """`client_app` replaces fedmi's own (a plain Flower client app, say); one virtual node per site.
+    `resume` continues the run in `out` from its checkpoint."""
     fed = federation_for(cfg.data, cfg.seed)  # here only for the number and names of the sites
     cfg = cfg.model_copy(update={"deployment": cfg.deployment.model_copy(
         update={"sites": cfg.deployment.sites or len(fed.sites)})})
@@ -42,7 +43,7 @@ def run_flower_simulation(cfg: RunConfig, out: Path | None = None, on_round: Cal
     @server.main()
     def _(grid: Grid, context: Context) -> None:
         try:  # the ServerApp runs in a thread of this process; its outcome is handed back here
-            outcome["result"] = run_on_grid(grid, cfg, out, on_round=on_round, simulation=True)
+            outcome["result"] = run_on_grid(grid, cfg, out, resume=resume, on_round=on_round, simulation=True)
         except Exception as e:  # noqa: BLE001 - re-raised below, outside Flower's thread
             outcome["error"] = e
 

@@ -95,6 +95,11 @@ def check_compatible(candidate: ParamsT, reference: ParamsT, what: str) -> None:
             raise FedmiError(f"{what}: '{k}' holds NaN or Inf values")
 
 
+def all_finite(p: ParamsT) -> bool:
+    """True if no tensor of `p` holds NaN or Inf (integer buffers count as finite)."""
+    return all(bool(torch.isfinite(v).all()) for v in p.values())
+
+
 _ORDER_KEY = "fedmi.order"  # safetensors sorts tensors by name; the model's order is kept here
 
 

@@ -7,6 +7,8 @@ only through a `Runtime`, which hands back `Update`s and metrics, never data.
 
 from __future__ import annotations
 
+import math
+
 import logging
 import time
 from dataclasses import dataclass, field
@@ -72,10 +74,19 @@ class RunResult:
 
 
 def check_update(update: Update, reference: P.ParamsT, max_norm: float | None) -> None:
-    """Reject a malformed or absurd update: wrong names/shapes/dtypes, NaN/Inf, norm too large."""
+    """Reject a malformed or absurd update: wrong names/shapes/dtypes, NaN/Inf, a training loss
+    that is not finite (local training diverged), norm too large."""
     P.check_compatible(update.delta, reference, f"update from site {update.site}")
+    loss = update.metrics.get("train_loss")
+    if loss is not None and not math.isfinite(loss):
+        raise FedmiError(f"update from site {update.site}: its training loss is {loss}, local training diverged "
+                         "(lower the learning rate, or standardise the features)")
     if max_norm is not None and (norm := P.l2_norm(update.delta)) > max_norm:
         raise FedmiError(f"update from site {update.site}: norm {norm:.3g} exceeds the limit {max_norm:.3g}")
+
+
+def _stops(completed: int) -> str:
+    return "the run stops here" + (f" (the last checkpoint holds round {completed})" if completed else "")
 
 
 @dataclass
@@ -120,11 +131,21 @@ class Runner:
             state = resume
             log.info("resuming after round %d of %d", state.round, self.rounds)
         infos = self.runtime.site_infos()
+        self._check_feasible(len(infos))
         while state.round < self.rounds:
             state = self.run_round(state, infos)
             if on_round is not None:
                 on_round(state.round)
         return RunResult(state.params, state.history, state)
+
+    def _check_feasible(self, sites: int) -> None:
+        """Fail before round 1 on settings no round could meet."""
+        if self.min_sites > sites:
+            raise FedmiError(f"min_sites is {self.min_sites} but the federation has {sites} sites")
+        needed = self.aggregator.min_updates() if hasattr(self.aggregator, "min_updates") else 1
+        if needed > sites:
+            raise FedmiError(f"aggregation {self.aggregator} needs at least {needed} updates a round, "
+                             f"the federation has {sites} sites")
 
     def run_round(self, state: ServerState, infos: Sequence[SiteInfo]) -> ServerState:
         """`state` advanced by one round (its record logged, checkpointed and appended to its history)."""
@@ -172,6 +193,9 @@ class Runner:
                     log.warning("round %d: completed with %d of %d sites (min_sites %d); left out: %s",
                                 r + 1, len(accepted), len(chosen), self.min_sites, ", ".join(missing))
                 new_params, aggregation = round_agg.finish()
+                if not P.all_finite(new_params):
+                    raise FedmiError(f"round {r + 1}: the aggregated global model holds NaN or infinite values "
+                                     "(the server step is too large: lower server_lr); " + _stops(r))
                 order = {name: i for i, name in enumerate(chosen)}  # replies come in arrival order
                 accepted.sort(key=lambda a: order[a.site])
                 rejected.sort(key=lambda s: order.get(s, len(order)))
@@ -180,8 +204,7 @@ class Runner:
                    f"min_sites is {self.min_sites}"
             if attempt < self.max_retries:
                 log.warning("%s; running the round again (retry %d of %d)", what, attempt + 1, self.max_retries)
-        raise FedmiError(f"{what}, still after {self.max_retries} retries; the run stops here "
-                         f"(the last checkpoint holds round {r})")
+        raise FedmiError(f"{what}, still after {self.max_retries} retries; " + _stops(r))
 
     def _take(self, update: Update | Rejected, params: P.ParamsT, round_agg: RoundAggregator, r: int
               ) -> _Report | None:
@@ -204,4 +227,9 @@ class Runner:
         last = r + 1 == self.rounds
         if last or (self.evaluate_every and (r + 1) % self.evaluate_every == 0):
             record["test"] = self.runtime.evaluate(params, self.method)
+            for site, metrics in record["test"].items():
+                loss = metrics.get("loss")
+                if loss is not None and not math.isfinite(loss):
+                    raise FedmiError(f"round {r + 1}: the global model's test loss at site {site} is {loss}: "
+                                     "training diverged (lower the learning rate, or standardise the features); " + _stops(r))
         return record

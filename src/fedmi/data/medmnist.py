@@ -105,11 +105,12 @@ def load_medmnist(
 class PartitionOptions(DatasetOptions):
     """How one pooled image dataset is cut into simulated sites."""
 
-    num_sites: int = Field(4, ge=1, description="number of simulated sites", json_schema_extra={"cli": "sites"})
+    num_sites: int = Field(4, ge=1, le=1000, description="number of simulated sites", json_schema_extra={"cli": "sites"})
     partition: Literal["iid", "dirichlet", "quantity"] = Field(
         "iid", description="iid, dirichlet (label skew) or quantity (size skew)")
-    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration of the partition")
-    shift_strength: float = Field(1.0, ge=0, description="simulated acquisition shift strength (0 = none)",
+    alpha: float = Field(1.0, gt=0, le=1e6, description="Dirichlet concentration of the partition")
+    shift_strength: float = Field(1.0, ge=0, le=2, description="simulated acquisition shift strength "
+                                  "(0 = none, 1 = plausible scanners, 2 = at most)",
                                   json_schema_extra={"cli": "shift"})
     max_samples: int | None = Field(None, ge=2, description="use a random subset of this size")
 

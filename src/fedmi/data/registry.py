@@ -13,21 +13,22 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from fedmi.core.registry import Registry
+from fedmi.core.schema import Settings, closest, describe_errors
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError
 
 
-class DatasetOptions(BaseModel):
+class DatasetOptions(Settings):
     """Base of every dataset's options: unknown options are errors.
 
     A field's `description` is its help text on the command line; `json_schema_extra={"cli": "x"}`
     names its command-line option `--x` (default: the field name with dashes).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Dataset:
@@ -82,13 +83,16 @@ def dataset_options(spec: str, options: dict[str, Any], where: str = "dataset op
     try:
         return cls.Options.model_validate({**options, **implied})
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "extra_forbidden":
-            valid = ", ".join(cls.Options.model_fields) or "none"
-            raise FedmiError(f"{where} '{field}' does not apply to dataset {cls.name} (its options: {valid})") from None
-        got = f", got {first['input']!r}" if first["type"] != "missing" else ""
-        raise FedmiError(f"{where} '{field}' of dataset {cls.name}: {first['msg']}{got}") from None
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                valid = ", ".join(cls.Options.model_fields) or "none"
+                lines.append(f"{where} '{field}' does not apply to dataset {cls.name}"
+                             f"{closest(field, cls.Options.model_fields)} (its options: {valid})")
+        lines += [line.replace("field ", f"{where} ", 1).replace("':", f"' of dataset {cls.name}:", 1)
+                  for err, line in zip(e.errors(), describe_errors(e, cls.Options)) if err["type"] != "extra_forbidden"]
+        raise FedmiError("; ".join(lines)) from None
 
 
 def load_federation(spec: str, seed: int = 0, **options: Any) -> Federation:

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
 from fedmi.experiments.config import SiteConfig, load_config, load_yaml_model
 from fedmi.deploy.app_pin import APP_COMPONENTS, write_launchers
 from fedmi.apps.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, SITE_NAMES, remember_site, site_names
@@ -50,7 +48,6 @@ OFFLINE_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 DEFAULT_PORT = 9092
-RUN_CONFIG_FILE = "config.yaml"  # the submitted config, kept in the run folder for --resume
 
 # The Flower app: fedmi's two apps, importable from this environment; nothing else to install.
 APP_PYPROJECT = """\
@@ -358,10 +355,11 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
 # -- runs ---------------------------------------------------------------------------------------
 def submit(connection: Connection, config: Path | None, run_dir: Path, resume: bool = False) -> int:
     """Start the federation `config` describes (or resume the one in `run_dir`); stream its log."""
-    from fedmi.experiments.federated_run import CHECKPOINT
+    from fedmi.experiments.config import save_config
+    from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG
 
     run_dir = run_dir.resolve()
-    saved = run_dir / RUN_CONFIG_FILE
+    saved = run_dir / RUN_CONFIG
     if resume:
         cfg = load_config(saved)
         if not (run_dir / CHECKPOINT).is_file():
@@ -373,7 +371,7 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
         if saved.exists():
             raise FedmiError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose --out")
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        save_config(cfg, saved)
     with tempfile.TemporaryDirectory(prefix="fedmi-app-") as tmp:
         app = Path(tmp) / "app"
         app.mkdir()

@@ -6,17 +6,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedmi.core.schema import Settings, quote, validate
 from fedmi.errors import FedmiError
 from fedmi.runtime.flower.settings import DeploymentConfig
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 M = TypeVar("M", bound=BaseModel)
+MAX_SEED = 2**63 - 1  # seeds travel as signed 64-bit integers (torch, safetensors metadata)
 
 
 def _registered(registry, name: str) -> str:
@@ -28,7 +25,7 @@ def _registered(registry, name: str) -> str:
     return name
 
 
-class DataConfig(BaseModel):
+class DataConfig(Settings):
     """Which dataset, its own options, and how each site splits its data.
 
     The dataset's options sit beside `dataset` (`num_sites: 4`, `label: severity`, ...) and are
@@ -36,7 +33,7 @@ class DataConfig(BaseModel):
     dataset serves YAML, the command line and the Python API.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     dataset: str = "heart-disease"  # a registered dataset, csv:PATH or npz:PATH
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -57,11 +54,11 @@ class DataConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-class TrainerConfig(BaseModel):
+class TrainerConfig(Settings):
     """The local method and its options. The common options are typed here; a method's own options
     (any registered method's constructor arguments) are accepted too and checked by building it."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str = "fedavg"  # a registered local method (fedmi.client)
     lr: float | None = Field(None, gt=0)
@@ -94,7 +91,7 @@ class TrainerConfig(BaseModel):
         return self.model_dump(exclude={"name"}, exclude_none=True)
 
 
-class RunConfig(_Strict):
+class RunConfig(Settings):
     data: DataConfig = DataConfig()
     model: str = "logistic"  # a registered model (fedmi.models)
     trainer: TrainerConfig = TrainerConfig()
@@ -102,13 +99,13 @@ class RunConfig(_Strict):
     server_lr: float = Field(1.0, gt=0)  # used when aggregator is not given
     rounds: int = Field(50, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)  # of the sites selected each round
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     evaluate_every: int = Field(1, ge=0)
     max_update_norm: float | None = Field(None, gt=0)
     min_sites: int = Field(1, ge=1)  # a round with fewer acceptable updates is run again
     max_retries: int = Field(2, ge=0)  # ... at most this many times
     runtime: str = "auto"  # auto, a registered runtime (sequential, vectorised, processes) or flower-sim
-    workers: int | None = Field(None, ge=1)  # processes: worker processes; flower-sim: concurrent clients
+    workers: int | None = Field(None, ge=1, le=1024)  # processes: worker processes; flower-sim: concurrent clients
     deployment: DeploymentConfig = DeploymentConfig()
     out: str | None = None
 
@@ -142,16 +139,8 @@ class RunConfig(_Strict):
 
 
 def validated(model: type[M], raw: dict, source: str, prefix: str = "field ") -> M:
-    """`model` built from `raw`, or a FedmiError naming the first bad field and its value."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        errors = e.errors()
-        first = errors[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        got = f", got {first['input']!r}" if first["type"] != "missing" and not isinstance(first["input"], dict) else ""
-        raise FedmiError(f"{source}: {prefix}'{where}': {first['msg']}{got}{more}") from None
+    """`model` built from `raw`, or a FedmiError listing every invalid field (`fedmi.core.schema.validate`)."""
+    return validate(model, raw, source, prefix)
 
 
 def parse_config(raw: object, source: str) -> RunConfig:
@@ -164,6 +153,11 @@ def load_config(path: str | Path) -> RunConfig:
     return load_yaml_model(RunConfig, path, "config")
 
 
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """`cfg` as YAML that `load_config` reads back to an equal config (every field written)."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
 class SiteConfig(DataConfig):
     """A deployed site's own data (`fedmi site --data FILE`): which dataset, and which of its sites.
 
@@ -174,17 +168,70 @@ class SiteConfig(DataConfig):
     site: str | None = None
 
 
+MAX_YAML_VALUES = 10_000  # a config is small; more values (after alias expansion) is a mistake or an attack
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, with a key given twice in one mapping an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise FedmiError(f"line {key_node.start_mark.line + 1}: field '{quote(key)[1:-1]}' is given twice "
+                                 f"(first on line {seen[key]})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` stands for once its aliases are written out."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_:
+        raise FedmiError("a YAML alias refers to the value that contains it")
+    open_.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo, open_) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, open_) + _expanded_size(v, memo, open_) for k, v in node.value)
+    else:
+        size = 1
+    open_.discard(id(node))
+    memo[id(node)] = size = min(size, MAX_YAML_VALUES + 1)
+    return size
+
+
+def parse_yaml(text: str, source: str) -> object:
+    """The YAML document in `text`; a FedmiError for invalid YAML, a key given twice, or aliases that
+    expand to more than MAX_YAML_VALUES values (a few hundred bytes can otherwise stand for billions)."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
+            raise FedmiError(f"more than {MAX_YAML_VALUES} values once its aliases are expanded; write the values out")
+        return loader.construct_document(node)
+    except FedmiError as e:
+        raise FedmiError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise FedmiError(f"{source}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    finally:
+        loader.dispose()
+
+
 def load_yaml_model(model: type[M], path: str | Path, what: str) -> M:
     path = Path(path)
     if not path.is_file():
         raise FedmiError(f"no {what} file at {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise FedmiError(f"{path}: not a UTF-8 text file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise FedmiError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise FedmiError(f"{path}: a {what} must be a mapping of fields, got {type(raw).__name__}")
     return validated(model, raw, str(path))

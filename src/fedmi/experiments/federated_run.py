@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fedmi.client import make_method
-from fedmi.experiments.config import DataConfig, RunConfig
+from fedmi.experiments.config import DataConfig, RunConfig, save_config
+from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG
 from fedmi.core import params as P
 from fedmi.core.local import SiteStates
 from fedmi.core.runner import Runner, RunResult
@@ -23,7 +24,6 @@ from fedmi.models import build_model
 from fedmi.runtime import make_runtime
 from fedmi.server import make_aggregator, make_selector
 
-CHECKPOINT = "checkpoint.safetensors"
 SITES = "sites"  # a simulation's site states, one folder per recent round, one file per site
 
 
@@ -95,6 +95,8 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     if out is not None:
         from fedmi.experiments.report import JsonlWriter  # matplotlib: not needed by a site
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(cfg, out / RUN_CONFIG)
         sink = JsonlWriter(out / "metrics.jsonl")
         for record in start.history if start else []:  # the rounds before the crash, then the new ones
             sink(record)

@@ -23,9 +23,10 @@ FOOTNOTE = f"{NOT_PRIVATE} Mix pools the sites' data: not privacy-preserving, sh
 
 
 def _finite(obj):
-    """JSON has no NaN: non-finite numbers become null."""
+    """JSON has no NaN or Infinity: they are written as the strings "NaN", "Infinity" and
+    "-Infinity" (null stays reserved for a metric that is undefined)."""
     if isinstance(obj, float) and not np.isfinite(obj):
-        return None
+        return "NaN" if np.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -13,6 +13,7 @@ updates are yielded in the order of the requested sites, so a run matches the se
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -30,6 +31,8 @@ from fedmi.core.tasks import Task
 from fedmi.core.types import RoundInfo, SiteData, Update
 from fedmi.errors import FedmiError, one_line
 from fedmi.runtime.sequential import SequentialRuntime, train_site
+
+log = logging.getLogger("fedmi")
 
 # Several chunks per worker so that a worker that draws large sites does not hold up the round.
 _CHUNKS_PER_WORKER = 4
@@ -84,7 +87,12 @@ class ProcessPoolRuntime(SequentialRuntime):
             raise FedmiError(f"process pool: workers must be a positive integer, got {workers!r}")
         super().__init__(model, sites, task)
         self._site_list = list(sites)
-        self._workers = workers
+        # More workers than sites would idle; more than a few per core would only contend.
+        usable = max(1, min(len(self._site_list), 4 * (os.cpu_count() or 1)))
+        if workers > usable:
+            log.info("process pool: %d workers asked for, %d started (%d sites, %d cores)", workers, usable,
+                     len(self._site_list), os.cpu_count() or 1)
+        self._workers = min(workers, usable)
         self._executor: ProcessPoolExecutor | None = None
         self._closed = False
         self._pids: set[int] = set()

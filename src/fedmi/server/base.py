@@ -42,6 +42,13 @@ class Step:
         """
         return None
 
+    def min_updates(self) -> int:
+        """The fewest updates a round needs for this step to be defined (Krum: 2f + 3).
+
+        The runner checks it against the sites selected per round before the first round.
+        """
+        return 1
+
     def __or__(self, other: "Step") -> Any:
         from fedmi.server.pipeline import AggregationPipeline
 

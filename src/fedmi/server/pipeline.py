@@ -60,6 +60,10 @@ class AggregationPipeline:
         transforms, reducer, _ = self.parts()
         return bool(transforms) or reducer.needs_all_updates
 
+    def min_updates(self) -> int:
+        """The fewest updates a round needs: the most any step needs."""
+        return max(s.min_updates() for s in self._all_steps())
+
     def init(self, params: P.ParamsT) -> tuple:
         """The pipeline's state: one entry per step (transforms, reducer, optimiser)."""
         return tuple(s.init(params) for s in self._all_steps())

@@ -70,6 +70,9 @@ class Krum(Reducer):
             if not isinstance(value, int) or value < low:
                 raise FedmiError(f"krum {what} must be an integer of at least {low}, got {value!r}")
 
+    def min_updates(self) -> int:
+        return 2 * self.f + 3
+
     def scores(self, updates: Sequence[Update], like: P.ParamsT) -> torch.Tensor:
         k = len(updates)
         if k < 2 * self.f + 3:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from fedmi.core.schema import Settings
 
 
-class DeploymentConfig(BaseModel):
+class DeploymentConfig(Settings):
     """How the server waits for sites on Flower's runtimes (`fedmi submit`, `runtime: flower-sim`)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sites: int | None = Field(None, ge=1)  # start once this many have connected (default: min_sites)
     connect_timeout: float = Field(300.0, gt=0)  # seconds to wait for them

@@ -1,0 +1,127 @@
+"""Output folders that never lose a run.
+
+A command writes a run into a folder in one of three modes:
+
+- "new" (the default): the folder must not hold anything yet. A run that fails before its first
+  round completes removes the folder it created; one that fails or is interrupted later keeps
+  its completed rounds there, ready for ``--resume``.
+- "overwrite": the folder may hold an earlier fedmi run. The new run is written beside it, in
+  ``NAME.partial``, and replaces the earlier one only when it has finished: a run that fails
+  leaves the earlier folder exactly as it was.
+- "resume": the folder holds an interrupted run; the command continues it in place.
+
+A folder that holds files but no fedmi run (a home folder given as ``--out`` by mistake) is
+never replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Literal
+
+from fedmi.errors import FedmiError
+
+CHECKPOINT = "checkpoint.safetensors"  # the server's resumable state, rewritten after every round
+RUN_CONFIG = "config.yaml"  # the run's settings, kept in its folder for --resume
+RUN_MARKERS = (RUN_CONFIG, CHECKPOINT, "metrics.jsonl", "summary.json", "results.json")
+
+Mode = Literal["new", "overwrite", "resume"]
+
+
+class RunInterrupted(FedmiError):
+    """The user stopped the run (Ctrl-C); the message says where its completed rounds are kept."""
+
+
+def holds_run(folder: Path) -> bool:
+    """True if `folder` holds a fedmi run (or a part of one)."""
+    return any((folder / name).exists() for name in RUN_MARKERS)
+
+
+def _occupied(folder: Path) -> bool:
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
+def check_output(target: Path, mode: Mode, resume_flag: str = "--resume") -> None:
+    """Raise a FedmiError if `target` cannot take a run in `mode`; writes nothing.
+
+    Args:
+      target: the run's folder.
+      mode: "new", "overwrite" or "resume".
+      resume_flag: how the command spells its resume option (for the message).
+    """
+    if target.exists() and not target.is_dir():
+        raise FedmiError(f"output folder {target} is a file")
+    if mode == "resume":
+        if not (target / CHECKPOINT).is_file() and not (target / RUN_CONFIG).is_file():
+            raise FedmiError(f"{target} holds no run to resume (no {CHECKPOINT} or {RUN_CONFIG})")
+        return
+    if not _occupied(target):
+        return
+    if not holds_run(target):
+        raise FedmiError(f"output folder {target} holds other files, not a fedmi run; choose an empty or new folder")
+    if mode == "new":
+        raise FedmiError(f"{target} already holds a run; give --overwrite to replace it when the new run "
+                         f"finishes, {resume_flag} to continue it, or another output folder")
+    partial = _partial(target)
+    if _occupied(partial):
+        raise FedmiError(f"{partial} holds an interrupted run that was to replace {target}; continue it with "
+                         f"{resume_flag} {partial}, or remove it")
+
+
+def _partial(target: Path) -> Path:
+    return target.with_name(target.name + ".partial")
+
+
+@contextmanager
+def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--resume {}") -> Iterator[Path]:
+    """The folder to write a run into, per `mode` (see the module's docstring).
+
+    Args:
+      target: where the finished run belongs.
+      mode: "new", "overwrite" or "resume".
+      resume_command: the command that continues a run, with {} for its folder (for messages).
+    Yields:
+      The folder to write into: `target`, or its ``.partial`` sibling when overwriting.
+    Raises:
+      RunInterrupted on Ctrl-C, and the run's own error otherwise, each with a note of where
+      completed rounds are kept.
+
+    Example::
+
+        with output_folder(Path("runs/a"), "overwrite") as folder:
+            train(folder)   # runs/a is replaced only if this returns
+    """
+    check_output(target, mode)
+    if mode == "resume":
+        folder, created = target, False
+    else:
+        folder = _partial(target) if _occupied(target) else target
+        created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+    except (Exception, KeyboardInterrupt) as e:
+        kept = (folder / CHECKPOINT).is_file()
+        if not kept and created:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing worth keeping: leave no trace
+        note = ""
+        if kept:
+            note = f"; the completed rounds are kept in {folder}: continue with {resume_command.format(folder)}"
+            if folder != target:
+                note += f" ({target} is unchanged)"
+        elif folder != target:
+            note = f"; {target} is unchanged"
+        if isinstance(e, KeyboardInterrupt):
+            raise RunInterrupted("interrupted" + note) from None
+        if isinstance(e, FedmiError) and note:
+            raise FedmiError(f"{e}{note}") from None
+        raise
+    if folder != target:  # the new run is complete: it replaces the earlier one
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(folder, target)
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Runs never lose or mix results: existing folders, late failures, interruption and resume, non-finite losses."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmi.core import params as P
+from fedmi.errors import FedmiError
+from fedmi.experiments.outputs import RunInterrupted, output_folder
+from test_cli import fedmi
+
+RUN = "data: {dataset: heart-disease}\nruntime: sequential\nrounds: %d\nseed: 3\n"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def finished_run(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "run"
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", write(tmp_path, "ok.yaml", RUN % 2), "--out", out)
+    assert code == 0, stderr
+    return out
+
+
+def test_an_existing_run_is_refused_without_overwrite_or_resume(monkeypatch, capsys, tmp_path, finished_run):
+    before = snapshot(finished_run)
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", write(tmp_path, "c.yaml", RUN % 2), "--out", finished_run)
+    assert code == 2 and "already holds a run" in stderr and "--overwrite" in stderr
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("late_error, message", [
+    ("aggregator: krum(f=10)\n", "needs at least 23 updates"),
+    ("min_sites: 9\n", "min_sites is 9"),
+    ("trainer: {name: fedsgd}\nserver_lr: 1.0e+38\n", "test loss at site Cleveland is inf"),  # diverges in round 1
+    ("max_update_norm: 1.0e-9\nmax_retries: 0\n", "0 of 4 sites gave an acceptable update"),  # all rejected
+])
+def test_a_failed_overwrite_leaves_the_earlier_run_exactly_as_it_was(monkeypatch, capsys, tmp_path, finished_run,
+                                                                    late_error, message):
+    before = snapshot(finished_run)
+    cfg = write(tmp_path, "bad.yaml", RUN % 2 + late_error)
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", finished_run, "--overwrite")
+    text = " ".join(stderr.split())
+    assert code == 2 and message in text and "Traceback" not in stderr, stderr
+    assert snapshot(finished_run) == before
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_overwrite_replaces_the_run_only_when_the_new_one_finishes(monkeypatch, capsys, tmp_path, finished_run):
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", write(tmp_path, "c.yaml", RUN % 3), "--out", finished_run,
+                            "--overwrite")
+    assert code == 0, stderr
+    assert len((finished_run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (tmp_path / "run.partial").exists() and not (tmp_path / "run.old").exists()
+
+
+def test_a_new_run_that_fails_before_its_first_round_leaves_no_folder(monkeypatch, capsys, tmp_path):
+    cfg = write(tmp_path, "bad.yaml", RUN % 2 + "min_sites: 9\n")
+    code, _, _ = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "new")
+    assert code == 2 and not (tmp_path / "new").exists()
+
+
+def test_a_folder_of_other_files_is_never_replaced(monkeypatch, capsys, tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", write(tmp_path, "c.yaml", RUN % 1), "--out",
+                            tmp_path / "home", "--overwrite")
+    assert code == 2 and "not a fedmi run" in stderr
+    assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+
+
+def test_output_folder_keeps_completed_rounds_of_an_interrupted_run(tmp_path):
+    with pytest.raises(RunInterrupted, match="fedmi run --resume"):
+        with output_folder(tmp_path / "r", "new", "fedmi run --resume {}") as folder:
+            (folder / "checkpoint.safetensors").write_text("round 1")
+            raise KeyboardInterrupt
+    assert (tmp_path / "r" / "checkpoint.safetensors").is_file()
+    with pytest.raises(FedmiError, match="boom"):
+        with output_folder(tmp_path / "s", "new"):
+            raise FedmiError("boom")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigint_reaches_the_uninterrupted_model(monkeypatch, capsys, tmp_path):
+    rounds = 12
+    cfg = write(tmp_path, "c.yaml", RUN % rounds + "trainer: {momentum: 0.5}\nfraction: 0.75\n")
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "whole")
+    assert code == 0, stderr
+
+    out = tmp_path / "cut"
+    # A real SIGINT, sent by the run to itself once round 3 is checkpointed: interrupted at a known point.
+    child = ("import os, signal, sys\n"
+             "from fedmi.core.runner import Runner\n"
+             "from fedmi.cli import main\n"
+             "run_round = Runner.run_round\n"
+             "def interrupting(self, state, infos):\n"
+             "    state = run_round(self, state, infos)\n"
+             "    if state.round == 3:\n"
+             "        os.kill(os.getpid(), signal.SIGINT)\n"
+             "    return state\n"
+             "Runner.run_round = interrupting\n"
+             f"sys.argv = ['fedmi', 'run', {str(cfg)!r}, '--out', {str(out)!r}]\n"
+             "main()\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130 and "fedmi run --resume" in proc.stderr, proc.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", "--resume", out)
+    assert code == 0, stderr
+    whole, resumed = P.load(tmp_path / "whole" / "model.safetensors"), P.load(out / "model.safetensors")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, rounds + 1))
+
+
+def test_resume_needs_a_run_folder(monkeypatch, capsys, tmp_path):
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", "--resume", tmp_path)
+    assert code == 2 and "no run to resume" in stderr
+    code, _, stderr = fedmi(monkeypatch, capsys, "run")
+    assert code == 2 and "--resume" in stderr
+
+
+def test_an_update_with_a_non_finite_training_loss_is_rejected_with_its_site():
+    from collections import OrderedDict
+
+    from fedmi.core.runner import check_update
+    from fedmi.core.types import Update
+
+    ref = OrderedDict(w=torch.zeros(2))
+    update = Update("Hungary", OrderedDict(w=torch.ones(2)), 10, metrics={"train_loss": float("inf")})
+    with pytest.raises(FedmiError, match="site Hungary: its training loss is inf"):
+        check_update(update, ref, None)
+
+
+def test_infinity_is_not_written_as_null():
+    from fedmi.experiments.report import to_json
+
+    assert json.loads(to_json({"a": float("inf"), "b": None, "c": float("nan")})) == \
+        {"a": "Infinity", "b": None, "c": "NaN"}

@@ -150,3 +150,48 @@ def test_infinity_is_not_written_as_null():
 
     assert json.loads(to_json({"a": float("inf"), "b": None, "c": float("nan")})) == \
         {"a": "Infinity", "b": None, "c": "NaN"}
+
+
+def test_table2_resumes_with_the_units_it_had_not_finished(monkeypatch, capsys, tmp_path):
+    from fedmi.core.runner import Runner
+
+    args = ["table2", "--methods", "single,fedavg,fedprox", "--repeats", "2", "--rounds", "3", "--epochs", "3",
+            "--runtime", "sequential"]
+    code, _, stderr = fedmi(monkeypatch, capsys, *args, "--out", tmp_path / "whole")
+    assert code == 0, stderr
+
+    calls = {"n": 0}
+    run = Runner.run
+
+    def interrupted_on_third_federated_run(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # repeat 2's FedAvg: repeat 1 and repeat 2's Single are done
+            raise KeyboardInterrupt
+        return run(self, *a, **k)
+
+    monkeypatch.setattr(Runner, "run", interrupted_on_third_federated_run)
+    code, _, stderr = fedmi(monkeypatch, capsys, *args, "--out", tmp_path / "cut")
+    assert code == 130 and "fedmi table2 --resume" in " ".join(stderr.split()), stderr
+    units = (tmp_path / "cut" / "units.jsonl").read_text().splitlines()
+    assert [(json.loads(u)["repeat"], json.loads(u)["method"]) for u in units] == \
+        [(0, "single"), (0, "fedavg"), (0, "fedprox"), (1, "single")]
+
+    calls["n"] = -100  # no more interruptions; count the runs the resume makes
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--resume", tmp_path / "cut")
+    assert code == 0, stderr
+    assert calls["n"] == -98  # only repeat 2's FedAvg and FedProx ran again
+    whole, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
+    assert resumed["results"] == whole["results"]
+    whole, resumed = ([{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                       for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("whole", "cut"))
+    assert resumed == whole and len(whole) == 2 * 2 * 3  # every round of every federated run, once
+    for name in ("fedavg_r0", "fedprox_r1"):
+        a, b = (P.load(tmp_path / d / "models" / f"{name}.safetensors") for d in ("whole", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_table2_into_a_folder_of_another_run_is_refused(monkeypatch, capsys, tmp_path, finished_run):
+    before = snapshot(finished_run)
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--methods", "mix", "--out", finished_run)
+    assert code == 2 and "already holds a run" in stderr
+    assert snapshot(finished_run) == before

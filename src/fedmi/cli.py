@@ -110,6 +110,10 @@ def table2(
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="seed of splits, initial weights and batch order"),
     runtime: str = typer.Option("auto", help="auto, sequential, vectorised or processes (how sites are simulated)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default runs/table2-DATASET)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the interrupted protocol in this folder, with the "
+                                                     "settings it was started with"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the results already in the output folder, "
+                                                              "once this protocol finishes"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     **dataset_options,
 ) -> None:
@@ -117,43 +121,83 @@ def table2(
 
     The dataset options below come from the datasets themselves; each applies to the datasets named after it."""
     _setup_logging(verbose)
+    import json
+    from dataclasses import asdict
+
+    from fedmi.core import params as P
     from fedmi.data import dataset_options as check_options
     from fedmi.experiments.config import DataConfig
     from fedmi.experiments.federated_run import federation_for
-    from fedmi.experiments.report import JsonlWriter, rich_table, write_table2_report
+    from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, check_output, output_folder
+    from fedmi.experiments.report import JsonlWriter, rich_table, to_json, write_table2_report
     from fedmi.experiments.table2 import Table2Config, run_table2, work_units
 
-    given = {k: v for k, v in dataset_options.items() if v is not None}
-    flags = _dataset_option_fields()
-    try:
-        check_options(dataset, given, where="option")
-    except FedmiError as e:  # name the flag the user typed
-        text = str(e)
-        for name in given:
-            text = text.replace(f"option '{name}'", f"option {flags[name][0]}")
-        raise FedmiError(f"fedmi table2: {text}") from None
-    data = DataConfig(dataset=dataset, standardize=standardize, **given)
-    fed = federation_for(data, seed)
-    cfg = Table2Config(
-        methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
-        epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr,
-        momentum=momentum, fedsgd_lr=fedsgd_lr, runtime=runtime,
-    )
-    out = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
-    out.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        if out is not None or overwrite:
+            raise FedmiError("fedmi table2: --resume continues in its own folder; --out and --overwrite do not apply")
+        check_output(resume, "resume", "fedmi table2 --resume", settings=TABLE2_SETTINGS)
+        saved = json.loads((resume / TABLE2_SETTINGS).read_text())
+        data = DataConfig(**saved["data"])
+        fed = federation_for(data, saved["config"]["seed"])
+        cfg = Table2Config(**saved["config"])
+        target, mode = resume, "resume"
+    else:
+        given = {k: v for k, v in dataset_options.items() if v is not None}
+        flags = _dataset_option_fields()
+        try:
+            check_options(dataset, given, where="option")
+        except FedmiError as e:  # name the flag the user typed
+            text = str(e)
+            for name in given:
+                text = text.replace(f"option '{name}'", f"option {flags[name][0]}")
+            raise FedmiError(f"fedmi table2: {text}") from None
+        data = DataConfig(dataset=dataset, standardize=standardize, **given)
+        fed = federation_for(data, seed)
+        cfg = Table2Config(
+            methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
+            epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr,
+            momentum=momentum, fedsgd_lr=fedsgd_lr, runtime=runtime,
+        )
+        target = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
+        mode = "overwrite" if overwrite else "new"
+    check_output(target, mode, "fedmi table2 --resume", settings=TABLE2_SETTINGS)
     if fed.synthetic:
         err_console.print(f"[bold yellow]SYNTHETIC DATA:[/] {fed.description}")
-    with JsonlWriter(out / "metrics.jsonl") as sink, _progress() as progress:
-        task = progress.add_task(f"{fed.name}: {', '.join(cfg.methods)}", total=work_units(fed, cfg))
-        rounds_task = progress.add_task("federated rounds", total=cfg.rounds, visible=False)
-        result = run_table2(
-            fed, cfg, sink=sink,
-            advance=lambda k, note: progress.update(task, advance=k, description=f"{fed.name} {note}"),
-            on_round=lambda r: progress.update(rounds_task, completed=r, visible=r < cfg.rounds),
-        )
+    with output_folder(target, mode, "fedmi table2 --resume {}", TABLE2_SETTINGS, UNITS) as folder:
+        completed: dict[tuple[int, str], dict] = {}
+        if mode == "resume" and (folder / UNITS).is_file():
+            for line in (folder / UNITS).read_text().splitlines():
+                try:
+                    unit = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the interruption: that unit runs again
+                    continue
+                model_file = folder / "models" / f"{unit['method']}_r{unit['repeat']}.safetensors"
+                unit["model"] = P.load(model_file) if unit.pop("has_model") else None
+                completed[(unit["repeat"], unit["method"])] = unit
+        else:
+            (folder / TABLE2_SETTINGS).write_text(to_json({"data": data.model_dump(mode="json"),
+                                                           "config": asdict(cfg)}, indent=2) + "\n")
+
+        def keep(unit: dict) -> None:
+            """A finished unit, on disk before the next one starts: what --resume takes up."""
+            model_ = unit["model"]
+            if model_ is not None:
+                P.save(model_, folder / "models" / f"{unit['method']}_r{unit['repeat']}.safetensors")
+            with (folder / UNITS).open("a") as f:
+                f.write(to_json({**unit, "model": None, "has_model": model_ is not None}) + "\n")
+
+        with JsonlWriter(folder / "metrics.jsonl") as sink, _progress() as progress:
+            task = progress.add_task(f"{fed.name}: {', '.join(cfg.methods)}", total=work_units(fed, cfg))
+            rounds_task = progress.add_task("federated round", total=cfg.rounds, visible=False)
+            result = run_table2(
+                fed, cfg, sink=sink,
+                advance=lambda k, note: progress.update(task, advance=k, description=f"{fed.name} {note}"),
+                on_round=lambda r: progress.update(rounds_task, completed=r, visible=r < cfg.rounds),
+                completed=completed, on_unit=keep,
+            )
+        write_table2_report(result, folder)
     out_console.print(rich_table(result))
-    written = write_table2_report(result, out)
-    out_console.print(f"wrote {out}/: " + ", ".join(sorted({p.relative_to(out).parts[0] for p in written} | {"metrics.jsonl"})))
+    out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
 
 
 @app.command()

@@ -26,7 +26,9 @@ from fedmi.errors import FedmiError
 
 CHECKPOINT = "checkpoint.safetensors"  # the server's resumable state, rewritten after every round
 RUN_CONFIG = "config.yaml"  # the run's settings, kept in its folder for --resume
-RUN_MARKERS = (RUN_CONFIG, CHECKPOINT, "metrics.jsonl", "summary.json", "results.json")
+TABLE2_SETTINGS = "table2.json"  # a protocol's settings, likewise
+UNITS = "units.jsonl"  # a protocol's finished units of work (a setting in a repeat), one per line
+RUN_MARKERS = (RUN_CONFIG, CHECKPOINT, TABLE2_SETTINGS, UNITS, "metrics.jsonl", "summary.json", "results.json")
 
 Mode = Literal["new", "overwrite", "resume"]
 
@@ -44,19 +46,20 @@ def _occupied(folder: Path) -> bool:
     return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
-def check_output(target: Path, mode: Mode, resume_flag: str = "--resume") -> None:
+def check_output(target: Path, mode: Mode, resume_flag: str = "--resume", settings: str = RUN_CONFIG) -> None:
     """Raise a FedmiError if `target` cannot take a run in `mode`; writes nothing.
 
     Args:
       target: the run's folder.
       mode: "new", "overwrite" or "resume".
       resume_flag: how the command spells its resume option (for the message).
+      settings: the file a resumable run keeps its settings in.
     """
     if target.exists() and not target.is_dir():
         raise FedmiError(f"output folder {target} is a file")
     if mode == "resume":
-        if not (target / CHECKPOINT).is_file() and not (target / RUN_CONFIG).is_file():
-            raise FedmiError(f"{target} holds no run to resume (no {CHECKPOINT} or {RUN_CONFIG})")
+        if not (target / settings).is_file():
+            raise FedmiError(f"{target} holds no run to resume (no {settings})")
         return
     if not _occupied(target):
         return
@@ -76,13 +79,16 @@ def _partial(target: Path) -> Path:
 
 
 @contextmanager
-def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--resume {}") -> Iterator[Path]:
+def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--resume {}",
+                  settings: str = RUN_CONFIG, progress: str = CHECKPOINT) -> Iterator[Path]:
     """The folder to write a run into, per `mode` (see the module's docstring).
 
     Args:
       target: where the finished run belongs.
       mode: "new", "overwrite" or "resume".
       resume_command: the command that continues a run, with {} for its folder (for messages).
+      settings: the file the run keeps its settings in (what `--resume` needs).
+      progress: the file whose presence means completed work worth keeping.
     Yields:
       The folder to write into: `target`, or its ``.partial`` sibling when overwriting.
     Raises:
@@ -94,7 +100,7 @@ def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--res
         with output_folder(Path("runs/a"), "overwrite") as folder:
             train(folder)   # runs/a is replaced only if this returns
     """
-    check_output(target, mode)
+    check_output(target, mode, settings=settings)
     if mode == "resume":
         folder, created = target, False
     else:
@@ -104,7 +110,7 @@ def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--res
         folder.mkdir(parents=True, exist_ok=True)
         yield folder
     except (Exception, KeyboardInterrupt) as e:
-        kept = (folder / CHECKPOINT).is_file()
+        kept = (folder / progress).is_file()
         if not kept and created:
             shutil.rmtree(folder, ignore_errors=True)  # nothing worth keeping: leave no trace
         note = ""

@@ -156,10 +156,24 @@ def _method(method: str, cfg: Table2Config) -> LocalMethod:
 
 def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] | None = None,
                advance: Callable[[int, str], None] | None = None,
-               on_round: Callable[[int], None] | None = None) -> Table2Result:
-    """Run the protocol. `sink` receives each federated round's record; `advance(k, note)` is
-    called as work completes and `on_round(r)` after round r of each federated run (for
-    progress bars)."""
+               on_round: Callable[[int], None] | None = None,
+               completed: dict[tuple[int, str], dict] | None = None,
+               on_unit: Callable[[dict], None] | None = None) -> Table2Result:
+    """Run the protocol, one unit of work (a setting in a repeat) after another.
+
+    Args:
+      fed: the federation.
+      cfg: the protocol's settings.
+      sink: receives each federated round's record (also those of `completed` units, replayed).
+      advance: `advance(k, note)` as work completes (for a progress bar).
+      on_round: `on_round(r)` after round r of each federated run.
+      completed: units finished by an interrupted run of the same settings, by (repeat, method),
+        as `on_unit` received them: they are taken as they are, not run again.
+      on_unit: receives each unit as it finishes: {"repeat", "method", "scores" (a list of
+        [row label, site, metrics]), "history" (its rounds' records), "model" (final global
+        parameters of a federated setting, else None)}.
+    """
+    completed = completed or {}
     names = fed.site_names
     if len(names) < 2 and any(m in cfg.methods for m in ("cross", *FEDERATED)):
         raise FedmiError(f"dataset {fed.name} has one site; Cross and the federated settings need two or more")
@@ -182,7 +196,10 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
         site_fits: dict[str, P.Params] = {}  # one fit per site serves both Cross and Single
 
+        scores: list[list] = []  # this unit's evaluations, as on_unit receives them
+
         def record(label: str, site: str, metrics: dict) -> None:
+            scores.append([label, site, metrics])
             for m in metric_names:
                 values[label][site][m].append(metrics[m])
 
@@ -192,8 +209,22 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
 
         for method in cfg.methods:
             note = f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}"
+            units = len(names) if method in ("cross", "single") else 1
+            scores.clear()
+            if (rep, method) in completed:
+                unit = completed[(rep, method)]
+                for label, site, metrics in unit["scores"]:
+                    record(label, site, metrics)
+                for rec in unit["history"]:
+                    log_round(rec)
+                if unit.get("model") is not None:
+                    models[f"{method}_r{rep}"] = unit["model"]
+                if advance is not None:
+                    advance(units, note)
+                continue
             if advance is not None:
                 advance(0, note)  # say what is running before it runs
+            rounds_before = len(history)
             if method in ("cross", "single"):
                 for i, a in enumerate(names):
                     if a not in site_fits:
@@ -227,8 +258,11 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 # the last round's record already holds every site's evaluation of the final model
                 for b, metrics in result.history[-1]["test"].items():
                     record(LABELS[method], b, metrics)
+            if on_unit is not None:
+                on_unit({"repeat": rep, "method": method, "scores": list(scores), "history": history[rounds_before:],
+                         "model": models.get(f"{method}_r{rep}")})
             if advance is not None:
-                advance(len(names) if method in ("cross", "single") else 1, note)
+                advance(units, note)
 
     results = {
         label: {site: {m: summarize(v) for m, v in per_site.items()}

@@ -182,10 +182,16 @@ def test_export_then_table2_on_the_csv(monkeypatch, capsys, tmp_path):
     csv = tmp_path / "heart.csv"
     code, stdout, _ = fedmi(monkeypatch, capsys, "export", "heart-disease", csv)
     assert code == 0 and "740 rows, 4 sites, 13 features" in stdout.replace("\n", " ")
+    assert "--positive-label 'disease'" in stdout  # the command that reads it back, printed whole
     code, stdout, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{csv}", "--methods", "fedavg",
-                                 "--repeats", "1", "--rounds", "2", "--out", tmp_path / "o")
+                                 "--repeats", "1", "--rounds", "2", "--out", tmp_path / "o", "--positive-label",
+                                 "disease")
     assert code == 0, stderr
-    assert "VA Long Beach" in stdout
+    assert "VA Long Beach" in stdout and "positive class: disease" in " ".join(stdout.split())
+    from fedmi.data import load_federation
+
+    back, original = load_federation(f"csv:{csv}", positive_label="disease"), load_federation("heart-disease")
+    assert all((a.y == b.y).all() and (a.x == b.x).all() for a, b in zip(back.sites, original.sites))
     code, _, stderr = fedmi(monkeypatch, capsys, "export", "breastmnist", csv)
     assert code == 2 and "only tabular data" in stderr
 
@@ -224,3 +230,20 @@ def test_config_problems_found_before_training(monkeypatch, capsys, tmp_path):
     cfg.write_bytes(b"rounds: 3\n# \xff\xfe\n")
     code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg)
     assert code == 2 and "not a UTF-8 text file" in stderr
+
+
+def test_a_model_that_predicts_one_class_everywhere_is_flagged(monkeypatch, capsys, tmp_path):
+    # A feature that is the same for every subject: the model can only learn the base rate (3 in 4 positive).
+    rows = [f"{site},{int(i % 4 != 0)},1.0" for site in ("A", "B") for i in range(40)]
+    csv = write_csv(tmp_path / "flat.csv", rows, header="site,label,f1")
+    code, stdout, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{csv}", "--methods",
+                                 "single,fedavg", "--repeats", "2", "--rounds", "20", "--epochs", "20",
+                                 "--out", tmp_path / "o", "--positive-label", "1")
+    assert code == 0, stderr
+    text = " ".join(stdout.split())
+    assert "WARNING: FedAvg at A predicted one class (1) for every test case in 2 of 2 repeats" in text
+    assert "positive class: 1 (SEN: share of 1 cases found" in text and "A (test n=8)" in text
+    markdown = (tmp_path / "o" / "table.md").read_text()
+    assert "- WARNING: FedAvg at B predicted one class (1) for every test case in 2 of 2 repeats" in markdown
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["one_class_predictions"]["FedAvg"]["A"] == [1, 1] and results["test_n"] == {"A": 8, "B": 8}

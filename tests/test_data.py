@@ -163,6 +163,27 @@ def test_unknown_dataset_and_missing_file(tmp_path):
         load_federation(f"csv:{tmp_path / 'nope.csv'}")
 
 
+def test_standardisation_scales_huge_columns_and_centres_constant_ones():
+    from fedmi.data.federation import Federation, Site
+
+    rng = np.random.default_rng(0)
+    n = 40
+    x = np.stack([rng.normal(1e30, 1e29, n), np.full(n, 7.0), rng.normal(0, 1, n)], axis=1).astype(np.float32)
+    fed = Federation("huge", [Site("A", x, np.arange(n) % 2)], "tabular", feature_names=["big", "flat", "z"])
+    split = fed.split(0)[0]
+    big = split.x_train[:, 0].double()
+    assert abs(float(big.mean())) < 1e-5 and abs(float(big.std(unbiased=False)) - 1) < 1e-5  # float32 made it 0.0
+    assert torch.all(split.x_train[:, 1] == 0) and torch.all(split.x_test[:, 1] == 0)
+    # a test value that the training statistics cannot scale into float32 is refused, naming the column
+    x2 = np.concatenate([np.full((n, 1), 1.0), np.ones((n, 1))], axis=1).astype(np.float32)
+    x2[::2, 0] = 1.0 + 1e-7
+    x2[1::10, 0] = 3e38
+    fed2 = Federation("odd", [Site("B", x2, np.arange(n) % 2, test_mask=(np.arange(n) % 10 == 1))], "tabular",
+                      feature_names=["edge", "one"])
+    with pytest.raises(FedmiError, match="site B: feature column 'edge' cannot be standardised"):
+        fed2.split(0)
+
+
 def test_standardisation_can_be_switched_off():
     fed = load_heart_disease()
     fed.standardize = False
@@ -224,3 +245,14 @@ def test_npz_valid_and_not_an_npz(tmp_path):
     bad.write_text("not a zip")
     with pytest.raises(FedmiError, match="cannot be read as a .npz"):
         load_medmnist("x", path=bad)
+
+
+def test_the_disease_is_the_positive_class_of_embedded_images_unless_chosen():
+    default = load_federation("breastmnist", max_samples=200)
+    assert default.label_names == ("normal or benign", "malignant")  # the file's label 1 is "normal or benign"
+    chosen = load_federation("breastmnist", max_samples=200, positive_label="normal or benign")
+    assert chosen.label_names == ("malignant", "normal or benign")
+    assert all((a.y == 1 - b.y).all() for a, b in zip(default.sites, chosen.sites))
+    assert load_federation("pneumoniamnist", max_samples=200).label_names == ("normal", "pneumonia")
+    with pytest.raises(FedmiError, match="no class 'benign' to make positive"):
+        load_federation("breastmnist", positive_label="benign")

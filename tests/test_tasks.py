@@ -356,3 +356,14 @@ def test_mean_loss_is_the_mean_of_the_per_sample_losses(task):
     output, target = batch_for(task, sites=1, n=7, g=torch.Generator().manual_seed(5))
     assert torch.allclose(task.mean_loss(output[0], target[0]), task.per_sample_loss(output[0], target[0]).mean(),
                           atol=1e-6)
+
+
+def test_uniform_prediction_names_the_one_class_a_model_predicts():
+    from fedmi.core.tasks import BinaryTask, MulticlassTask
+
+    assert BinaryTask().uniform_prediction(np.array([0.7, 0.9, 0.5])) == 1
+    assert BinaryTask().uniform_prediction(np.array([0.1, 0.49])) == 0
+    assert BinaryTask().uniform_prediction(np.array([0.1, 0.6])) is None
+    three = MulticlassTask(3)
+    assert three.uniform_prediction(np.array([[0.2, 0.5, 0.3], [0.1, 0.8, 0.1]])) == 1
+    assert three.uniform_prediction(np.array([[0.2, 0.5, 0.3], [0.8, 0.1, 0.1]])) is None

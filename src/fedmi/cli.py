@@ -129,7 +129,7 @@ def table2(
     from fedmi.experiments.config import DataConfig
     from fedmi.experiments.federated_run import federation_for
     from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, check_output, output_folder
-    from fedmi.experiments.report import JsonlWriter, rich_table, to_json, write_table2_report
+    from fedmi.experiments.report import JsonlWriter, rich_table, table_notes, to_json, write_table2_report
     from fedmi.experiments.table2 import Table2Config, run_table2, work_units
 
     if resume is not None:
@@ -197,6 +197,8 @@ def table2(
             )
         write_table2_report(result, folder)
     out_console.print(rich_table(result))
+    for note in table_notes(result):
+        out_console.print(note, style="bold yellow" if note.startswith("WARNING") else None, highlight=False)
     out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
 
 
@@ -218,7 +220,7 @@ def run(
     from fedmi.experiments.config import RunConfig, load_config, validated
     from fedmi.experiments.federated_run import run_federated
     from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, check_output, output_folder
-    from fedmi.experiments.report import plot_convergence
+    from fedmi.experiments.report import plot_convergence, positive_class
 
     if (config is None) == (resume is None):
         raise FedmiError("fedmi run: give a config file to start a run, or --resume RUN_DIR to continue one")
@@ -251,12 +253,18 @@ def run(
             (" (SYNTHETIC DATA)" if done.federation.synthetic else "")
         plot_convergence(done.result.history, folder / "convergence.png", title, task_.primary)
     final = done.result.history[-1]["test"]
+    names = done.federation.label_names
+    notes = [positive_class(task_.name, names)] + [
+        f"WARNING: at {site} the model predicts one class ({names[m['one_class']]}) for every test case"
+        for site, m in final.items() if m.get("one_class") is not None and m["one_class"] < len(names)]
     table = Table(title=f"{title}: after {cfg.rounds} rounds")
     for col in ("Site", "n", *(m.upper() for m in task_.table_metrics)):
         table.add_column(col, justify="left" if col == "Site" else "right")
     for site, m in final.items():
         table.add_row(site, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in task_.table_metrics))
     out_console.print(table)
+    for note in filter(None, notes):
+        out_console.print(note, style="bold yellow" if note.startswith("WARNING") else None, highlight=False)
     out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
 
 
@@ -436,7 +444,9 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False, float_format="%.9g")  # 9 digits: float32 reads back exactly
     note = " (SYNTHETIC DATA)" if fed.synthetic else ""
-    out_console.print(f"wrote {path}: {len(frame)} rows, {len(fed.sites)} sites, {frame.shape[1] - 2} features{note}")
+    out_console.print(f"wrote {path}: {len(frame)} rows, {len(fed.sites)} sites, {frame.shape[1] - 2} features{note}; "
+                      f"read it back with: fedmi table2 --dataset csv:{path} --positive-label '{fed.label_names[-1]}'",
+                      highlight=False, soft_wrap=True)
 
 
 def main() -> None:

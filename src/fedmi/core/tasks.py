@@ -125,6 +125,17 @@ class Task(abc.ABC):
           The scores `metrics` expects, same leading dimension as `output`.
         """
 
+    def uniform_prediction(self, scores: np.ndarray) -> int | None:
+        """The class a model predicts for every case of a split, if it predicts only one; else None.
+
+        A classifier that does this has learnt nothing about the cases (SEN 1 and SPE 0, or the
+        reverse), whatever its metrics say; reports warn of it. None for tasks without classes.
+
+        Args:
+          scores: `scores(output)` for a split, as a NumPy array.
+        """
+        return None
+
     @abc.abstractmethod
     def metrics(self, target: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
         """The task's metrics on a whole evaluation split.
@@ -264,6 +275,10 @@ class BinaryTask(Task):
     def metrics(self, target: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
         return binary_metrics(np.asarray(target).reshape(-1), np.asarray(scores).reshape(-1))
 
+    def uniform_prediction(self, scores: np.ndarray) -> int | None:
+        predicted = np.unique(np.asarray(scores).reshape(-1) >= 0.5)  # the threshold binary_metrics uses
+        return int(predicted[0]) if len(predicted) == 1 else None
+
     def check_targets(self, y: np.ndarray, where: str) -> None:
         y = _numeric(y, where)
         if y.ndim != 1:
@@ -308,6 +323,10 @@ class MulticlassTask(Task):
 
     def scores(self, output: torch.Tensor) -> torch.Tensor:
         return torch.softmax(output, dim=1)
+
+    def uniform_prediction(self, scores: np.ndarray) -> int | None:
+        predicted = np.unique(np.asarray(scores).reshape(-1, self.num_classes).argmax(axis=1))
+        return int(predicted[0]) if len(predicted) == 1 else None
 
     def metrics(self, target: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
         y = np.asarray(target).astype(np.int64).reshape(-1)

@@ -129,17 +129,44 @@ class Federation:
         return all(s.test_mask is not None for s in self.sites)
 
     def to_frame(self, site_column: str = "site", label_column: str = "label") -> pd.DataFrame:
-        """The federation as one table (tabular data only): the format `csv:PATH` reads back."""
+        """The federation as one table (tabular data only): the format `csv:PATH` reads back.
+
+        Labels are written by class name (`disease`, `AD`), so that `positive_label` names the
+        positive class when the table is read back.
+        """
         if self.kind != "tabular":
             raise FedmiError(f"dataset {self.name} holds images; only tabular data can be exported as CSV")
         names = self.feature_names or [f"f{j}" for j in range(self.input_shape[0])]
+        classes = np.asarray(self.label_names, dtype=object)
         frames = []
         for site in self.sites:
             df = pd.DataFrame(site.x, columns=names)
-            df.insert(0, label_column, site.y)
+            df.insert(0, label_column, classes[site.y] if len(classes) > int(site.y.max()) else site.y)
             df.insert(0, site_column, site.name)
             frames.append(df)
         return pd.concat(frames, ignore_index=True)
+
+    def _z_scored(self, site: str, x_tr: np.ndarray, x_te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both splits scaled by the training split's column means and standard deviations.
+
+        Computed in float64: in float32 a column of values near 1e30 overflows its variance and
+        would silently become 0 everywhere. A constant column (chol = 0 throughout Switzerland)
+        is centred, not scaled.
+        """
+        tr64 = x_tr.astype(np.float64)
+        mean, std = tr64.mean(axis=0), tr64.std(axis=0)
+        tolerance = np.maximum(1e-8, 1e-12 * np.abs(tr64).max(axis=0))  # absolute for small values, else relative
+        std = np.where(std < tolerance, 1.0, std)
+        out = []
+        for x in (tr64, x_te.astype(np.float64)):
+            z = (x - mean) / std
+            bad = ~np.isfinite(z).all(axis=0) | (np.abs(z) > np.finfo(np.float32).max).any(axis=0)
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                raise FedmiError(f"site {site}: feature column {_column_name(self.feature_names, j)} cannot be "
+                                 "standardised (its values overflow); rescale it, or use --no-standardize")
+            out.append(z.astype(np.float32))
+        return out[0], out[1]
 
     def split(self, seed: int, test_fraction: float = 0.2) -> list[SiteData]:
         """Each site's stratified train/test split for one repeat (or its fixed split).
@@ -168,10 +195,7 @@ class Federation:
             test = stratified_test_mask(strata, test_fraction, numpy_generator(Stream.SPLIT, seed, key))
         x_tr, x_te = site.x[~test], site.x[test]
         if self.standardize and len(x_tr):
-            mean = x_tr.mean(axis=0)
-            std = x_tr.std(axis=0)
-            std[std < 1e-8] = 1.0  # a constant column (e.g. chol = 0 throughout Switzerland)
-            x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+            x_tr, x_te = self._z_scored(site.name, x_tr, x_te)
         data = SiteData(
             name=site.name,
             x_train=torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
@@ -188,6 +212,10 @@ class Federation:
                     site.name, part, int(y[0]),
                 )
         return data
+
+
+def _column_name(names: list[str] | None, j: int) -> str:
+    return f"'{names[j]}'" if names and j < len(names) else str(j)
 
 
 def stratified_test_mask(y: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:

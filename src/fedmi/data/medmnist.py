@@ -24,11 +24,11 @@ from fedmi.data.shift import apply_profile, site_profiles
 from fedmi.errors import FedmiError
 
 ASSETS = Path(__file__).parent / "assets" / "medmnist"
+# file, the file's label names (0, 1), its disease class (the default positive class), description
 EMBEDDED = {
-    "breastmnist": ("breastmnist.npz", ("malignant", "normal or benign"),
-                    "BreastMNIST (breast ultrasound), label 1 = normal or benign"),
-    "pneumoniamnist": ("pneumoniamnist_balanced.npz", ("normal", "pneumonia"),
-                       "PneumoniaMNIST, class-balanced subset (not the official set), label 1 = pneumonia"),
+    "breastmnist": ("breastmnist.npz", ("malignant", "normal or benign"), 0, "BreastMNIST (breast ultrasound)"),
+    "pneumoniamnist": ("pneumoniamnist_balanced.npz", ("normal", "pneumonia"), 1,
+                       "PneumoniaMNIST, class-balanced subset (not the official set)"),
 }
 KEYS = [f"{split}_{what}" for split in ("train", "val", "test") for what in ("images", "labels")]
 
@@ -61,6 +61,14 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)
 
 
+def _class_index(given: str, label_names: tuple[str, str], dataset: str) -> int:
+    for i, label in enumerate(label_names):
+        if given.strip().lower() in (label.lower(), str(i)):
+            return i
+    raise FedmiError(f"dataset {dataset}: no class '{given}' to make positive; its classes: "
+                     + ", ".join(f"{i} = {n}" for i, n in enumerate(label_names)))
+
+
 def load_medmnist(
     name: str,
     num_sites: int = 4,
@@ -70,20 +78,27 @@ def load_medmnist(
     seed: int = 0,
     max_samples: int | None = None,
     path: Path | None = None,
+    positive_label: str | None = None,
 ) -> Federation:
     """Partition an embedded (or given) MedMNIST file into simulated sites.
 
     The partition and the scanner profiles are fixed by `seed`, so repeats of an experiment
-    vary the train/test split only, not which images each site holds.
+    vary the train/test split only, not which images each site holds. `positive_label` (a class
+    name, or 0 / 1 as in the file) becomes label 1, the class SEN counts; by default the disease
+    (BreastMNIST's file has it the other way round: its label 1 is "normal or benign").
     """
     if path is None:
         if name not in EMBEDDED:
             raise FedmiError(f"unknown MedMNIST dataset '{name}'; embedded: {', '.join(EMBEDDED)}")
-        path = ASSETS / EMBEDDED[name][0]
-        label_names, description = EMBEDDED[name][1], EMBEDDED[name][2]
+        file, label_names, disease, description = EMBEDDED[name]
+        path = ASSETS / file
     else:
-        label_names, description = ("class 0", "class 1"), f"MedMNIST-format file {path.name}"
+        label_names, disease, description = ("class 0", "class 1"), 1, f"MedMNIST-format file {path.name}"
+    positive = disease if positive_label is None else _class_index(positive_label, label_names, name)
     images, labels = load_npz(path)
+    if positive == 0:  # the positive class is label 1 throughout fedmi
+        labels, label_names = 1 - labels, (label_names[1], label_names[0])
+    description += f", positive class: {label_names[1]}"
     rng = numpy_generator(Stream.SIMULATION, seed)
     if max_samples is not None and max_samples < len(labels):
         keep = np.sort(rng.choice(len(labels), size=max_samples, replace=False))
@@ -113,6 +128,8 @@ class PartitionOptions(DatasetOptions):
                                   "(0 = none, 1 = plausible scanners, 2 = at most)",
                                   json_schema_extra={"cli": "shift"})
     max_samples: int | None = Field(None, ge=2, description="use a random subset of this size")
+    positive_label: str | None = Field(None, description="the class counted as positive (SEN), by name or 0/1; "
+                                                          "default: the disease (breastmnist: malignant)")
 
 
 class _MedMNIST(Dataset):
@@ -121,7 +138,7 @@ class _MedMNIST(Dataset):
 
     def load(self, options: PartitionOptions, seed: int) -> Federation:
         return load_medmnist(self.name, options.num_sites, options.partition, options.alpha, options.shift_strength,
-                             seed, options.max_samples)
+                             seed, options.max_samples, positive_label=options.positive_label)
 
 
 @DATASETS.register()
@@ -153,4 +170,4 @@ class NpzImages(Dataset):
     def load(self, options: NpzOptions, seed: int) -> Federation:
         path = Path(options.path)
         return load_medmnist(path.stem, options.num_sites, options.partition, options.alpha, options.shift_strength,
-                             seed, options.max_samples, path=path)
+                             seed, options.max_samples, path=path, positive_label=options.positive_label)

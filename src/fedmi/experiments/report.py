@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import matplotlib
 
@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedmi.core import params as P  # noqa: E402
-from fedmi.experiments.table2 import Table2Result  # noqa: E402
+from fedmi.experiments.table2 import LABELS, Table2Result  # noqa: E402
 from fedmi.core.metrics import format_summary  # noqa: E402
 
 NOT_PRIVATE = "†"
@@ -67,14 +67,24 @@ def _title(result: Table2Result) -> str:
 
 
 def _table_rows(result: Table2Result) -> Iterable[tuple[str, str, list[str]]]:
+    """(site cell, row label, metric cells): a site's name on its first row, its test n on the second."""
     for site in result.sites:
-        for row in result.rows:
+        for i, row in enumerate(result.rows):
             per_site = result.results[row["label"]].get(site)
             label = row["label"] + ("" if row["privacy_preserving"] else f" {NOT_PRIVATE}")
+            cell = "" if i else (f"{site} (test n={result.test_n[site]})" if site in result.test_n else site)
             if per_site is None:  # Cross: the site it was trained on
-                yield site, label, ["–"] * len(result.task.table_metrics)
+                yield cell, label, ["–"] * len(result.task.table_metrics)
             else:
-                yield site, label, [format_summary(per_site[m]) for m in result.task.table_metrics]
+                yield cell, label, [format_summary(per_site[m]) for m in result.task.table_metrics]
+
+
+def positive_class(task_name: str, label_names: Sequence[str]) -> str:
+    """What SEN and SPE refer to, for a binary task ("" otherwise)."""
+    if task_name != "binary" or len(label_names) != 2:
+        return ""
+    return (f"positive class: {label_names[1]} (SEN: share of {label_names[1]} cases found; "
+            f"SPE: share of {label_names[0]} cases)")
 
 
 def _caption(result: Table2Result) -> str:
@@ -90,16 +100,33 @@ def _caption(result: Table2Result) -> str:
             "n/a: undefined (a test split with one class); (k/n): defined in k of n repeats.")
 
 
+def table_notes(result: Table2Result) -> list[str]:
+    """What a reader must know beside the numbers: the positive class, and each setting and site
+    whose model predicted one class for every test case."""
+    positive = positive_class(result.task.name, result.label_names)
+    return ([positive] if positive else []) + uniform_warnings(result.uniform_predictions(), result.label_names)
+
+
+def uniform_warnings(found: Iterable[tuple[str, str, int, int, list[int]]], label_names: Sequence[str]) -> list[str]:
+    """One line per (setting, site) whose model predicted a single class for every test case."""
+    lines = []
+    for label, site, k, n, classes in found:
+        names = [label_names[c] if c < len(label_names) else str(c) for c in classes]
+        which = names[0] if len(names) == 1 else " in some, ".join(names) + " in others"
+        lines.append(f"WARNING: {label} at {site} predicted one class ({which}) for every test case in {k} of {n} "
+                     "repeats: its SEN/SPE there reflect that, not skill")
+    return lines
+
+
 def rich_table(result: Table2Result) -> Table:
+    """The table for a terminal; print `table_notes(result)` after it."""
     table = Table(title=_title(result), caption=_caption(result) + "\n" + FOOTNOTE, show_lines=False)
     for col in ("Site", "Method", *(m.upper() for m in result.task.table_metrics)):
         table.add_column(col, justify="left" if col in ("Site", "Method") else "right")
-    previous = None
-    for site, label, cells in _table_rows(result):
-        if previous is not None and site != previous:
+    for i, (cell, label, cells) in enumerate(_table_rows(result)):
+        if i and cell:
             table.add_section()
-        table.add_row(site if site != previous else "", label, *cells)
-        previous = site
+        table.add_row(cell, label, *cells)
     return table
 
 
@@ -107,42 +134,73 @@ def markdown_table(result: Table2Result) -> str:
     lines = [f"# {_title(result)}", "", result.description, "",
              "| Site | Method | " + " | ".join(m.upper() for m in result.task.table_metrics) + " |",
              "|---|---|" + "---:|" * len(result.task.table_metrics)]
-    previous = None
-    for site, label, cells in _table_rows(result):
-        lines.append(f"| {site if site != previous else ''} | {label} | " + " | ".join(cells) + " |")
-        previous = site
-    lines += ["", _caption(result), "", FOOTNOTE, ""]
+    for cell, label, cells in _table_rows(result):
+        lines.append(f"| {cell} | {label} | " + " | ".join(cells) + " |")
+    notes = table_notes(result)
+    lines += ["", _caption(result), "", FOOTNOTE, "", *(f"- {n}" for n in notes), *([""] if notes else [])]
     return "\n".join(lines)
+
+
+# Okabe & Ito's palette: told apart with every common colour-vision deficiency.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#56B4E9", "#CC79A7", "#F0E442", "#000000")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _metric_limits(values: list[tuple[float, float]], metric: str) -> tuple[float, float]:
+    """A y-range that shows the differences: from 0 only where some value is near it."""
+    if not values:
+        return 0.0, 1.05
+    low = min(m - e for m, e in values)
+    high = max(m + e for m, e in values)
+    if metric in ("auc", "acc", "bacc", "sen", "spe", "dice", "iou"):
+        floor = 0.0 if low < 0.3 else np.floor((low - 0.05) * 10) / 10
+        return floor, min(1.02, max(high + 0.02, floor + 0.1))
+    pad = 0.05 * (high - low or 1.0)
+    return low - pad, high + pad
 
 
 def plot_by_site(result: Table2Result, path: Path) -> None:
     """The task's primary metric (AUC for binary tasks) per site and setting, mean with std error bars."""
     metric, name = result.task.primary, result.task.primary.upper()
     labels = [r["label"] for r in result.rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(result.sites) + 0.25 * len(labels)) + 1.8, 4.2))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(result.sites) + 0.25 * len(labels)) + 1.8, 4.4))
     width = 0.8 / len(labels)
-    colors = plt.get_cmap("tab10")
+    shown: list[tuple[float, float]] = []
+    absent: list[float] = []  # x of each Cross bar left out: its model was trained on that site
     for j, row in enumerate(result.rows):
         means, errs, xs = [], [], []
         for i, site in enumerate(result.sites):
+            x = i - 0.4 + width * (j + 0.5)
+            if row["method"] == "cross" and row["trained_on"] == site:
+                absent.append(x)
+                continue
             s = result.results[row["label"]].get(site, {}).get(metric)
             if s and s["mean"] is not None:
-                xs.append(i - 0.4 + width * (j + 0.5))
+                xs.append(x)
                 means.append(s["mean"])
                 errs.append(s["std"] or 0.0)
+        shown += list(zip(means, errs))
         label = row["label"] + ("" if row["privacy_preserving"] else f" {NOT_PRIVATE} (pooled data)")
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=label, color=colors(j % 10),
-               hatch="//" if row["method"] == "cross" else None, alpha=0.9)
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=label, color=PALETTE[j % len(PALETTE)],
+               hatch="//" if row["method"] == "cross" else ("xx" if j >= len(PALETTE) else None),
+               edgecolor="white", linewidth=0.3)
+    low, high = _metric_limits(shown, metric)
+    ax.set_ylim(low, high)
+    for x in absent:
+        ax.text(x, low + 0.02 * (high - low), "own site", rotation=90, ha="center", va="bottom", fontsize=6,
+                color="grey")
     for i, site in enumerate(result.sites):
         if not any((result.results[r["label"]].get(site, {}).get(metric) or {}).get("mean") is not None
                    for r in result.rows):
-            ax.text(i, 0.5, f"{name} n/a\n(undefined\non test)", ha="center", va="center", fontsize=8, color="grey")
-    ax.set_xticks(range(len(result.sites)), result.sites)
+            ax.text(i, (low + high) / 2, f"{name} n/a\n(undefined\non test)", ha="center", va="center", fontsize=8,
+                    color="grey")
+    ticks = [f"{s}\n(test n={result.test_n[s]})" if s in result.test_n else s for s in result.sites]
+    ax.set_xticks(range(len(result.sites)), ticks)
     ax.set_ylabel(f"test {name} (mean ± std)")
-    if metric == "auc":
-        ax.set_ylim(0, 1.05)
+    if metric == "auc" and low < 0.5 < high:
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_title(_title(result) + f": {name} per site")
+    positive = positive_class(result.task.name, result.label_names)
+    ax.set_title(_title(result) + f": {name} per site" + (f"\n{positive}" if positive else ""), fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -169,17 +227,29 @@ def convergence_curves(history: list[dict], metric: str = "auc") -> dict[str, di
 
 
 def plot_convergence(history: list[dict], path: Path, title: str, metric: str = "auc") -> None:
+    """Training loss and the site-mean test `metric` by round, one line (mean ± std band over
+    repeats) per method; each method has its own colour, marker and dash, so overlapping bands
+    stay apart."""
+    from matplotlib.ticker import MaxNLocator
+
     curves = convergence_curves(history, metric)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for method, series in curves.items():
+    sites = sorted({site for rec in history for site in rec.get("test", {})})
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
+    for j, (method, series) in enumerate(curves.items()):
+        style = {"color": PALETTE[j % len(PALETTE)], "marker": MARKERS[j % len(MARKERS)],
+                 "ls": ("-", "--", "-.", ":")[j % 4], "label": LABELS.get(method, method)}
         for ax, key in zip(axes, ("train_loss", "test")):
             if key in series:
                 r, mu, sd = series[key].T
-                ax.plot(r, mu, label=method)
-                ax.fill_between(r, mu - sd, mu + sd, alpha=0.2)
+                ax.plot(r, mu, markevery=max(1, len(r) // 8), markersize=5, lw=1.4, **style)
+                ax.fill_between(r, mu - sd, mu + sd, alpha=0.15, color=style["color"])
+    over = ", ".join(sites) if len(sites) <= 5 else f"{len(sites)} sites"
     axes[0].set(xlabel="round", ylabel="training loss (sample-weighted)", title="training loss")
-    axes[1].set(xlabel="round", ylabel=f"test {metric.upper()}, mean over sites", title=f"test {metric.upper()}")
+    axes[1].set(xlabel="round", ylabel=f"test {metric.upper()}, mean over sites",
+                title=f"test {metric.upper()}: mean over {over}\n(a site where it is undefined is left out)")
+    axes[1].title.set_fontsize(9)
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title)

@@ -100,6 +100,21 @@ class Table2Result:
     history: list[dict]  # per-round records of the federated methods
     models: dict[str, P.Params]  # "<method>_r<repeat>" -> final global parameters
     task: Task = field(default_factory=lambda: BinaryTask())
+    label_names: tuple[str, ...] = ("negative", "positive")
+    test_n: dict[str, int] = field(default_factory=dict)  # site -> test cases (per repeat)
+    # label -> site -> per repeat: the class predicted for every test case, or None (it predicted several)
+    one_class: dict[str, dict[str, list[int | None]]] = field(default_factory=dict)
+
+    def uniform_predictions(self) -> list[tuple[str, str, int, int, list[int]]]:
+        """(row label, site, repeats in which the model predicted one class for every test case,
+        repeats, those classes) for each row and site where it happened."""
+        found = []
+        for label, by_site in self.one_class.items():
+            for site, classes in by_site.items():
+                one = [c for c in classes if c is not None]
+                if one:
+                    found.append((label, site, len(one), len(classes), sorted(set(one))))
+        return found
 
     def to_json(self) -> dict:
         return {
@@ -111,8 +126,11 @@ class Table2Result:
             "config": asdict(self.config),
             "rows": self.rows,
             "task": self.task.name,
+            "label_names": list(self.label_names),
             "table_metrics": list(self.task.table_metrics),
+            "test_n": self.test_n,
             "results": self.results,
+            "one_class_predictions": self.one_class,
         }
 
 
@@ -181,6 +199,8 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     rows = _rows(cfg, names)
     metric_names = fed.task.metric_names
     values = {r["label"]: {s: {m: [] for m in metric_names} for s in names} for r in rows}
+    one_class: dict[str, dict[str, list]] = {r["label"]: {s: [] for s in names} for r in rows}
+    test_n: dict[str, int] = {}
     history: list[dict] = []
     models: dict[str, P.Params] = {}
 
@@ -202,6 +222,8 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
             scores.append([label, site, metrics])
             for m in metric_names:
                 values[label][site][m].append(metrics[m])
+            one_class[label][site].append(metrics.get("one_class"))
+            test_n[site] = metrics.get("n", test_n.get(site))
 
         def score(label: str, params: P.ParamsT, targets: list[str]) -> None:
             for b in targets:
@@ -271,7 +293,8 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
         for label, by_site in values.items()
     }
     return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, names, cfg, rows, results,
-                        history, models, fed.task)
+                        history, models, fed.task, tuple(fed.label_names), test_n,
+                        {label: {s: v for s, v in by_site.items() if v} for label, by_site in one_class.items()})
 
 
 def work_units(fed: Federation, cfg: Table2Config) -> int:

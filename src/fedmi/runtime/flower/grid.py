@@ -233,7 +233,7 @@ class GridRuntime:
                 continue
             metrics = dict(reply.content["metrics"])
             metrics["n"] = int(metrics.pop("num-examples", 0))
-            for k in (*self.task.metric_names, "loss"):
+            for k in (*self.task.metric_names, "loss", "one_class"):
                 metrics.setdefault(k, None)
             out[name] = metrics
         return {n: out[n] for n in names if n in out}

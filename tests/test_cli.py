@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,8 +87,16 @@ def test_datasets_lists_embedded_data(monkeypatch, capsys):
     code, stdout, _ = fedmi(monkeypatch, capsys, "datasets")
     assert code == 0
     for word in ("heart-disease", "Switzerland", "synthetic-adni (synthetic)", "breastmnist", "pneumoniamnist",
-                 "balanced subset", "options of heart-disease: split (random), label (disease)", "options of csv:PATH"):
-        assert word in stdout
+                 "balanced subset", "options of heart-disease: split (random), label (disease)", "options of csv:PATH",
+                 "heart-disease-flamby: heart-disease with FLamby's fixed train/test split"):
+        assert word in " ".join(stdout.split())
+    import re
+
+    from fedmi.data import DATASETS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    used = set(re.findall(r"--dataset ([a-z][a-z-]+)\b", readme)) | set(re.findall(r"dataset: ([a-z][a-z-]+)\b", readme))
+    assert used and used <= set(DATASETS), used - set(DATASETS)  # every name the README uses is listed
 
 
 BAD_CSVS = {
@@ -247,3 +256,37 @@ def test_a_model_that_predicts_one_class_everywhere_is_flagged(monkeypatch, caps
     assert "- WARNING: FedAvg at B predicted one class (1) for every test case in 2 of 2 repeats" in markdown
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["one_class_predictions"]["FedAvg"]["A"] == [1, 1] and results["test_n"] == {"A": 8, "B": 8}
+
+
+def test_library_warnings_become_one_fedmi_line_without_source_paths(monkeypatch, capsys):
+    import warnings
+
+    import fedmi.data.registry as registry
+
+    def noisy():
+        warnings.warn("overflow encountered in exp", RuntimeWarning)
+        return []
+
+    monkeypatch.setattr(registry, "describe_datasets", noisy)
+    code, _, stderr = fedmi(monkeypatch, capsys, "datasets")
+    assert code == 0 and "overflow encountered in exp (RuntimeWarning)" in stderr
+    assert "test_cli.py" not in stderr and "warnings.warn" not in stderr
+
+
+def test_progress_shows_on_a_terminal_and_nowhere_else(monkeypatch, capsys, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    import fedmi.cli as cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {dataset: heart-disease}\nrounds: 3\nruntime: sequential\n")
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "a")
+    assert code == 0 and "━" not in stderr and "round" not in stderr  # a pipe or a log file: no progress
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=terminal, force_terminal=True, width=100))
+    code, _, _ = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "b")
+    shown = terminal.getvalue()
+    assert code == 0 and "c: fedavg, round" in shown and "3/3" in shown and "left" in shown

@@ -186,8 +186,14 @@ def test_a_tls_federation_refuses_strangers_survives_a_server_crash_and_matches_
     # An app bundle with code of its own is refused before it is installed; its code never runs.
     assert not (tmp_path / "owned").exists()
     assert "refused an app bundle that carries files of its own (evil.py)" in foreign, foreign[-3000:]
-    assert "refused this site: its public key is not enrolled" in fed.log("site-intruder").read_text()
-    assert "refused a site whose public key is not enrolled" in fed.log("server").read_text()
+    intruder_log, server_log = fed.log("site-intruder").read_text(), fed.log("server").read_text()
+    assert "refused this site: its public key is not enrolled" in intruder_log
+    assert "admits it with: fedmi enroll" in intruder_log and " --ca " in intruder_log  # the whole command
+    assert "refused a site whose public key is not enrolled" in server_log
+    assert "to admit it, run on this machine: fedmi enroll SITE.pub --server" in server_log
+    assert "\x1b[" not in server_log and "\x1b[" not in intruder_log  # log files carry no colour codes
+    assert "fedmi site" in intruder_log and "cases here" in intruder_log
+    assert (run_dir / "convergence.png").is_file() and (run_dir / "config.yaml").is_file()
     _assert_offline(audit)
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3]
@@ -241,3 +247,14 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
     assert "left out: Hungary, Poisoned" in output
     final = P.load(run_dir / "model.safetensors")
     assert all(np.isfinite(v.numpy()).all() for v in final.values())
+
+
+def test_relayed_flower_output_loses_its_colour_codes_outside_a_terminal(capsys):
+    import os
+    import sys
+
+    from fedmi.deploy.flower import _run_foreground
+
+    code = _run_foreground([sys.executable, "-c", "print('\\x1b[92mINFO\\x1b[0m :      Starting')"], dict(os.environ))
+    out = capsys.readouterr().out
+    assert code == 0 and "INFO :      Starting" in out and "\x1b" not in out

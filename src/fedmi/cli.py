@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -24,6 +25,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Outside a terminal (pipes, CI logs) rich would assume 80 columns and squeeze the tables.
 out_console = Console() if sys.stdout.isatty() else Console(width=130)
 err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=130)
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:  # seeds travel as signed 64-bit integers
+        raise FedmiError(f"--seed must be between 0 and 2^63-1, got {seed}")
+
+
+def _option(default, *decls: str, help: str, **kwargs):
+    """A typer option whose default is written in its help text, in plain words: typer's own
+    "[default: ...]" is escaped for rich markup and shows a stray backslash outside it."""
+    if default is not ... and default is not None and default is not False and default != []:
+        # a comma-joined default gets spaces, so that a narrow terminal can wrap it
+        shown = ", ".join(map(str, default)) if isinstance(default, list) else str(default).replace(",", ", ")
+        help = f"{help} (default: {shown})"
+    return typer.Option(default, *decls, help=help, show_default=False, **kwargs)
 
 
 class _Once(logging.Filter):
@@ -49,6 +65,12 @@ def _setup_logging(verbose: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
+
+    def as_fedmi_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        """A library's warning (numpy overflow, a missing glyph) as one fedmi line, without its source path."""
+        log.warning("%s (%s)", " ".join(str(message).split())[:300], category.__name__)
+
+    warnings.showwarning = as_fedmi_warning
 
 
 def _progress() -> Progress:
@@ -96,31 +118,33 @@ def _with_dataset_options(command):
 
 @app.command()
 def table2(
-    dataset: str = typer.Option("heart-disease", help="a dataset (fedmi datasets), csv:PATH or npz:PATH"),
-    methods: str = typer.Option("cross,single,mix,fedavg,fedsgd,fedprox", help="comma-separated settings"),
-    repeats: int = typer.Option(5, help="random 80/20 splits per site (training seeds on a fixed split)"),
-    rounds: int = typer.Option(100, help="federated rounds"),
-    epochs: int = typer.Option(100, help="training passes of the centralised settings"),
-    model: Optional[str] = typer.Option(None, help="logistic, mlp or cnn (default: logistic, cnn for images)"),
-    lr: float = typer.Option(0.05, help="local SGD learning rate"),
-    momentum: float = typer.Option(0.0, help="local SGD momentum"),
-    fedsgd_lr: float = typer.Option(1.0, help="FedSGD's server step size"),
-    standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize",
-                                               help="z-score features per site (default: on for tabular data)"),
-    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="seed of splits, initial weights and batch order"),
-    runtime: str = typer.Option("auto", help="auto, sequential, vectorised or processes (how sites are simulated)"),
-    out: Optional[Path] = typer.Option(None, help="output folder (default runs/table2-DATASET)"),
-    resume: Optional[Path] = typer.Option(None, help="continue the interrupted protocol in this folder, with the "
+    dataset: str = _option("heart-disease", help="a dataset (fedmi datasets), csv:PATH or npz:PATH"),
+    methods: str = _option("cross,single,mix,fedavg,fedsgd,fedprox", help="comma-separated settings"),
+    repeats: int = _option(5, help="random 80/20 splits per site (training seeds on a fixed split)"),
+    rounds: int = _option(100, help="federated rounds"),
+    epochs: int = _option(100, help="training passes of the centralised settings"),
+    model: Optional[str] = _option(None, help="logistic, mlp or cnn (default: logistic, cnn for images)"),
+    lr: float = _option(0.05, help="local SGD learning rate"),
+    momentum: float = _option(0.0, help="local SGD momentum"),
+    fedsgd_lr: float = _option(1.0, help="FedSGD's server step size"),
+    standardize: bool = _option(False, "--standardize", help="z-score features per site with the site's own "
+                                                               "training statistics (default: tabular data only)"),
+    no_standardize: bool = _option(False, "--no-standardize", help="never z-score features"),
+    seed: int = _option(0, help="seed of splits, initial weights and batch order (0 to 2^63-1)"),
+    runtime: str = _option("auto", help="auto, sequential, vectorised or processes (how sites are simulated)"),
+    out: Optional[Path] = _option(None, help="output folder (default runs/table2-DATASET)"),
+    resume: Optional[Path] = _option(None, help="continue the interrupted protocol in this folder, with the "
                                                      "settings it was started with"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace the results already in the output folder, "
+    overwrite: bool = _option(False, "--overwrite", help="replace the results already in the output folder, "
                                                               "once this protocol finishes"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = _option(False, "--verbose", "-v", help="log every round and every decision"),
     **dataset_options,
 ) -> None:
     """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx) and report it.
 
     The dataset options below come from the datasets themselves; each applies to the datasets named after it."""
     _setup_logging(verbose)
+    _check_seed(seed)
     import json
     from dataclasses import asdict
 
@@ -151,7 +175,10 @@ def table2(
             for name in given:
                 text = text.replace(f"option '{name}'", f"option {flags[name][0]}")
             raise FedmiError(f"fedmi table2: {text}") from None
-        data = DataConfig(dataset=dataset, standardize=standardize, **given)
+        if standardize and no_standardize:
+            raise FedmiError("fedmi table2: give --standardize or --no-standardize, not both")
+        data = DataConfig(dataset=dataset, standardize=True if standardize else False if no_standardize else None,
+                          **given)
         fed = federation_for(data, seed)
         cfg = Table2Config(
             methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
@@ -205,23 +232,21 @@ def table2(
 @app.command()
 def run(
     config: Optional[Path] = typer.Argument(None, help="YAML file describing one federated run"),
-    out: Optional[Path] = typer.Option(None, help="output folder (default: the config's `out`, else runs/NAME)"),
-    resume: Optional[Path] = typer.Option(None, help="continue the interrupted run in this folder from its last "
+    out: Optional[Path] = _option(None, help="output folder (default: the config's `out`, else runs/NAME)"),
+    resume: Optional[Path] = _option(None, help="continue the interrupted run in this folder from its last "
                                                      "checkpoint (its own config.yaml; no CONFIG)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in the output folder, "
+    overwrite: bool = _option(False, "--overwrite", help="replace the run already in the output folder, "
                                                               "once this one finishes"),
-    runtime: Optional[str] = typer.Option(None, help="override the config's runtime: auto, sequential, vectorised, "
+    runtime: Optional[str] = _option(None, help="override the config's runtime: auto, sequential, vectorised, "
                                                      "processes or flower-sim"),
-    workers: Optional[int] = typer.Option(None, help="processes: worker processes; flower-sim: concurrent clients"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    workers: Optional[int] = _option(None, help="processes: worker processes; flower-sim: concurrent clients"),
+    verbose: bool = _option(False, "--verbose", "-v", help="log every round and every decision"),
 ) -> None:
     """One federated training run described by a YAML config; `--resume RUN_DIR` continues an interrupted one."""
     _setup_logging(verbose)
     from fedmi.experiments.config import RunConfig, load_config, validated
     from fedmi.experiments.federated_run import run_federated
     from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, check_output, output_folder
-    from fedmi.experiments.report import plot_convergence, positive_class
-
     if (config is None) == (resume is None):
         raise FedmiError("fedmi run: give a config file to start a run, or --resume RUN_DIR to continue one")
     if resume is not None and (out is not None or overwrite):
@@ -248,24 +273,31 @@ def run(
             done = run_flower_simulation(cfg, folder, advance, resume=continuing)
         else:
             done = run_federated(cfg, folder, on_round=advance, resume=continuing)
-        task_ = done.federation.task
-        title = f"{cfg.trainer.name} on {done.federation.name}" + \
-            (" (SYNTHETIC DATA)" if done.federation.synthetic else "")
-        plot_convergence(done.result.history, folder / "convergence.png", title, task_.primary)
-    final = done.result.history[-1]["test"]
-    names = done.federation.label_names
-    notes = [positive_class(task_.name, names)] + [
-        f"WARNING: at {site} the model predicts one class ({names[m['one_class']]}) for every test case"
-        for site, m in final.items() if m.get("one_class") is not None and m["one_class"] < len(names)]
-    table = Table(title=f"{title}: after {cfg.rounds} rounds")
-    for col in ("Site", "n", *(m.upper() for m in task_.table_metrics)):
+    fed = done.federation
+    title = f"{cfg.trainer.name} on {fed.name}" + (" (SYNTHETIC DATA)" if fed.synthetic else "")
+    _print_final(f"{title}: after {cfg.rounds} rounds", fed.task.table_metrics, done.result.history[-1]["test"],
+                 fed.task.name, fed.label_names)
+    out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
+
+
+def _print_final(title: str, metrics: Sequence[str], final: dict[str, dict], task: str,
+                 label_names: Sequence[str] | None = None) -> None:
+    """The final model's test metrics per site, with the positive class and one-class warnings under them."""
+    from fedmi.experiments.report import positive_class
+
+    table = Table(title=title)
+    for col in ("Site", "test n", *(m.upper() for m in metrics)):
         table.add_column(col, justify="left" if col == "Site" else "right")
     for site, m in final.items():
-        table.add_row(site, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in task_.table_metrics))
+        table.add_row(site, str(m.get("n", "?")), *("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in metrics))
     out_console.print(table)
+    names = list(label_names or [])
+    named = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
+    notes = [positive_class(task, names)] + [
+        f"WARNING: at {site} the model predicts one class ({named(m['one_class'])}) for every test case"
+        for site, m in final.items() if m.get("one_class") is not None]
     for note in filter(None, notes):
         out_console.print(note, style="bold yellow" if note.startswith("WARNING") else None, highlight=False)
-    out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
 
 
 _CONNECTION_HELP = "the server's HOST:PORT"
@@ -281,11 +313,11 @@ def _connection(server: str, ca: Optional[Path], insecure: bool):
 
 @app.command()
 def certs(
-    out: Path = typer.Option(Path("pki"), help="folder to write the keys and certificates into"),
-    site: list[str] = typer.Option(..., "--site", help="a site's name (repeat for each site)"),
-    host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host",
+    out: Path = _option(Path("pki"), help="folder to write the keys and certificates into"),
+    site: list[str] = _option(..., "--site", help="a site's name (repeat for each site)"),
+    host: list[str] = _option(["127.0.0.1", "localhost"], "--host",
                                    help="a name or IP address the server is reached by (repeat)"),
-    days: int = typer.Option(365, min=1, help="validity of the certificates"),
+    days: int = _option(365, min=1, help="validity of the certificates"),
 ) -> None:
     """Make a CA, the server's TLS certificate and one key pair per site (for `fedmi server/site`)."""
     from fedmi.deploy.certs import make_certificates
@@ -298,13 +330,13 @@ def certs(
 
 @app.command()
 def server(
-    certs: Optional[Path] = typer.Option(None, help="folder from `fedmi certs` (ca.pem, server.pem, server.key)"),
-    enroll: list[Path] = typer.Option([], "--enroll", help="a site's public key to admit (repeat)"),
-    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
-    port: int = typer.Option(9092, min=1, max=65535),
-    state: Path = typer.Option(Path("fedmi-server"), help="the server's state: enrolled sites, runs, apps"),
-    runs: Path = typer.Option(Path("runs"), help="runs write their outputs only below this folder"),
-    insecure: bool = typer.Option(False, "--insecure", help="no TLS, no site authentication (loopback only)"),
+    certs: Optional[Path] = _option(None, help="folder from `fedmi certs` (ca.pem, server.pem, server.key)"),
+    enroll: list[Path] = _option([], "--enroll", help="a site's public key to admit (repeat)"),
+    host: str = _option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = _option(9092, min=1, max=65535, help="port to listen on"),
+    state: Path = _option(Path("fedmi-server"), help="the server's state: enrolled sites, runs, apps"),
+    runs: Path = _option(Path("runs"), help="runs write their outputs only below this folder"),
+    insecure: bool = _option(False, "--insecure", help="no TLS, no site authentication (loopback only)"),
 ) -> None:
     """Start the coordinating server (Flower SuperLink) with TLS and site authentication; Ctrl-C stops it."""
     _setup_logging(False)
@@ -318,10 +350,10 @@ def server(
 @app.command("enroll")
 def enroll_site(
     key: Path = typer.Argument(..., help="the site's public key (sites/NAME.pub)"),
-    name: Optional[str] = typer.Option(None, help="the site's name (default: the key's comment)"),
-    server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
-    ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
-    state: Path = typer.Option(Path("fedmi-server"), help="the server's state folder (as `fedmi server --state`)"),
+    name: Optional[str] = _option(None, help="the site's name (default: the key's comment)"),
+    server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
+    state: Path = _option(Path("fedmi-server"), help="the server's state folder (as `fedmi server --state`)"),
 ) -> None:
     """Admit a site to a running server by its public key (on the server's machine)."""
     _setup_logging(False)
@@ -335,12 +367,12 @@ def enroll_site(
 
 @app.command()
 def site(
-    data: Path = typer.Option(..., help="the site's data config (YAML: dataset, site)"),
-    key: Optional[Path] = typer.Option(None, help="the site's private key (sites/NAME.key)"),
-    server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
-    ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
-    port: int = typer.Option(9094, min=1, max=65535, help="local port of this site's app process (one per site)"),
-    insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback only)"),
+    data: Path = _option(..., help="the site's data config (YAML: dataset, site)"),
+    key: Optional[Path] = _option(None, help="the site's private key (sites/NAME.key)"),
+    server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
+    port: int = _option(9094, min=1, max=65535, help="local port of this site's app process (one per site)"),
+    insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
 ) -> None:
     """Join a federation as one site (Flower SuperNode); the data stays here. Ctrl-C leaves."""
     _setup_logging(False)
@@ -352,11 +384,11 @@ def site(
 @app.command()
 def submit(
     config: Optional[Path] = typer.Argument(None, help="YAML file describing the run"),
-    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder after its last round"),
-    out: Optional[Path] = typer.Option(None, help="run folder on this (the server's) machine (default runs/NAME)"),
-    server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
-    ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
-    insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback only)"),
+    resume: Optional[Path] = _option(None, help="continue the run in this folder after its last round"),
+    out: Optional[Path] = _option(None, help="run folder on this (the server's) machine (default runs/NAME)"),
+    server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
+    insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
 ) -> None:
     """Run a federation on the connected sites and stream its progress; checkpoints every round."""
     _setup_logging(False)
@@ -364,18 +396,24 @@ def submit(
 
     if (config is None) == (resume is None):
         raise FedmiError("give a config file to start a run, or --resume RUN_DIR to continue one")
+    import json
+
     run_dir = resume or out or Path("runs") / config.stem
     submit_run(_connection(server, ca, insecure), config, run_dir, resume is not None)
-    out_console.print(f"wrote {run_dir}/: metrics.jsonl, model.safetensors, checkpoint.safetensors, summary.json")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rounds = summary["config"]["rounds"]
+    _print_final(f"{summary['config']['trainer']['name']} on the connected sites: after {rounds} rounds",
+                 summary.get("table_metrics", ["acc", "auc"]), summary.get("final") or {}, summary.get("task", ""))
+    out_console.print(f"wrote {run_dir}/: " + ", ".join(sorted(p.name for p in run_dir.iterdir())))
 
 
 @app.command()
 def status(
-    server: str = typer.Option("127.0.0.1:9092", help=_CONNECTION_HELP),
-    ca: Optional[Path] = typer.Option(None, help="the CA certificate (ca.pem)"),
-    insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback only)"),
-    state: Optional[Path] = typer.Option(None, help="the server's state folder (names the sites)"),
-    as_json: bool = typer.Option(False, "--json", help="everything Flower reports, as JSON"),
+    server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
+    insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
+    state: Optional[Path] = _option(None, help="the server's state folder (names the sites)"),
+    as_json: bool = _option(False, "--json", help="everything Flower reports, as JSON"),
 ) -> None:
     """The server's enrolled sites (online or not) and its runs."""
     _setup_logging(False)
@@ -423,6 +461,10 @@ def datasets() -> None:
                           f"input {tuple(d['input_shape'])}")
     from fedmi.data import DATASETS
 
+    for name in DATASETS:  # the other names the command line takes (a variant of embedded data)
+        entry = DATASETS.get(name)
+        if not entry.embedded and not entry.path_prefix:
+            out_console.print(f"[bold]{name}[/]: {(entry.__doc__ or '').strip().splitlines()[0]}")
     for name in DATASETS:
         fields = DATASETS.get(name).Options.model_fields
         shown = f"{name}:PATH" if DATASETS.get(name).path_prefix else name
@@ -434,11 +476,12 @@ def datasets() -> None:
 def export(
     dataset: str = typer.Argument(..., help="a tabular dataset: heart-disease or synthetic-adni"),
     path: Path = typer.Argument(..., help="CSV file to write"),
-    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="synthetic-adni: the generator's seed"),
+    seed: int = _option(0, help="synthetic-adni: the generator's seed (0 to 2^63-1)"),
 ) -> None:
     """Write a tabular dataset as CSV (site, label, features): the format `--dataset csv:PATH` reads."""
     from fedmi.data.registry import load_federation
 
+    _check_seed(seed)
     fed = load_federation(dataset, seed=seed)
     frame = fed.to_frame()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -454,6 +497,7 @@ def main() -> None:
         _with_dataset_options(table2)
     from fedmi.experiments.outputs import RunInterrupted
 
+    _setup_logging(False)  # every command: warnings and errors as fedmi lines (a command may ask for more)
     try:
         app()  # usage errors (unknown option, bad value) are typer's: it prints them and exits 2
     except RunInterrupted as e:

@@ -17,7 +17,7 @@ import pandas as pd
 from pydantic import Field
 
 from fedmi.data.federation import Federation, Site
-from fedmi.data.registry import DATASETS, Dataset, DatasetOptions
+from fedmi.data.registry import DATASETS, POSITIVE_LABEL_HELP, Dataset, DatasetOptions
 from fedmi.errors import FedmiError
 
 
@@ -123,7 +123,7 @@ class CsvOptions(DatasetOptions):
     site_column: str = Field("site", description="CSV: column naming each row's site")
     label_column: str = Field("label", description="CSV: column holding the label")
     split_column: str | None = Field(None, description="CSV: column holding train/test (a fixed split)")
-    positive_label: str | None = Field(None, description="CSV: the label value of the positive class (e.g. AD)")
+    positive_label: str | None = Field(None, description=POSITIVE_LABEL_HELP)
 
 
 @DATASETS.register()

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from fedmi.core.rng import Stream, numpy_generator
 from fedmi.data.federation import Federation, Site
-from fedmi.data.registry import DATASETS, Dataset, DatasetOptions
+from fedmi.data.registry import DATASETS, POSITIVE_LABEL_HELP, Dataset, DatasetOptions
 from fedmi.data.partition import partition
 from fedmi.data.shift import apply_profile, site_profiles
 from fedmi.errors import FedmiError
@@ -128,8 +128,7 @@ class PartitionOptions(DatasetOptions):
                                   "(0 = none, 1 = plausible scanners, 2 = at most)",
                                   json_schema_extra={"cli": "shift"})
     max_samples: int | None = Field(None, ge=2, description="use a random subset of this size")
-    positive_label: str | None = Field(None, description="the class counted as positive (SEN), by name or 0/1; "
-                                                          "default: the disease (breastmnist: malignant)")
+    positive_label: str | None = Field(None, description=POSITIVE_LABEL_HELP)
 
 
 class _MedMNIST(Dataset):

@@ -21,6 +21,11 @@ from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError
 
 
+# One help text for the option several datasets share (the command line shows one option for them).
+POSITIVE_LABEL_HELP = ("the class counted as positive (SEN): a label value such as AD (csv), or a class name "
+                       "or 0/1 (images; default: the disease)")
+
+
 class DatasetOptions(Settings):
     """Base of every dataset's options: unknown options are errors.
 

@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,6 +178,9 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour and cursor codes
+
+
 def _run_foreground(argv: list[str], env: dict[str, str], on_start=None, watch=None) -> int:
     """Run a Flower program until it ends or this process is interrupted; its exit status.
 
@@ -191,9 +195,11 @@ def _run_foreground(argv: list[str], env: dict[str, str], on_start=None, watch=N
     def stop(signum, frame):  # Ctrl-C / SIGTERM: stop the whole Flower process group
         stopping.append(signum)
 
+    plain = not sys.stdout.isatty()  # a log file or a pipe: Flower's colour codes would be noise there
+
     def relay() -> None:
         for line in proc.stdout:
-            sys.stdout.write(line)
+            sys.stdout.write(_ANSI.sub("", line) if plain else line)
             note = watch(line) if watch is not None else None
             if note:
                 sys.stdout.write(f"fedmi: {note}\n")
@@ -264,9 +270,14 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
         for k in keys:
             enroll(connection, k, state_dir=state_dir)
 
+    address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    enroll_command = (f"fedmi enroll SITE.pub --server {address}"
+                      + (f" --ca {certs / 'ca.pem'}" if certs is not None else "") + f" --state {state_dir}")
+
     def refused(line: str) -> str | None:
         if "ApiError:2004" in line or "No SuperNode found with the given public key" in line:
-            return "refused a site whose public key is not enrolled (its key is in the line above)"
+            return ("refused a site whose public key is not enrolled (its key is in the line above); to admit it, "
+                    f"run on this machine: {enroll_command}")
         return None
 
     with tempfile.TemporaryDirectory(prefix="fedmi-launchers-") as launchers:
@@ -329,6 +340,10 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
     if site_cfg.site is not None and site_cfg.site not in fed.site_names:
         raise FedmiError(f"{data_config}: dataset {fed.name} has no site '{site_cfg.site}'; "
                          f"its sites: {', '.join(fed.site_names)}")
+    name = site_cfg.site or fed.site_names[0]
+    cases = fed.sites[fed.site_names.index(name)].n
+    print(f"fedmi site {name} ({fed.name}): {cases} cases here, about {round(cases * 0.8)} for training at an "
+          f"80/20 split; joining {connection.address}", flush=True)
     argv = [_bin("flower-supernode"), "--superlink", connection.address, "--port", str(port),
             "--node-config", f"data-config={json.dumps(str(data_config))}"]
     if connection.ca is None:
@@ -347,8 +362,12 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
     with tempfile.TemporaryDirectory(prefix="fedmi-launchers-") as launchers:
         code = _run_foreground(argv, flower_env(launchers=write_launchers(Path(launchers))), watch=refused)
     if seen:
-        raise FedmiError(f"the server at {connection.address} refused this site: its public key is not "
-                         "enrolled there (the server's operator runs `fedmi enroll SITE.pub`)")
+        public = Path(key).with_suffix(".pub") if key is not None else Path("SITE.pub")
+        command = f"fedmi enroll {public} --server {connection.address}" + \
+            (f" --ca {connection.ca}" if connection.ca is not None else "") + " --state fedmi-server"
+        raise FedmiError(f"the server at {connection.address} refused this site: its public key is not enrolled "
+                         f"there; the server's operator admits it with: {command} (--state as given to "
+                         "`fedmi server`)")
     return code
 
 

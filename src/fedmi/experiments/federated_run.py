@@ -122,12 +122,15 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         if sink is not None:
             sink.close()
     if out is not None:
-        from fedmi.experiments.report import to_json
+        from fedmi.experiments.report import plot_convergence, to_json
 
         summary = summary or {}
         P.save(result.params, out / "model.safetensors",
                metadata={"dataset": str(summary.get("dataset", "")), "model": cfg.model, "rounds": str(cfg.rounds)})
-        summary = {**summary, "config": cfg.model_dump(), "aggregator": str(aggregator),
-                   "final": result.history[-1].get("test")}
+        summary = {**summary, "config": cfg.model_dump(), "aggregator": str(aggregator), "task": task.name,
+                   "table_metrics": list(task.table_metrics), "final": result.history[-1].get("test")}
         (out / "summary.json").write_text(to_json(summary, indent=2) + "\n")
+        title = f"{cfg.trainer.name} on {summary.get('dataset', 'the federation')}" + \
+            (" (SYNTHETIC DATA)" if summary.get("synthetic") else "")
+        plot_convergence(result.history, out / "convergence.png", title, task.primary)
     return result

@@ -174,6 +174,9 @@ def test_a_tls_federation_refuses_strangers_survives_a_server_crash_and_matches_
         done = fed.submit("--resume", str(run_dir))
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resuming after round" in done.stdout + done.stderr
+        # Flower does not wait for the app processes it starts; none may be left defunct.
+        processes = subprocess.run(["ps", "-eo", "stat=,comm="], capture_output=True, text=True).stdout
+        assert not [p for p in processes.splitlines() if p.strip().startswith("Z") and "flwr" in p], processes
 
         status = subprocess.run(fedmi_argv("status", "--server", fed.address, "--ca", str(fed.pki / "ca.pem"),
                                            "--state", str(tmp_path / "server-state"), "--json"),
@@ -215,7 +218,8 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
     features = [c for c in frame.columns if c not in ("site", "label")]
     frame[features] = frame[features] * 1e30
     frame.to_csv(tmp_path / "poisoned.csv", index=False)
-    (tmp_path / "poisoned.yaml").write_text(f"dataset: csv:{tmp_path / 'poisoned.csv'}\nstandardize: false\n")
+    (tmp_path / "poisoned.yaml").write_text(f"dataset: csv:{tmp_path / 'poisoned.csv'}\nstandardize: false\n"
+                                            "positive_label: disease\n")
     # Two rounds: Hungary dies once round 1 is recorded; round 2 waits round_timeout for it.
     run = _write_run(tmp_path, "robust", rounds=2, min_sites=2, max_update_norm=100.0,
                      deployment={"sites": 4, "round_timeout": 60})

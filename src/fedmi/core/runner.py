@@ -219,6 +219,19 @@ class Runner:
         round_agg.add(update)
         return _Report(update.site, update.num_examples, update.metrics.get("train_loss"))
 
+    def _check_test_losses(self, r: int, test: dict[str, dict], trained: set[str]) -> None:
+        """Stop a run whose global model has a non-finite test loss at a site that trained it this
+        round (the model diverged on the federation's own data); at another site (its update was
+        rejected: extreme values in its data, a hostile site) the loss is named in a warning."""
+        bad = {site: m["loss"] for site, m in test.items() if m.get("loss") is not None and not math.isfinite(m["loss"])}
+        named = ", ".join(f"{site} ({loss})" for site, loss in bad.items())
+        if any(site in trained for site in bad):
+            raise FedmiError(f"round {r + 1}: the global model's test loss is not finite at {named}: training "
+                             "diverged (lower the learning rate, or standardise the features); " + _stops(r))
+        if bad:
+            log.warning("round %d: the global model's test loss is not finite at %s, a site whose update was not "
+                        "accepted", r + 1, named)
+
     def _record(self, r: int, accepted: list[_Report], rejected: list[str], params: P.ParamsT) -> dict:
         n = sum(a.num_examples for a in accepted)
         record: dict = {**self.tags, "round": r + 1, "sites": [a.site for a in accepted], "rejected": rejected}
@@ -227,9 +240,5 @@ class Runner:
         last = r + 1 == self.rounds
         if last or (self.evaluate_every and (r + 1) % self.evaluate_every == 0):
             record["test"] = self.runtime.evaluate(params, self.method)
-            for site, metrics in record["test"].items():
-                loss = metrics.get("loss")
-                if loss is not None and not math.isfinite(loss):
-                    raise FedmiError(f"round {r + 1}: the global model's test loss at site {site} is {loss}: "
-                                     "training diverged (lower the learning rate, or standardise the features); " + _stops(r))
+            self._check_test_losses(r, record["test"], {a.site for a in accepted})
         return record

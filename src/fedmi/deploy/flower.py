@@ -176,6 +176,10 @@ def _die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Flower starts its app processes (flwr-serverapp, flwr-clientapp) without waiting for them, so
+    # each finished run left a defunct process behind. An ignored SIGCHLD, inherited through exec by
+    # Flower's processes, has the kernel reap them (a wait there then reports status 0).
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour and cursor codes

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/fedmi table2 --dataset heart-disease --out runs/demo
+	$(BIN)/fedmi table2 --dataset heart-disease --out runs/demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

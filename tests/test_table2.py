@@ -125,3 +125,34 @@ def test_csv_route_reproduces_the_embedded_dataset(tmp_path):
     assert all(np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y) for a, b in zip(fed.sites, again.sites))
     cfg = Table2Config(methods=["single", "fedavg"], repeats=2, rounds=3, epochs=3)
     assert run_table2(fed, cfg).results == run_table2(again, cfg).results
+
+
+def test_plots_show_the_differences_the_sites_n_and_where_cross_has_no_bar(adni_result, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from fedmi.experiments.report import PALETTE, _metric_limits, plot_by_site, plot_convergence
+
+    drawn = {"text": [], "ylim": [], "ticks": None, "styles": []}
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, **k: drawn["text"].append(s))
+    set_ylim, set_xticks = matplotlib.axes.Axes.set_ylim, matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
+                        lambda self, *a, **k: (drawn["ylim"].append(a), set_ylim(self, *a, **k))[1])
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
+                        lambda self, t, labels=None, **k: (drawn.__setitem__("ticks", labels),
+                                                           set_xticks(self, t, labels, **k))[1])
+    plot_by_site(adni_result, tmp_path / "by_site.png")
+    assert drawn["text"].count("own site") == len(adni_result.sites)  # each Cross row's own site
+    (low, high), = [a for a in drawn["ylim"] if len(a) == 2 and all(isinstance(v, float) for v in a)]
+    assert 0.3 < low < 0.75 < high <= 1.02  # every AUC is above 0.75 here: the axis does not start at 0
+    assert all("test n=" in t for t in drawn["ticks"])
+    assert len(set(PALETTE)) == len(PALETTE) >= 7
+    assert _metric_limits([(0.2, 0.1), (0.9, 0.05)], "auc")[0] == 0.0  # a low value keeps 0 in view
+
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: (drawn["styles"].append((k.get("marker"), k.get("ls"), k.get("label"))),
+                                               plot(self, *a, **k))[1])
+    plot_convergence(adni_result.history, tmp_path / "conv.png", "t")
+    labels = {s[2] for s in drawn["styles"]}
+    assert labels == {"FedAvg", "FedSGD", "FedProx"}  # named as in the table
+    assert len({s[:2] for s in drawn["styles"]}) == 3  # a marker and dash of its own per method

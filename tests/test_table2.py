@@ -70,7 +70,7 @@ def test_n_sites_and_single_class_site():
     swiss = r.results["FedAvg"]["Switzerland"]  # one negative patient: never in a test split
     assert swiss["auc"]["mean"] is None and swiss["spe"]["mean"] is None and swiss["acc"]["mean"] is not None
     md = markdown_table(r).splitlines()
-    swiss = md[next(i for i, line in enumerate(md) if line.startswith("| Switzerland |")):][:5]
+    swiss = md[next(i for i, line in enumerate(md) if line.startswith("| Switzerland (test n=")):][:5]
     fedavg_row = next(line for line in swiss if "| FedAvg |" in line)
     assert fedavg_row.endswith("| n/a | n/a |")
 
@@ -120,7 +120,7 @@ def test_csv_route_reproduces_the_embedded_dataset(tmp_path):
     fed = load_federation("synthetic-adni")
     path = tmp_path / "adni.csv"
     fed.to_frame().to_csv(path, index=False, float_format="%.9g")
-    again = load_federation(f"csv:{path}")
+    again = load_federation(f"csv:{path}", positive_label="AD")  # labels are written by name
     assert again.site_names == fed.site_names
     assert all(np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y) for a, b in zip(fed.sites, again.sites))
     cfg = Table2Config(methods=["single", "fedavg"], repeats=2, rounds=3, epochs=3)

@@ -145,25 +145,20 @@ def table2(
     The dataset options below come from the datasets themselves; each applies to the datasets named after it."""
     _setup_logging(verbose)
     _check_seed(seed)
-    import json
-    from dataclasses import asdict
-
-    from fedmi.core import params as P
     from fedmi.data import dataset_options as check_options
     from fedmi.experiments.config import DataConfig
     from fedmi.experiments.federated_run import federation_for
     from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, check_output, output_folder
-    from fedmi.experiments.report import JsonlWriter, rich_table, table_notes, to_json, write_table2_report
-    from fedmi.experiments.table2 import Table2Config, run_table2, work_units
+    from fedmi.experiments.report import JsonlWriter, rich_table, table_notes, write_table2_report
+    from fedmi.experiments.table2 import ProtocolFolder, Table2Config, run_table2, work_units
 
     if resume is not None:
         if out is not None or overwrite:
             raise FedmiError("fedmi table2: --resume continues in its own folder; --out and --overwrite do not apply")
         check_output(resume, "resume", "fedmi table2 --resume", settings=TABLE2_SETTINGS)
-        saved = json.loads((resume / TABLE2_SETTINGS).read_text())
-        data = DataConfig(**saved["data"])
-        fed = federation_for(data, saved["config"]["seed"])
-        cfg = Table2Config(**saved["config"])
+        saved, cfg = ProtocolFolder(resume).settings()
+        data = DataConfig(**saved)
+        fed = federation_for(data, cfg.seed)
         target, mode = resume, "resume"
     else:
         given = {k: v for k, v in dataset_options.items() if v is not None}
@@ -190,39 +185,20 @@ def table2(
     check_output(target, mode, "fedmi table2 --resume", settings=TABLE2_SETTINGS)
     if fed.synthetic:
         err_console.print(f"[bold yellow]SYNTHETIC DATA:[/] {fed.description}")
-    with output_folder(target, mode, "fedmi table2 --resume {}", TABLE2_SETTINGS, UNITS) as folder:
-        completed: dict[tuple[int, str], dict] = {}
-        if mode == "resume" and (folder / UNITS).is_file():
-            for line in (folder / UNITS).read_text().splitlines():
-                try:
-                    unit = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the interruption: that unit runs again
-                    continue
-                model_file = folder / "models" / f"{unit['method']}_r{unit['repeat']}.safetensors"
-                unit["model"] = P.load(model_file) if unit.pop("has_model") else None
-                completed[(unit["repeat"], unit["method"])] = unit
-        else:
-            (folder / TABLE2_SETTINGS).write_text(to_json({"data": data.model_dump(mode="json"),
-                                                           "config": asdict(cfg)}, indent=2) + "\n")
-
-        def keep(unit: dict) -> None:
-            """A finished unit, on disk before the next one starts: what --resume takes up."""
-            model_ = unit["model"]
-            if model_ is not None:
-                P.save(model_, folder / "models" / f"{unit['method']}_r{unit['repeat']}.safetensors")
-            with (folder / UNITS).open("a") as f:
-                f.write(to_json({**unit, "model": None, "has_model": model_ is not None}) + "\n")
-
-        with JsonlWriter(folder / "metrics.jsonl") as sink, _progress() as progress:
+    with output_folder(target, mode, "fedmi table2 --resume {}", TABLE2_SETTINGS, UNITS) as path:
+        folder = ProtocolFolder(path)
+        if mode != "resume":
+            folder.save_settings(data.model_dump(mode="json"), cfg)
+        with JsonlWriter(path / "metrics.jsonl") as sink, _progress() as progress:
             task = progress.add_task(f"{fed.name}: {', '.join(cfg.methods)}", total=work_units(fed, cfg))
             rounds_task = progress.add_task("federated round", total=cfg.rounds, visible=False)
             result = run_table2(
                 fed, cfg, sink=sink,
                 advance=lambda k, note: progress.update(task, advance=k, description=f"{fed.name} {note}"),
                 on_round=lambda r: progress.update(rounds_task, completed=r, visible=r < cfg.rounds),
-                completed=completed, on_unit=keep,
+                completed=folder.completed_units(), on_unit=folder.keep,
             )
-        write_table2_report(result, folder)
+        write_table2_report(result, path)
     out_console.print(rich_table(result))
     for note in table_notes(result):
         out_console.print(note, style="bold yellow" if note.startswith("WARNING") else None, highlight=False)

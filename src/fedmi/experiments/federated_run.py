@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from fedmi.client import make_method
 from fedmi.experiments.config import DataConfig, RunConfig, save_config
-from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG
+from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, JsonlWriter, to_json
 from fedmi.core import params as P
 from fedmi.core.local import SiteStates
 from fedmi.core.runner import Runner, RunResult
@@ -93,7 +93,6 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         shutil.rmtree(out / SITES / f"round-{completed - 2}", ignore_errors=True)
     sink = None
     if out is not None:
-        from fedmi.experiments.report import JsonlWriter  # matplotlib: not needed by a site
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             save_config(cfg, out / RUN_CONFIG)
@@ -122,7 +121,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         if sink is not None:
             sink.close()
     if out is not None:
-        from fedmi.experiments.report import plot_convergence, to_json
+        from fedmi.experiments.report import plot_convergence  # matplotlib: not needed by a site
 
         summary = summary or {}
         P.save(result.params, out / "model.safetensors",

@@ -16,6 +16,8 @@ never replaced.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -131,3 +133,40 @@ def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--res
         os.replace(target, old)
         os.replace(folder, target)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _finite(obj):
+    """JSON has no NaN or Infinity: they are written as the strings "NaN", "Infinity" and
+    "-Infinity" (null stays reserved for a metric that is undefined)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj, indent: int | None = None) -> str:
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+class JsonlWriter:
+    """Appends one JSON record per line (the per-round `metrics.jsonl`)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("w")
+
+    def __call__(self, record: dict) -> None:
+        self._file.write(to_json(record) + "\n")
+        self._file.flush()  # each round is on disk when it ends: a crash loses no finished round
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -15,48 +14,12 @@ import numpy as np  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedmi.core import params as P  # noqa: E402
+from fedmi.experiments.outputs import JsonlWriter, to_json  # noqa: E402,F401  (re-exported)
 from fedmi.experiments.table2 import LABELS, Table2Result  # noqa: E402
 from fedmi.core.metrics import format_summary  # noqa: E402
 
 NOT_PRIVATE = "†"
 FOOTNOTE = f"{NOT_PRIVATE} Mix pools the sites' data: not privacy-preserving, shown as a reference."
-
-
-def _finite(obj):
-    """JSON has no NaN or Infinity: they are written as the strings "NaN", "Infinity" and
-    "-Infinity" (null stays reserved for a metric that is undefined)."""
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return "NaN" if np.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def to_json(obj, indent: int | None = None) -> str:
-    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
-
-
-class JsonlWriter:
-    """Appends one JSON record per line (the per-round `metrics.jsonl`)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w")
-
-    def __call__(self, record: dict) -> None:
-        self._file.write(to_json(record) + "\n")
-        self._file.flush()  # each round is on disk when it ends: a crash loses no finished round
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> "JsonlWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _title(result: Table2Result) -> str:

@@ -19,8 +19,10 @@ Centralised settings (Cross, Single, Mix) train the same model with the same loc
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,6 +38,7 @@ from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError, check_number
+from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, to_json
 from fedmi.models import MODELS, build_model
 from fedmi.runtime import make_runtime, runtime_names
 from fedmi.runtime.sequential import train_site
@@ -301,3 +304,50 @@ def work_units(fed: Federation, cfg: Table2Config) -> int:
     """The total that `run_table2` reports through `advance`, for a progress bar."""
     per_repeat = sum(len(fed.sites) if m in ("cross", "single") else 1 for m in cfg.methods)
     return per_repeat * cfg.repeats
+
+
+class ProtocolFolder:
+    """What `fedmi table2 --resume` takes up: the protocol's settings (TABLE2_SETTINGS) and each
+    unit as it finishes (UNITS: scores and rounds, a line each; its model under models/).
+
+    Example::
+
+        folder = ProtocolFolder(Path("runs/table2-heart-disease"))
+        folder.save_settings(data_config, cfg)
+        run_table2(fed, cfg, completed=folder.completed_units(), on_unit=folder.keep)
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def save_settings(self, data: dict, cfg: Table2Config) -> None:
+        """`data`: the data config as a dict (what `DataConfig(**data)` reads back)."""
+        (self.path / TABLE2_SETTINGS).write_text(to_json({"data": data, "config": asdict(cfg)}, indent=2) + "\n")
+
+    def settings(self) -> tuple[dict, Table2Config]:
+        saved = json.loads((self.path / TABLE2_SETTINGS).read_text())
+        return saved["data"], Table2Config(**saved["config"])
+
+    def _model_file(self, unit: dict) -> Path:
+        return self.path / "models" / f"{unit['method']}_r{unit['repeat']}.safetensors"
+
+    def completed_units(self) -> dict[tuple[int, str], dict]:
+        """The units kept so far, by (repeat, method), as `run_table2` takes them."""
+        found: dict[tuple[int, str], dict] = {}
+        if not (self.path / UNITS).is_file():
+            return found
+        for line in (self.path / UNITS).read_text().splitlines():
+            try:
+                unit = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the interruption: that unit runs again
+                continue
+            unit["model"] = P.load(self._model_file(unit)) if unit.pop("has_model") else None
+            found[(unit["repeat"], unit["method"])] = unit
+        return found
+
+    def keep(self, unit: dict) -> None:
+        """A finished unit (`run_table2`'s `on_unit`), on disk before the next one starts."""
+        if unit["model"] is not None:
+            P.save(unit["model"], self._model_file(unit))
+        with (self.path / UNITS).open("a") as f:
+            f.write(to_json({**unit, "model": None, "has_model": unit["model"] is not None}) + "\n")

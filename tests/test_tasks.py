@@ -367,3 +367,20 @@ def test_uniform_prediction_names_the_one_class_a_model_predicts():
     three = MulticlassTask(3)
     assert three.uniform_prediction(np.array([[0.2, 0.5, 0.3], [0.1, 0.8, 0.1]])) == 1
     assert three.uniform_prediction(np.array([[0.2, 0.5, 0.3], [0.8, 0.1, 0.1]])) is None
+
+
+def test_one_class_is_flagged_only_where_the_test_split_holds_several():
+    from fedmi.client.evaluation import evaluate_site
+    from fedmi.core.types import SiteData
+    from fedmi.models import build_model
+
+    model = build_model("logistic", (2,), seed=0)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    params["linear.bias"].fill_(10.0)  # every case scored positive
+    x = torch.zeros(6, 2)
+
+    def site(y_test):
+        return SiteData("A", x, torch.tensor([0.0, 1.0] * 3), x[:4], torch.tensor(y_test))
+
+    assert evaluate_site(model, BinaryTask(), params, site([0.0, 1.0, 1.0, 0.0]))["one_class"] == 1
+    assert evaluate_site(model, BinaryTask(), params, site([1.0, 1.0, 1.0, 1.0]))["one_class"] is None

@@ -21,7 +21,8 @@ def model_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> 
 @torch.no_grad()
 def evaluate_site(model: nn.Module, task: Task, params: P.ParamsT, site: SiteData, split: str = "test") -> dict:
     """The task's metrics of `params` on one split of a site, its mean loss, its size n, and
-    "one_class": the class predicted for every case, where the model predicts only one (else None)."""
+    "one_class": the class predicted for every case, where the model predicts only one although the
+    split holds several (else None)."""
     x, y = (site.x_test, site.y_test) if split == "test" else (site.x_train, site.y_train)
     if len(y) == 0:
         return {**{m: None for m in task.metric_names}, "loss": None, "n": 0, "one_class": None}
@@ -34,5 +35,7 @@ def evaluate_site(model: nn.Module, task: Task, params: P.ParamsT, site: SiteDat
     out: dict = task.metrics(y.numpy(), scores.numpy())
     out["loss"] = float(task.per_sample_loss(outputs, y).mean())
     out["n"] = int(len(y))
-    out["one_class"] = task.uniform_prediction(scores.numpy())
+    # A split of one class is all that class: predicting it throughout is then no sign of a blind model.
+    one = task.uniform_prediction(scores.numpy())
+    out["one_class"] = one if one is not None and len(torch.unique(y)) > 1 else None
     return out

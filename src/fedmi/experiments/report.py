@@ -197,6 +197,8 @@ def plot_convergence(history: list[dict], path: Path, title: str, metric: str = 
 
     curves = convergence_curves(history, metric)
     sites = sorted({site for rec in history for site in rec.get("test", {})})
+    defined = [s for s in sites if any((rec.get("test", {}).get(s) or {}).get(metric) is not None for rec in history)]
+    undefined = [s for s in sites if s not in defined]
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
     for j, (method, series) in enumerate(curves.items()):
         style = {"color": PALETTE[j % len(PALETTE)], "marker": MARKERS[j % len(MARKERS)],
@@ -206,10 +208,12 @@ def plot_convergence(history: list[dict], path: Path, title: str, metric: str = 
                 r, mu, sd = series[key].T
                 ax.plot(r, mu, markevery=max(1, len(r) // 8), markersize=5, lw=1.4, **style)
                 ax.fill_between(r, mu - sd, mu + sd, alpha=0.15, color=style["color"])
-    over = ", ".join(sites) if len(sites) <= 5 else f"{len(sites)} sites"
+    over = ", ".join(defined) if len(defined) <= 5 else f"{len(defined)} sites"
+    left_out = (f"\n({', '.join(undefined) if len(undefined) <= 3 else f'{len(undefined)} sites'}: undefined on "
+                "the test split, left out)") if undefined else ""
     axes[0].set(xlabel="round", ylabel="training loss (sample-weighted)", title="training loss")
     axes[1].set(xlabel="round", ylabel=f"test {metric.upper()}, mean over sites",
-                title=f"test {metric.upper()}: mean over {over}\n(a site where it is undefined is left out)")
+                title=f"test {metric.upper()}: mean over {over}{left_out}")
     axes[1].title.set_fontsize(9)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -159,6 +159,7 @@ def plot_by_site(result: Table2Result, path: Path) -> None:
                     color="grey")
     ticks = [f"{s}\n(test n={result.test_n[s]})" if s in result.test_n else s for s in result.sites]
     ax.set_xticks(range(len(result.sites)), ticks)
+    ax.set_xlim(-0.5, len(result.sites) - 0.5)  # a site without any bar keeps its place
     ax.set_ylabel(f"test {name} (mean ± std)")
     if metric == "auc" and low < 0.5 < high:
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")

@@ -182,7 +182,6 @@ def table2(
         )
         target = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
         mode = "overwrite" if overwrite else "new"
-    check_output(target, mode, "fedmi table2 --resume", settings=TABLE2_SETTINGS)
     if fed.synthetic:
         err_console.print(f"[bold yellow]SYNTHETIC DATA:[/] {fed.description}")
     with output_folder(target, mode, "fedmi table2 --resume {}", TABLE2_SETTINGS, UNITS) as path:
@@ -237,7 +236,6 @@ def run(
     overrides = {k: v for k, v in (("runtime", runtime), ("workers", workers)) if v is not None}
     if overrides:
         cfg = validated(RunConfig, {**cfg.model_dump(), **overrides}, "fedmi run", prefix="option --")
-    check_output(target, mode, "fedmi run --resume")
     name = config.stem if config else target.name
     with output_folder(target, mode, "fedmi run --resume {}") as folder, _progress() as progress:
         continuing = mode == "resume" and (folder / CHECKPOINT).is_file()

@@ -7,9 +7,8 @@ only through a `Runtime`, which hands back `Update`s and metrics, never data.
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,9 @@ class Aggregator(Protocol):
 
     def begin_round(self, state: Any, params: P.ParamsT, round_info: RoundInfo) -> RoundAggregator:
         """Updates are added one by one as they arrive, so a streaming aggregator holds O(model)."""
+
+    # Optional: `min_updates() -> int`, the fewest updates a round needs (Krum: 2f + 3); the runner
+    # refuses, before round 1, a federation that could never give that many.
 
 
 class Selector(Protocol):

@@ -102,7 +102,7 @@ def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--res
         with output_folder(Path("runs/a"), "overwrite") as folder:
             train(folder)   # runs/a is replaced only if this returns
     """
-    check_output(target, mode, settings=settings)
+    check_output(target, mode, resume_command.replace(" {}", ""), settings)
     if mode == "resume":
         folder, created = target, False
     else:

@@ -146,7 +146,7 @@ def test_an_update_with_a_non_finite_training_loss_is_rejected_with_its_site():
 
 
 def test_infinity_is_not_written_as_null():
-    from fedmi.experiments.report import to_json
+    from fedmi.experiments.outputs import to_json
 
     assert json.loads(to_json({"a": float("inf"), "b": None, "c": float("nan")})) == \
         {"a": "Infinity", "b": None, "c": "NaN"}

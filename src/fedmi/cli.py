@@ -148,8 +148,8 @@ def table2(
     from fedmi.data import dataset_options as check_options
     from fedmi.experiments.config import DataConfig
     from fedmi.experiments.federated_run import federation_for
-    from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, check_output, output_folder
-    from fedmi.experiments.report import JsonlWriter, rich_table, table_notes, write_table2_report
+    from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, JsonlWriter, check_output, output_folder
+    from fedmi.experiments.report import rich_table, table_notes, write_table2_report
     from fedmi.experiments.table2 import ProtocolFolder, Table2Config, run_table2, work_units
 
     if resume is not None:

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedmi.core import params as P  # noqa: E402
-from fedmi.experiments.outputs import JsonlWriter, to_json  # noqa: E402,F401  (re-exported)
+from fedmi.experiments.outputs import to_json  # noqa: E402
 from fedmi.experiments.table2 import LABELS, Table2Result  # noqa: E402
 from fedmi.core.metrics import format_summary  # noqa: E402
 

@@ -50,7 +50,7 @@ def test_every_invalid_field_is_reported(monkeypatch, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--seed", str(2**64)], "--seed"),
+    (["--seed", str(2**64)], "seed must be an integer from 0 to 2^63-1"),
     (["--dataset", "breastmnist", "--shift", "10"], "less than or equal to 2"),
     (["--dataset", "breastmnist", "--shift", "inf"], "finite number"),
     (["--dataset", "breastmnist", "--shift", "1e10"], "less than or equal to 2"),

@@ -10,6 +10,17 @@ from enum import IntEnum
 
 import numpy as np
 
+from fedmi.errors import FedmiError
+
+MAX_SEED = 2**63 - 1  # seeds travel as signed 64-bit integers (torch.manual_seed, safetensors metadata)
+
+
+def check_seed(seed: int) -> int:
+    """`seed` if it is an integer from 0 to MAX_SEED, else a FedmiError saying so."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise FedmiError(f"seed must be an integer from 0 to 2^63-1, got {seed!r}")
+    return seed
+
 
 class Stream(IntEnum):
     REPEAT = 1  # (seed, repeat): the seed of one repeat of an experiment

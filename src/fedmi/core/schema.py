@@ -59,13 +59,15 @@ def closest(name: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def describe_errors(error: ValidationError, model: type[BaseModel], prefix: str = "field ") -> list[str]:
+def describe_errors(error: ValidationError, model: type[BaseModel], prefix: str = "field ",
+                    suffix: str = "") -> list[str]:
     """One line per invalid field of `error`: where, what is wrong, the value given (cut short).
 
     Args:
       error: pydantic's error for `model`.
       model: the model validated (its fields are the suggestions for an unknown name).
-      prefix: how a field is named ("field ", "option --").
+      prefix: what comes before a field's name ("field ", "option --").
+      suffix: what comes after it (" of dataset breastmnist").
     """
     lines = []
     for e in error.errors():
@@ -75,11 +77,11 @@ def describe_errors(error: ValidationError, model: type[BaseModel], prefix: str 
             owner = _model_at(model, e["loc"][:-1])
             known = list(owner.model_fields) if owner is not None else []
             message = "unknown field" + closest(str(e["loc"][-1]), known)
-            lines.append(f"{prefix}'{where}': {message}")
+            lines.append(f"{prefix}'{where}'{suffix}: {message}")
             continue
         given = e.get("input")
         got = "" if e["type"] == "missing" or isinstance(given, (dict, list)) else f", got {quote(given)}"
-        lines.append(f"{prefix}'{where}': {message}{got}")
+        lines.append(f"{prefix}'{where}'{suffix}: {message}{got}")
     return lines
 
 

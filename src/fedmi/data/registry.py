@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from pydantic import ConfigDict, ValidationError
 
 from fedmi.core.registry import Registry
+from fedmi.core.rng import check_seed
 from fedmi.core.schema import Settings, closest, describe_errors
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError
@@ -88,15 +89,11 @@ def dataset_options(spec: str, options: dict[str, Any], where: str = "dataset op
     try:
         return cls.Options.model_validate({**options, **implied})
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                valid = ", ".join(cls.Options.model_fields) or "none"
-                lines.append(f"{where} '{field}' does not apply to dataset {cls.name}"
-                             f"{closest(field, cls.Options.model_fields)} (its options: {valid})")
-        lines += [line.replace("field ", f"{where} ", 1).replace("':", f"' of dataset {cls.name}:", 1)
-                  for err, line in zip(e.errors(), describe_errors(e, cls.Options)) if err["type"] != "extra_forbidden"]
+        valid = ", ".join(cls.Options.model_fields) or "none"
+        lines = [f"{where} '{err['loc'][0]}' does not apply to dataset {cls.name}"
+                 f"{closest(str(err['loc'][0]), cls.Options.model_fields)} (its options: {valid})"
+                 if err["type"] == "extra_forbidden" else line
+                 for err, line in zip(e.errors(), describe_errors(e, cls.Options, f"{where} ", f" of dataset {cls.name}"))]
         raise FedmiError("; ".join(lines)) from None
 
 
@@ -106,7 +103,7 @@ def load_federation(spec: str, seed: int = 0, **options: Any) -> Federation:
     Example: ``load_federation("breastmnist", num_sites=4, partition="dirichlet", alpha=0.5)``.
     """
     cls, _ = resolve(spec)
-    return cls().load(dataset_options(spec, options), seed)
+    return cls().load(dataset_options(spec, options), check_seed(seed))
 
 
 def describe_datasets() -> list[dict]:

@@ -8,12 +8,12 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedmi.core.rng import MAX_SEED
 from fedmi.core.schema import Settings, quote, validate
 from fedmi.errors import FedmiError
 from fedmi.runtime.flower.settings import DeploymentConfig
 
 M = TypeVar("M", bound=BaseModel)
-MAX_SEED = 2**63 - 1  # seeds travel as signed 64-bit integers (torch, safetensors metadata)
 
 
 def _registered(registry, name: str) -> str:

@@ -32,7 +32,7 @@ from fedmi.client.evaluation import evaluate_site
 from fedmi.core import params as P
 from fedmi.core.local import LocalMethod
 from fedmi.core.metrics import summarize
-from fedmi.core.rng import Stream, derive_seed, repeat_seed
+from fedmi.core.rng import Stream, check_seed, derive_seed, repeat_seed
 from fedmi.core.runner import Runner, check_update
 from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData
@@ -83,8 +83,7 @@ class Table2Config:
         check_number("momentum", self.momentum, 0, 1, high_open=True)
         check_number("mu", self.mu, 0)
         check_number("test_fraction", self.test_fraction, 0, 1, low_open=True, high_open=True)
-        if self.seed < 0:
-            raise FedmiError(f"seed must be non-negative, got {self.seed}")
+        check_seed(self.seed)
         for name in ("repeats", "rounds", "epochs", "batch_size", "local_steps"):
             if getattr(self, name) < 1:
                 raise FedmiError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -179,7 +179,7 @@ def table2(
     if fed.synthetic:
         err_console.print(f"[bold yellow]SYNTHETIC DATA:[/] {fed.description}")
     with output_folder(target, mode, "fedmi table2 --resume {}", TABLE2_SETTINGS, UNITS) as path:
-        folder = ProtocolFolder(path)
+        folder = ProtocolFolder(path, metadata={"dataset": fed.name, "model": cfg.model})
         if mode != "resume":
             folder.save_settings(data.model_dump(mode="json"), cfg)
         with JsonlWriter(path / "metrics.jsonl") as sink, _progress() as progress:
@@ -191,7 +191,7 @@ def table2(
                 on_round=lambda r: progress.update(rounds_task, completed=r, visible=r < cfg.rounds),
                 completed=folder.completed_units(), on_unit=folder.keep,
             )
-        write_table2_report(result, path)
+        write_table2_report(result, path, models=False)  # the folder kept each model as it was made
     out_console.print(rich_table(result))
     for note in table_notes(result):
         out_console.print(note, style="bold yellow" if note.startswith("WARNING") else None, highlight=False)

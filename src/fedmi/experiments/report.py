@@ -226,8 +226,9 @@ def plot_convergence(history: list[dict], path: Path, title: str, metric: str = 
     plt.close(fig)
 
 
-def write_table2_report(result: Table2Result, out: Path) -> list[Path]:
-    """Write results.json, table.md, the plots and the final models; return the files written."""
+def write_table2_report(result: Table2Result, out: Path, models: bool = True) -> list[Path]:
+    """Write results.json, table.md, the plots and (unless `models` is False: a `ProtocolFolder`
+    kept each as its setting finished) the final models; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "table.md", out / f"{result.task.primary}_by_site.png"]
     written[0].write_text(to_json(result.to_json(), indent=2) + "\n")
@@ -236,7 +237,7 @@ def write_table2_report(result: Table2Result, out: Path) -> list[Path]:
     if result.history:
         written.append(out / "convergence.png")
         plot_convergence(result.history, written[-1], _title(result) + ": federated methods", result.task.primary)
-    for name, params in result.models.items():
+    for name, params in (result.models.items() if models else ()):
         written.append(out / "models" / f"{name}.safetensors")
         P.save(params, written[-1], metadata={"dataset": result.dataset, "model": result.config.model})
     return written

@@ -242,7 +242,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 for rec in unit["history"]:
                     log_round(rec)
                 if unit.get("model") is not None:
-                    models[f"{method}_r{rep}"] = unit["model"]
+                    models[model_name(method, rep)] = unit["model"]
                 if advance is not None:
                     advance(units, note)
                 continue
@@ -278,13 +278,13 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                     result = runner.run(init, on_round)
                 finally:
                     runtime.close()
-                models[f"{method}_r{rep}"] = result.params
+                models[model_name(method, rep)] = result.params
                 # the last round's record already holds every site's evaluation of the final model
                 for b, metrics in result.history[-1]["test"].items():
                     record(LABELS[method], b, metrics)
             if on_unit is not None:
                 on_unit({"repeat": rep, "method": method, "scores": list(scores), "history": history[rounds_before:],
-                         "model": models.get(f"{method}_r{rep}")})
+                         "model": models.get(model_name(method, rep))})
             if advance is not None:
                 advance(units, note)
 
@@ -297,6 +297,11 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, names, cfg, rows, results,
                         history, models, fed.task, tuple(fed.label_names), test_n,
                         {label: {s: v for s, v in by_site.items() if v} for label, by_site in one_class.items()})
+
+
+def model_name(method: str, repeat: int) -> str:
+    """The name a setting's final global model has in a protocol's results (and its file under models/)."""
+    return f"{method}_r{repeat}"
 
 
 def work_units(fed: Federation, cfg: Table2Config) -> int:
@@ -316,8 +321,10 @@ class ProtocolFolder:
         run_table2(fed, cfg, completed=folder.completed_units(), on_unit=folder.keep)
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None):
+        """`metadata`: written into every kept model file (dataset, model)."""
         self.path = path
+        self.metadata = metadata or {}
 
     def save_settings(self, data: dict, cfg: Table2Config) -> None:
         """`data`: the data config as a dict (what `DataConfig(**data)` reads back)."""
@@ -328,7 +335,7 @@ class ProtocolFolder:
         return saved["data"], Table2Config(**saved["config"])
 
     def _model_file(self, unit: dict) -> Path:
-        return self.path / "models" / f"{unit['method']}_r{unit['repeat']}.safetensors"
+        return self.path / "models" / f"{model_name(unit['method'], unit['repeat'])}.safetensors"
 
     def completed_units(self) -> dict[tuple[int, str], dict]:
         """The units kept so far, by (repeat, method), as `run_table2` takes them."""
@@ -347,6 +354,6 @@ class ProtocolFolder:
     def keep(self, unit: dict) -> None:
         """A finished unit (`run_table2`'s `on_unit`), on disk before the next one starts."""
         if unit["model"] is not None:
-            P.save(unit["model"], self._model_file(unit))
+            P.save(unit["model"], self._model_file(unit), metadata=self.metadata)
         with (self.path / UNITS).open("a") as f:
             f.write(to_json({**unit, "model": None, "has_model": unit["model"] is not None}) + "\n")

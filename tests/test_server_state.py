@@ -1,5 +1,6 @@
 """One server state: a run stopped after round k and resumed from its saved state reaches exactly the
-uninterrupted run's model, for every aggregator and every in-process runtime."""
+uninterrupted run's model, for every aggregator and every in-process runtime (the sites' own state,
+here their momentum, resumed from their own checkpoints)."""
 
 from __future__ import annotations
 
@@ -41,11 +42,17 @@ def _runner(runtime, aggregator, rounds, checkpoint=None):
 def test_stop_after_round_k_and_resume_gives_the_identical_model(runtimes, kind, aggregator, tmp_path):
     model, made = runtimes
     init = P.clone(model.state_dict())
-    whole = _runner(made[kind], aggregator, 4).run(init)
-    _runner(made[kind], aggregator, 2, checkpoint=tmp_path / "state.safetensors").run(init)
+    runtime = made[kind]
+    runtime.site_states.states.clear()  # the sites' optimiser state (momentum) of an earlier test's run
+    whole = _runner(runtime, aggregator, 4).run(init)
+    runtime.site_states.states.clear()
+    _runner(runtime, aggregator, 2, checkpoint=tmp_path / "state.safetensors").run(init)
+    runtime.site_states.save(tmp_path / "sites")  # each site's own checkpoint, beside the server's
+    runtime.site_states.states.clear()
+    runtime.site_states.load(tmp_path / "sites")
     saved = ServerState.load(tmp_path / "state.safetensors")
     assert saved.round == 2 and len(saved.history) == 2
-    resumed = _runner(made[kind], aggregator, 4).run(init, resume=saved)
+    resumed = _runner(runtime, aggregator, 4).run(init, resume=saved)
     assert P.allclose(resumed.params, whole.params, rtol=0, atol=0)
     assert [r["sites"] for r in resumed.history] == [r["sites"] for r in whole.history]  # the selector's draws too
     assert resumed.history[-1]["test"] == whole.history[-1]["test"]

@@ -53,6 +53,9 @@ TRAINERS = {
     "fedsgd": lambda: make_method("fedsgd"),
     "sgd-momentum-decay": lambda: FedAvg(lr=0.1, batch_size=16, local_epochs=1, local_steps=None,
                                              momentum=0.9, weight_decay=0.01),
+    "adam-milestones": lambda: make_method("fedavg", optimizer="adam", lr=0.01, batch_size=16, local_epochs=1,
+                                           weight_decay=0.01, lr_milestones=[0.5]),
+    "fedbn": lambda: make_method("fedbn", optimizer="adam", lr=0.01, batch_size=16, local_steps=3),
 }
 
 
@@ -105,6 +108,23 @@ def test_batch_norm_model_runs_vectorised_and_equals_sequential(uneven_sites, ca
                  evaluate_every=0).run(init)
     _assert_same(seq, vec)
     assert not torch.equal(vec.params["norm.running_mean"], init["norm.running_mean"])  # statistics moved
+
+
+def test_fedbn_keeps_batch_norm_at_the_sites_alike_on_both_runtimes(uneven_sites):
+    torch.manual_seed(0)
+    model = WithBatchNorm()
+    init = _init(model)
+    method = make_method("fedbn", batch_size=16, local_steps=2)
+    runs = []
+    for runtime in (SequentialRuntime(model, uneven_sites), VectorisedRuntime(model, uneven_sites)):
+        runs.append((runtime, Runner(runtime, method, make_aggregator("fedavg"), rounds=2, evaluate_every=1).run(init)))
+    (seq_rt, seq), (vec_rt, vec) = runs
+    _assert_same(seq, vec)
+    for site, metrics in seq.history[-1]["test"].items():  # each site evaluated with its own batch norm
+        assert metrics["loss"] == pytest.approx(vec.history[-1]["test"][site]["loss"], rel=1e-5)
+    for name in uneven_sites:
+        a, b = seq_rt.site_states.get(name.name)["local"], vec_rt.site_states.get(name.name)["local"]
+        assert P.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 class ClippedSGD(FedAvg):

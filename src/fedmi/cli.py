@@ -111,6 +111,22 @@ def _with_dataset_options(command):
     return command
 
 
+def _yaml_mapping(text: str | None, flag: str) -> dict:
+    from fedmi.experiments.config import parse_yaml
+
+    value = parse_yaml(text, flag) if text else {}
+    if not isinstance(value, dict):
+        raise FedmiError(f"{flag}: give a YAML mapping such as '{{channels: [8, 16]}}', got {text!r}")
+    return value
+
+
+def _numbers(text: str | None, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()] if text else []
+    except ValueError:
+        raise FedmiError(f"{flag}: give comma-separated numbers such as 0.5,0.75, got {text!r}") from None
+
+
 @app.command()
 def table2(
     dataset: str = _option("heart-disease", help="a dataset (fedmi datasets), csv:PATH or npz:PATH"),
@@ -118,9 +134,19 @@ def table2(
     repeats: int = _option(5, help="random 80/20 splits per site (training seeds on a fixed split)"),
     rounds: int = _option(100, help="federated rounds"),
     epochs: int = _option(100, help="training passes of the centralised settings"),
-    model: Optional[str] = _option(None, help="logistic, mlp or cnn (default: logistic, cnn for images)"),
-    lr: float = _option(0.05, help="local SGD learning rate"),
+    model: Optional[str] = _option(None, help="a model (fedmi models; default: logistic, cnn for images)"),
+    model_options: Optional[str] = _option(None, help="the model's arguments as a YAML mapping, e.g. "
+                                                      "'{channels: [8, 16, 32], strides: [2, 2]}'"),
+    optimizer: str = _option("sgd", help="the local optimiser of every setting: sgd or adam"),
+    lr: float = _option(0.05, help="local learning rate"),
     momentum: float = _option(0.0, help="local SGD momentum"),
+    weight_decay: float = _option(0.0, help="L2 penalty added to the gradient"),
+    lr_milestones: Optional[str] = _option(None, help="fractions of training at which the learning rate is "
+                                                      "multiplied by 0.1, e.g. 0.5,0.75"),
+    batch_size: int = _option(32, help="samples per local step"),
+    local_steps: int = _option(10, help="FedAvg's and FedBN's local steps per round"),
+    local_epochs: Optional[int] = _option(None, help="FedAvg's and FedBN's local passes per round "
+                                                     "(instead of --local-steps)"),
     fedsgd_lr: float = _option(1.0, help="FedSGD's server step size"),
     standardize: bool = _option(False, "--standardize", help="z-score features per site with the site's own "
                                                                "training statistics (default: tabular data only)"),
@@ -135,7 +161,7 @@ def table2(
     verbose: bool = _option(False, "--verbose", "-v", help="log every round and every decision"),
     **dataset_options,
 ) -> None:
-    """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx) and report it.
+    """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx; also FedBN) and report it.
 
     The dataset options below come from the datasets themselves; each applies to the datasets named after it."""
     _setup_logging(verbose)
@@ -171,8 +197,11 @@ def table2(
         fed = federation_for(data, seed)
         cfg = Table2Config(
             methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
-            epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"), lr=lr,
-            momentum=momentum, fedsgd_lr=fedsgd_lr, runtime=runtime,
+            epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"),
+            model_options=_yaml_mapping(model_options, "--model-options"), optimizer=optimizer, lr=lr,
+            momentum=momentum, weight_decay=weight_decay, lr_milestones=_numbers(lr_milestones, "--lr-milestones"),
+            batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, fedsgd_lr=fedsgd_lr,
+            runtime=runtime,
         )
         target = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
         mode = "overwrite" if overwrite else "new"

@@ -31,7 +31,8 @@ log = logging.getLogger("fedmi")
 def run_on_grid(grid: Grid, cfg: RunConfig, out: Path | None, resume: bool = False,
                 on_round: Callable[[int], None] | None = None, simulation: bool = False,
                 enrolled: set[int] | None = None) -> RunResult:
-    task = {"seed": cfg.seed, "test_fraction": cfg.data.test_fraction, "model": cfg.model}
+    task = {"seed": cfg.seed, "test_fraction": cfg.data.test_fraction, "model": cfg.model,
+            "model_options": cfg.model_options}
     if simulation:  # virtual nodes take their site from the run's data section
         task["data"] = cfg.data.model_dump()
     runtime = GridRuntime(grid, task, cfg.deployment, enrolled=enrolled)

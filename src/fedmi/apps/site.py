@@ -72,8 +72,9 @@ def site_data(context: Context, task: dict, key: int | None, default_data: DataC
 
 
 @lru_cache(maxsize=4)
-def _model(name: str, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    return build_model(name, input_shape, 0, num_outputs)  # weights are replaced by the server's
+def _model(name: str, input_shape: tuple[int, ...], num_outputs: int, options: str = "{}") -> nn.Module:
+    """`options`: the network's arguments as JSON (hashable, for the cache)."""
+    return build_model(name, input_shape, 0, num_outputs, json.loads(options))  # weights: the server's
 
 
 def _model_for(params: P.ParamsT, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
@@ -137,7 +138,8 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
         if key is None:
             key = zlib.crc32(site.name.encode())
         input_shape = tuple(site.x_train.shape[1:])
-        model = _model(task["model"], input_shape, site_task.num_outputs) if "model" in task else \
+        model = _model(task["model"], input_shape, site_task.num_outputs,
+                       json.dumps(task.get("model_options") or {}, sort_keys=True)) if "model" in task else \
             _model_for(params, input_shape, site_task.num_outputs)
         return task, config, params, site, site_task, model, key
 

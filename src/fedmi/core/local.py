@@ -76,6 +76,7 @@ class SiteContext:
       param_names / buffer_names: which entries of a state dict are trained and which are buffers.
       site, num_train: the site's name and training-set size (in `init` and `final` only).
       train_loss: the mean data loss over the round's batches (set by the runtime before `final`).
+      batch_norm_names: the entries of batch-norm layers (their weights, biases and statistics).
     """
 
     round: RoundInfo
@@ -87,6 +88,7 @@ class SiteContext:
     site: str = ""
     num_train: int = 0
     train_loss: float | None = None
+    batch_norm_names: tuple[str, ...] = ()
 
     def data_loss(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
                   batch: Batch) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -94,6 +94,7 @@ class TrainerConfig(Settings):
 class RunConfig(Settings):
     data: DataConfig = DataConfig()
     model: str = "logistic"  # a registered model (fedmi.models)
+    model_options: dict[str, Any] = Field(default_factory=dict)  # the network's own arguments (MONAI's)
     trainer: TrainerConfig = TrainerConfig()
     aggregator: str | None = None  # a pipeline such as "weighted_mean | server_sgd(lr=1.0)"
     server_lr: float = Field(1.0, gt=0)  # used when aggregator is not given

@@ -29,9 +29,13 @@ SITES = "sites"  # a simulation's site states, one folder per recent round, one 
 
 @dataclass
 class FederatedRun:
+    """A finished simulation: its config, federation and result, and the state each simulated site
+    kept (FedBN's batch norm, optimiser moments), by site name."""
+
     config: RunConfig
     federation: Federation
     result: RunResult
+    site_states: SiteStates | None = None
 
 
 def federation_for(d: DataConfig, seed: int) -> Federation:
@@ -58,7 +62,7 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
             raise FedmiError(f"dataset {fed.name} has no site {', '.join(unknown)}; its sites: {', '.join(by_name)}")
         fed.sites = [by_name[n] for n in sites]
     sites = fed.split(cfg.seed, cfg.data.test_fraction)
-    model = build_model(cfg.model, fed.input_shape, cfg.seed, fed.task.num_outputs)
+    model = build_model(cfg.model, fed.input_shape, cfg.seed, fed.task.num_outputs, cfg.model_options)
     runtime = make_runtime(cfg.runtime, model, sites, fed.task, cfg.workers)
     try:
         result = train_federation(cfg, runtime, fed.input_shape, fed.task, out, on_round, resume,
@@ -66,7 +70,7 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
                                            "description": fed.description})
     finally:
         runtime.close()
-    return FederatedRun(cfg, fed, result)
+    return FederatedRun(cfg, fed, result, getattr(runtime, "site_states", None))
 
 
 def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, ...], task: Task, out: Path | None,
@@ -74,7 +78,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
                      summary: dict | None = None) -> RunResult:
     """The run's rounds on `runtime`, whichever it is; with `out`, a resumable checkpoint after every
     round, metrics.jsonl, the final model and summary.json. `resume` continues from out's checkpoint."""
-    model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs)
+    model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs, cfg.model_options)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     aggregator = make_aggregator(cfg.aggregator, cfg.server_lr)
     checkpoint = None if out is None else out / CHECKPOINT

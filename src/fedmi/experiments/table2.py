@@ -9,12 +9,15 @@ Settings, each evaluated on every site's own test split:
 - FedSGD: each round every site sends one full-batch gradient at the global model; the server
           averages (weighted by sample count) and takes one step of size `fedsgd_lr`.
 - FedProx: local SGD for one pass over the site's data with the proximal term mu = 0.1.
+- FedBN:  FedAvg whose batch-norm layers stay at each site (Li et al. 2021; FedAvg on models without).
 Each site is split 80/20 (stratified), repeated `repeats` times with different seeds; on a
 dataset's fixed split, the repeats keep the split and vary the training seed (initial weights and
 batch order), as FLamby reports its benchmarks over seeds. Results are mean ± sample std over repeats.
 
-Centralised settings (Cross, Single, Mix) train the same model with the same local SGD for
-`epochs` passes, through the same trainer code the sites use.
+Centralised settings (Cross, Single, Mix) train the same model with the same local optimiser for
+`epochs` passes, through the same trainer code the sites use: one pass per round of a one-site
+federation, so that learning-rate milestones fall on the same fractions of training as in the
+federated settings and the optimiser's state carries over from pass to pass.
 """
 
 from __future__ import annotations
@@ -45,24 +48,31 @@ from fedmi.runtime.sequential import train_site
 from fedmi.server import make_aggregator
 
 CENTRALISED = ("cross", "single", "mix")
-FEDERATED = ("fedavg", "fedsgd", "fedprox")
+FEDERATED = ("fedavg", "fedsgd", "fedprox", "fedbn")
 METHODS = (*CENTRALISED, *FEDERATED)
-LABELS = {"single": "Single", "mix": "Mix", "fedavg": "FedAvg", "fedsgd": "FedSGD", "fedprox": "FedProx"}
+SURVEY_METHODS = ("cross", "single", "mix", "fedavg", "fedsgd", "fedprox")  # the survey's Table II, the default
+LABELS = {"single": "Single", "mix": "Mix", "fedavg": "FedAvg", "fedsgd": "FedSGD", "fedprox": "FedProx",
+          "fedbn": "FedBN"}
 
 
 @dataclass
 class Table2Config:
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(SURVEY_METHODS))
     repeats: int = 5
     rounds: int = 100
     epochs: int = 100  # passes for the centralised settings
     test_fraction: float = 0.2
     seed: int = 0
     model: str = "logistic"
+    model_options: dict = field(default_factory=dict)  # the network's own arguments (MONAI's)
     lr: float = 0.05
     momentum: float = 0.0
+    optimizer: str = "sgd"  # the local optimiser of every setting: sgd or adam
+    weight_decay: float = 0.0
+    lr_milestones: list[float] = field(default_factory=list)  # fractions of training where lr *= 0.1
     batch_size: int = 32
     local_steps: int = 10
+    local_epochs: int | None = None  # FedAvg's and FedBN's local work in passes instead of local_steps
     mu: float = 0.1
     fedsgd_lr: float = 1.0
     evaluate_every: int = 1
@@ -87,6 +97,9 @@ class Table2Config:
         for name in ("repeats", "rounds", "epochs", "batch_size", "local_steps"):
             if getattr(self, name) < 1:
                 raise FedmiError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.local_epochs is not None and self.local_epochs < 1:
+            raise FedmiError(f"local_epochs must be at least 1, got {self.local_epochs}")
+        _method("fedavg", self)  # the optimiser's options are checked where they are defined
 
 
 @dataclass
@@ -157,21 +170,31 @@ def _pooled(sites: list[SiteData]) -> SiteData:
 
 def fit_centralised(model: torch.nn.Module, task: Task, init: P.ParamsT, data: SiteData, cfg: Table2Config,
                     seed: int) -> P.Params:
-    """Train on one dataset with the sites' own local SGD for `cfg.epochs` passes (batches keyed by `seed`)."""
-    method = make_method("fedavg", lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size,
-                         local_epochs=cfg.epochs)
-    update, _ = train_site(method, model, task, data, init, None, RoundInfo(0, 1, seed), 0)
-    check_update(update, init, max_norm=None)  # the server's own check: NaN/Inf means training diverged
-    return P.add(init, update.delta)
+    """Train on one dataset with the sites' own local optimiser for `cfg.epochs` passes (batches keyed
+    by `seed`): a one-site federation of `epochs` rounds of one pass, whose server takes the update whole."""
+    method = make_method("fedavg", local_epochs=1, local_steps=None, **_optimiser(cfg))
+    params, kept = P.clone(init), None
+    for epoch in range(cfg.epochs):
+        update, kept = train_site(method, model, task, data, params, kept, RoundInfo(epoch, cfg.epochs, seed), 0)
+        check_update(update, params, max_norm=None)  # the server's own check: NaN/Inf means training diverged
+        params = P.add(params, update.delta)
+    return params
+
+
+def _optimiser(cfg: Table2Config) -> dict:
+    """The local optimiser's options every setting shares."""
+    options = {"lr": cfg.lr, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
+               "weight_decay": cfg.weight_decay, "lr_milestones": list(cfg.lr_milestones)}
+    return {**options, "momentum": cfg.momentum} if cfg.momentum else options
 
 
 def _method(method: str, cfg: Table2Config) -> LocalMethod:
     if method == "fedsgd":
         return make_method("fedsgd")
-    common = {"lr": cfg.lr, "momentum": cfg.momentum, "batch_size": cfg.batch_size}
-    if method == "fedavg":
-        return make_method("fedavg", local_steps=cfg.local_steps, **common)
-    return make_method("fedprox", mu=cfg.mu, **common)
+    if method == "fedprox":
+        return make_method("fedprox", mu=cfg.mu, **_optimiser(cfg))
+    budget = {"local_epochs": cfg.local_epochs} if cfg.local_epochs else {"local_steps": cfg.local_steps}
+    return make_method(method, **budget, **_optimiser(cfg))
 
 
 def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] | None = None,
@@ -214,7 +237,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     for rep in range(repeats):
         seed = repeat_seed(cfg.seed, rep)
         sites = {s.name: s for s in fed.split(seed, cfg.test_fraction)}
-        model = build_model(cfg.model, fed.input_shape, seed, fed.task.num_outputs)
+        model = build_model(cfg.model, fed.input_shape, seed, fed.task.num_outputs, cfg.model_options)
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
         site_fits: dict[str, P.Params] = {}  # one fit per site serves both Cross and Single
 
@@ -267,7 +290,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 runner = Runner(
                     runtime=runtime,
                     method=_method(method, cfg),
-                    aggregator=make_aggregator(method, cfg.fedsgd_lr if method == "fedsgd" else 1.0),
+                    aggregator=make_aggregator(None, cfg.fedsgd_lr if method == "fedsgd" else 1.0),
                     rounds=cfg.rounds,
                     seed=seed,
                     evaluate_every=cfg.evaluate_every,

@@ -2,8 +2,9 @@
 binary task (shape (n,)), `num_outputs` per sample otherwise (shape (n, num_outputs)).
 
 Models register themselves in `MODELS` (`@MODELS.register("name")` on a builder
-`(input_shape, num_outputs) -> nn.Module`); this package imports every module in its folder, so a
-new model is one new file here.
+`(input_shape, num_outputs, **options) -> nn.Module`; a builder without `**options` takes none);
+this package imports every module in its folder, so a new model is one new file here
+(`monai_nets.py`: MONAI's DenseNet, ResNets and U-Nets).
 
 A model may also define `stacked_forward(params, x)`: the same function for many sites at once,
 with every parameter stacked along a leading site axis and x of shape (sites, batch, ...). The
@@ -13,7 +14,9 @@ per-call overhead, which dominates for small models) and `vmap(functional_call)`
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -102,19 +105,51 @@ def _cnn(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     return SmallCNN(input_shape[0], input_shape[1], num_outputs)
 
 
-def build_model(name: str, input_shape: tuple[int, ...], seed: int, num_outputs: int = 1) -> nn.Module:
+def build_model(name: str, input_shape: tuple[int, ...], seed: int, num_outputs: int = 1,
+                options: Mapping[str, Any] | None = None) -> nn.Module:
     """Build a registered model with weights drawn from `seed`, without touching the global RNG.
 
+    The model is checked on a batch of two zero samples: a model that cannot take the data's shape
+    (too small an image for its poolings, a 2-D network on volumes) fails here with its name and
+    the shape, not in round 1.
+
     Args:
-      name: the model's registry name ("logistic", "mlp", "cnn", ...).
+      name: the model's registry name ("logistic", "cnn", "resnet18", "unet", ...).
       input_shape: one sample's shape.
       seed: seeds the initial weights.
       num_outputs: the task's output width (`Task.num_outputs`).
+      options: the network's own arguments (MONAI networks: their constructor's keywords).
+    Returns:
+      The model, in training mode.
+    Example:
+      ``build_model("unet", (1, 64, 64), seed=0, num_outputs=2, options={"channels": [8, 16, 32]})``
     """
     builder = MODELS.get(name)
+    options = dict(options or {})
+    if options and not _takes_options(builder):
+        raise FedmiError(f"model '{name}' takes no options, got {', '.join(map(str, options))}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builder(tuple(input_shape), num_outputs)
+        model = builder(tuple(input_shape), num_outputs, **options)
+    _check_shapes(model, name, tuple(input_shape))
+    return model
+
+
+def _takes_options(builder: Callable) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values())
+
+
+def _check_shapes(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
+    """Run the model once on zeros in evaluation mode (batch-norm statistics stay as they are)."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, *input_shape)))
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedmiError(f"model '{name}' cannot take samples of shape {input_shape}: {first[:200]}") from None
+    finally:
+        model.train()
 
 
 import_submodules(__name__)  # models defined in other files of this package register themselves

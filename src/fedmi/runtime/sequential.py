@@ -41,6 +41,10 @@ class FunctionalModel:
                 for name in getattr(module, kind):
                     self._slots[f"{prefix}.{name}" if prefix else name] = (getattr(module, kind), name)
         self.buffers = tuple(name for name, _ in model.named_buffers())
+        # Batch-norm layers' parameters and statistics, which FedBN-style methods keep at the site.
+        self.batch_norm = tuple(f"{prefix}.{name}" for prefix, module in model.named_modules()
+                                if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                                for name in (*module._parameters, *module._buffers))
 
     def __call__(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
         saved = []
@@ -72,7 +76,7 @@ def site_context(model: nn.Module, task: Task, params: P.ParamsT, round_info: Ro
     """A site's context for one round (`dataclasses.replace` it for the next site: the names stay)."""
     forward = model_forward(model)
     return SiteContext(round_info, task, forward, params, tuple(k for k in params if k not in forward.buffers),
-                       forward.buffers, site, num_train)
+                       forward.buffers, site, num_train, batch_norm_names=forward.batch_norm)
 
 
 def channels_last(params: P.ParamsT) -> P.ParamsT:

@@ -251,6 +251,43 @@ def test_segmentation_metrics_hand_made():
     assert m["dice_2"] is None and m["iou_2"] is None and m["dice"] == m["dice_1"]
 
 
+def _scores_of(prediction: np.ndarray, c: int = 2) -> np.ndarray:
+    """One-hot scores (n, c, ...) of a class map (n, ...)."""
+    return np.moveaxis(np.eye(c)[prediction], -1, 1)
+
+
+def test_dice_of_a_mask_with_itself_is_one_and_with_its_complement_zero():
+    g = np.random.default_rng(0)
+    mask = (g.random((3, 12, 10)) > 0.6).astype(np.int64)
+    task = SegmentationTask(2)
+    same = task.metrics(mask, _scores_of(mask))
+    assert same["dice"] == 1.0 and same["iou"] == 1.0 and same["hd95"] == 0.0
+    complement = task.metrics(mask, _scores_of(1 - mask))
+    assert complement["dice"] == 0.0 and complement["iou"] == 0.0
+
+
+def test_hd95_by_hand_and_an_empty_prediction_is_the_diagonal():
+    target = np.zeros((2, 8, 6), dtype=np.int64)
+    target[:, 2, 1] = 1
+    prediction = np.zeros_like(target)
+    prediction[0, 5, 5] = 1  # image 0: one pixel 3 rows and 4 columns away: distance 5
+    m = SegmentationTask(2).metrics(target, _scores_of(prediction))  # image 1 predicts no tumour
+    assert m["hd95_1"] == approx((5.0 + np.hypot(8, 6)) / 2)
+
+
+@pytest.mark.parametrize("spatial", [(9, 7), (5, 6, 4)], ids=["2d", "3d"])
+def test_hd95_equals_monai_where_both_regions_exist(spatial):
+    monai_metrics = pytest.importorskip("monai.metrics")
+    g = np.random.default_rng(1)
+    target = (g.random((4, *spatial)) > 0.5).astype(np.int64)
+    prediction = (g.random((4, *spatial)) > 0.4).astype(np.int64)
+    m = SegmentationTask(2).metrics(target, _scores_of(prediction))
+    reference = monai_metrics.compute_hausdorff_distance(
+        torch.from_numpy(_scores_of(prediction)), torch.from_numpy(_scores_of(target)), include_background=False,
+        percentile=95)
+    assert m["hd95"] == approx(reference.mean().item(), rel=1e-6)
+
+
 # -- vmap across sites ------------------------------------------------------------------------
 
 
@@ -327,7 +364,7 @@ def test_make_task():
     assert make_task("binary") == BinaryTask()
     assert make_task("multiclass", num_classes=4) == MulticlassTask(4)
     seg = make_task("segmentation", num_classes=3, include_background=True)
-    assert seg.num_outputs == 3 and seg.include_background and seg.metric_names[2:4] == ("dice_0", "iou_0")
+    assert seg.num_outputs == 3 and seg.include_background and seg.metric_names[3:6] == ("dice_0", "iou_0", "hd95_0")
     assert make_task("regression", num_outputs=2).num_outputs == 2
     assert set(TASKS) == {"binary", "multiclass", "multilabel", "segmentation", "regression"}
     with pytest.raises(FedmiError, match="valid tasks: binary, multiclass"):

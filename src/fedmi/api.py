@@ -66,11 +66,13 @@ class Result:
         return pd.DataFrame(rows)
 
 
-def _model(model: str | nn.Module, fed: Federation, seed: int) -> nn.Module:
+def _model(model: str | nn.Module, fed: Federation, seed: int, options: dict[str, Any] | None) -> nn.Module:
     if isinstance(model, nn.Module):
+        if options:
+            raise FedmiError("model_options go to a model given by name; the torch.nn.Module is already built")
         return copy.deepcopy(model)  # the runtime loads weights into it; the caller's stays as it was
     if isinstance(model, str):
-        return build_model(model, fed.input_shape, seed, fed.task.num_outputs)
+        return build_model(model, fed.input_shape, seed, fed.task.num_outputs, options)
     raise FedmiError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
 
 
@@ -97,6 +99,7 @@ def _aggregator(aggregator: str | Step | AggregationPipeline | None, server_lr: 
 
 
 def run(federation: Federation, model: str | nn.Module = "logistic", method: str | LocalMethod = "fedavg",
+        model_options: dict[str, Any] | None = None,
         aggregator: str | Step | AggregationPipeline | None = None, runtime: str = "auto", rounds: int = 20,
         seed: int = 0, test_fraction: float = 0.2, fraction: float = 1.0, selector: Selector | None = None,
         server_lr: float = 1.0, evaluate_every: int = 1, workers: int | None = None,
@@ -105,7 +108,9 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
 
     Args:
       federation: the sites (`load_federation`, `Federation.from_arrays`, `Federation.from_frame`).
-      model: a registered model name ("logistic", "mlp", "cnn", ...) or any torch.nn.Module.
+      model: a registered model name ("logistic", "cnn", "resnet18", "unet", ...) or any torch.nn.Module
+        (a MONAI network, your own).
+      model_options: a named model's own arguments (``{"channels": [8, 16, 32], "strides": [2, 2]}``).
       method: a local method name ("fedavg", "fedprox", "fedsgd", ...) or a `LocalMethod` object.
       aggregator: a pipeline text ("median", "weighted_mean | server_sgd(lr=0.5)"), a step or a
         pipeline; default: the sample-weighted mean and a server step of `server_lr`.
@@ -123,7 +128,7 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
     if not isinstance(federation, Federation):
         raise FedmiError(f"federation must be a fedmi Federation, got {type(federation).__name__}")
     sites = federation.split(seed, test_fraction)
-    net = _model(model, federation, seed)
+    net = _model(model, federation, seed, model_options)
     local = _method(method, method_options)
     pipeline = _aggregator(aggregator, server_lr)
     init = P.clone(net.state_dict())

@@ -7,7 +7,7 @@ classification. Five tasks ship with fedmi:
   binary        one logit per sample, labels 0/1         acc, sen, spe, auc, bacc
   multiclass    C logits, a class index per sample        acc, bacc, auc, per class sen/spe/auc
   multilabel    L logits, L independent 0/1 labels        subset acc, hamming, auc, per label sen/spe/auc
-  segmentation  C channels per pixel/voxel, a class map   dice, iou, per class dice/iou
+  segmentation  C channels per pixel/voxel, a class map   dice, iou, hd95, per class dice/iou/hd95
   regression    D values per sample                       mse, mae, r2
 
 Losses are written so that `torch.func.vmap` can batch them across sites (no `.item()`, no
@@ -430,14 +430,18 @@ class SegmentationTask(Task):
     iou_k, the mean over images of that image's Dice 2|P∩G|/(|P|+|G|) and IoU |P∩G|/|P∪G| for
     class k, leaving out images whose target lacks class k (MONAI's DiceMetric / MeanIoU with
     ignore_empty=True: such images are left out even when the prediction marks class k there);
-    dice and iou are the means of the defined per-class values.
+    dice and iou are the means of the defined per-class values. hd95_k is the 95th-percentile
+    Hausdorff distance between the predicted and the true class-k region (MONAI's
+    compute_hausdorff_distance, in pixels or voxels), averaged over the same images; an image whose
+    prediction lacks class k counts as the image's diagonal, the largest distance it can hold
+    (MONAI would return NaN and drop the image, rewarding a model that predicts nothing).
     """
 
     num_classes: int
     include_background: bool = False
 
     name: ClassVar[str] = "segmentation"
-    table_metrics: ClassVar[tuple[str, ...]] = ("dice", "iou")
+    table_metrics: ClassVar[tuple[str, ...]] = ("dice", "iou", "hd95")
     primary: ClassVar[str] = "dice"
     higher_is_better: ClassVar[bool] = True
     target_dtype: ClassVar[torch.dtype] = torch.int64
@@ -459,7 +463,7 @@ class SegmentationTask(Task):
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return ("dice", "iou") + tuple(f"{m}_{k}" for k in self.classes for m in ("dice", "iou"))
+        return ("dice", "iou", "hd95") + tuple(f"{m}_{k}" for k in self.classes for m in ("dice", "iou", "hd95"))
 
     def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(output, dim=1)
@@ -498,13 +502,16 @@ class SegmentationTask(Task):
             dice = np.where(present, 2 * overlap / (in_target + in_pred), np.nan)
             iou = np.where(present, overlap / (in_target + in_pred - overlap), np.nan)
         out: dict[str, float | None] = {}
+        spatial = p.shape[2:]
         for k in self.classes:
             defined = present[:, k]
             out[f"dice_{k}"] = float(dice[defined, k].mean()) if defined.any() else None
             out[f"iou_{k}"] = float(iou[defined, k].mean()) if defined.any() else None
+            out[f"hd95_{k}"] = _hd95(pred[defined] == k, y[defined] == k, spatial) if defined.any() else None
         return {
             "dice": _mean_defined([out[f"dice_{k}"] for k in self.classes]),
             "iou": _mean_defined([out[f"iou_{k}"] for k in self.classes]),
+            "hd95": _mean_defined([out[f"hd95_{k}"] for k in self.classes]),
             **out,
         }
 
@@ -514,6 +521,27 @@ class SegmentationTask(Task):
             raise FedmiError(f"{where}: segmentation targets must be class maps (samples, H, W) or "
                              f"(samples, D, H, W), got shape {y.shape}")
         _check_class_indices(y, self.num_classes, where)
+
+
+def _hd95(predicted: np.ndarray, target: np.ndarray, spatial: tuple[int, ...]) -> float:
+    """Mean 95% Hausdorff distance over images (flattened boolean regions, target non-empty); an
+    empty prediction counts as the image's diagonal."""
+    import warnings
+
+    from monai.metrics import compute_hausdorff_distance
+
+    diagonal = float(np.sqrt(sum(s * s for s in spatial)))
+    found = predicted.any(axis=1)
+    distances = np.full(len(target), diagonal)
+    if found.any():
+        shape = (-1, 1, *spatial)
+        with warnings.catch_warnings():  # MONAI's notices about its own argument names
+            warnings.simplefilter("ignore")
+            hd = compute_hausdorff_distance(torch.from_numpy(predicted[found].reshape(shape)),
+                                            torch.from_numpy(target[found].reshape(shape)),
+                                            include_background=True, percentile=95)
+        distances[found] = hd.reshape(-1).numpy()
+    return float(distances.mean())
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,13 @@ class Site:
     x: np.ndarray  # float32, (n, features) or (n, channels, height, width)
     y: np.ndarray  # labels in the federation's task's form (binary: int64 in {0, 1})
     test_mask: np.ndarray | None = None  # a fixed split (True = test); None = random splits
+    groups: np.ndarray | None = None  # the patient of each sample: splits keep a patient's samples together
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
             raise FedmiError(f"site {self.name}: {len(self.x)} feature rows but {len(self.y)} labels")
+        if self.groups is not None and len(self.groups) != len(self.y):
+            raise FedmiError(f"site {self.name}: {len(self.y)} samples but {len(self.groups)} patient ids")
         if len(self.y) == 0:
             raise FedmiError(f"site {self.name} has no samples")
         if not np.isfinite(self.x).all():
@@ -192,7 +195,9 @@ class Federation:
         else:
             # Stratified by class where a sample has one class label; else by sample (masks, values).
             strata = site.y if self.task.name in ("binary", "multiclass") else np.zeros(site.n, dtype=np.int64)
-            test = stratified_test_mask(strata, test_fraction, numpy_generator(Stream.SPLIT, seed, key))
+            rng = numpy_generator(Stream.SPLIT, seed, key)
+            test = stratified_test_mask(strata, test_fraction, rng) if site.groups is None else \
+                grouped_test_mask(site.groups, strata, test_fraction, rng)
         x_tr, x_te = site.x[~test], site.x[test]
         if self.standardize and len(x_tr):
             x_tr, x_te = self._z_scored(site.name, x_tr, x_te)
@@ -216,6 +221,19 @@ class Federation:
 
 def _column_name(names: list[str] | None, j: int) -> str:
     return f"'{names[j]}'" if names and j < len(names) else str(j)
+
+
+def grouped_test_mask(groups: np.ndarray, y: np.ndarray, test_fraction: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """A test mask that takes whole patients: round(test_fraction * m_c) of the m_c patients of each
+    class c, a patient's class being the largest label among its samples (one with a muscle-invasive
+    tumour counts as invasive). No patient has samples on both sides.
+    """
+    patients, inverse = np.unique(groups, return_inverse=True)
+    patient_class = np.zeros(len(patients), dtype=np.int64)
+    np.maximum.at(patient_class, inverse, np.asarray(y, dtype=np.int64))
+    chosen = stratified_test_mask(patient_class, test_fraction, rng)
+    return chosen[inverse]
 
 
 def stratified_test_mask(y: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:

@@ -26,6 +26,8 @@ from fedmi.errors import FedmiError
 POSITIVE_LABEL_HELP = ("the class counted as positive (SEN): a label value such as AD (csv), or a class name "
                        "or 0/1 (images; default: the disease)")
 
+SIZE_HELP = "image side in pixels"
+
 
 class DatasetOptions(Settings):
     """Base of every dataset's options: unknown options are errors.

@@ -84,11 +84,12 @@ def _dataset_option_fields() -> dict[str, tuple[str, type, str]]:
     found: dict[str, tuple[str, type, str, list[str]]] = {}
     for ds in DATASETS:
         for name, field in DATASETS.get(ds).Options.model_fields.items():
-            if name == "path":
+            extra = field.json_schema_extra or {}
+            if name == "path" or extra.get("cli") is False:  # NAME:PATH, or settings only a config file gives
                 continue
             args = [a for a in get_args(field.annotation) if a is not type(None)] or [field.annotation]
             kind = args[0] if args[0] in (int, float, bool) else str  # Literal choices travel as text
-            flag = "--" + ((field.json_schema_extra or {}).get("cli") or name).replace("_", "-")
+            flag = "--" + (extra.get("cli") or name).replace("_", "-")
             entry = found.setdefault(name, (flag, kind, field.description or "", []))
             entry[3].append(ds)
     return {name: (flag, kind, f"{text} ({', '.join(which)})") for name, (flag, kind, text, which) in found.items()}

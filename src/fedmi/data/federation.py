@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -61,6 +61,7 @@ class Federation:
     label_names: tuple[str, ...] = ("negative", "positive")
     standardize: bool | None = None  # None: z-score tabular data, leave images alone
     task: Task = BinaryTask()
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) left out while loading
 
     def __post_init__(self) -> None:
         if not self.sites:

@@ -33,7 +33,8 @@ class DatasetOptions(Settings):
     """Base of every dataset's options: unknown options are errors.
 
     A field's `description` is its help text on the command line; `json_schema_extra={"cli": "x"}`
-    names its command-line option `--x` (default: the field name with dashes).
+    names its command-line option `--x` (default: the field name with dashes), and `{"cli": False}`
+    keeps it off the command line (settings only a config file gives, such as a list of folders).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from fedmi.models import build_model
 from fedmi.runtime import make_runtime
 from fedmi.server import make_aggregator, make_selector
 
+log = logging.getLogger("fedmi")
+
 SITES = "sites"  # a simulation's site states, one folder per recent round, one file per site
 
 
@@ -43,7 +47,15 @@ def federation_for(d: DataConfig, seed: int) -> Federation:
     fed = load_federation(d.dataset, seed, **d.options())
     if d.standardize is not None:
         fed.standardize = d.standardize
+    if fed.skipped:
+        log.warning("%d files were left out (on_error: skip), the first: %s: %s; the run's summary lists them",
+                    len(fed.skipped), *fed.skipped[0])
     return fed
+
+
+def skipped_files(fed: Federation) -> dict:
+    """The files a dataset left out, for a run's summary (nothing when none were)."""
+    return {"skipped_files": [{"file": f, "reason": r} for f, r in fed.skipped]} if fed.skipped else {}
 
 
 def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None,
@@ -67,7 +79,7 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     try:
         result = train_federation(cfg, runtime, fed.input_shape, fed.task, out, on_round, resume,
                                   summary={"dataset": fed.name, "synthetic": fed.synthetic,
-                                           "description": fed.description})
+                                           "description": fed.description, **skipped_files(fed)})
     finally:
         runtime.close()
     return FederatedRun(cfg, fed, result, getattr(runtime, "site_states", None))

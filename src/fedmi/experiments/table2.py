@@ -119,6 +119,7 @@ class Table2Result:
     test_n: dict[str, int] = field(default_factory=dict)  # site -> test cases (per repeat)
     # label -> site -> per repeat: the class predicted for every test case, or None (it predicted several)
     one_class: dict[str, dict[str, list[int | None]]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # files the dataset left out: (file, why)
 
     def uniform_predictions(self) -> list[tuple[str, str, int, int, list[int]]]:
         """(row label, site, repeats in which the model predicted one class for every test case,
@@ -146,6 +147,7 @@ class Table2Result:
             "test_n": self.test_n,
             "results": self.results,
             "one_class_predictions": self.one_class,
+            "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
         }
 
 
@@ -319,7 +321,8 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     }
     return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, names, cfg, rows, results,
                         history, models, fed.task, tuple(fed.label_names), test_n,
-                        {label: {s: v for s, v in by_site.items() if v} for label, by_site in one_class.items()})
+                        {label: {s: v for s, v in by_site.items() if v} for label, by_site in one_class.items()},
+                        list(fed.skipped))
 
 
 def model_name(method: str, repeat: int) -> str:

@@ -1,0 +1,381 @@
+"""Sites from the image files a hospital holds: PNG/JPEG folders, DICOM files or series, NIfTI volumes.
+
+Each site is a folder, read where it lies (nothing is copied). A config names the folders:
+
+    data:
+      dataset: images
+      task: classification            # or segmentation
+      size: [64, 64]                  # every image resized to this (h, w) or (d, h, w)
+      on_error: skip                  # or stop (the default)
+      folders:
+        - {name: hospital-a, path: /data/a, format: image, labels: labels.csv}
+        - {name: hospital-b, path: /data/b, format: dicom, labels: labels.csv}
+        - {name: hospital-c, path: /data/c, format: nifti, masks: masks}   # segmentation
+
+What a folder holds, by format:
+  image  PNG, JPEG, BMP or TIFF files, one image each (grey, or RGB with `channels: 3`).
+  dicom  .dcm files, one image each, and subfolders, one series (a volume) each: its slices are
+         stacked in the order of their position along the slice normal, with the series' pixel
+         spacing and the distance between slices as its spacing.
+  nifti  .nii or .nii.gz files, one image or volume each, with the spacing of their header.
+
+Classification labels come from a CSV in the folder (`labels`, columns `file` and `label`; `file`
+is a file's or a series folder's name). Segmentation masks are files of the same name in a
+subfolder (`masks`); a mask's non-zero voxels are the foreground (class 1), or its values are the
+classes with `num_classes` > 2.
+
+Each image passes through MONAI transforms, in this order: resampling to `spacing` (where given;
+images that carry a spacing), resizing to `size` (area averaging; masks nearest-neighbour) and
+intensity scaling to [0, 1] (`intensity`: min-max per image, or its 0.5-99.5 percentiles,
+clipped). A file that cannot be read, an image without its label or mask, or a mask whose shape
+is not its image's, is an error naming the file; with `on_error: skip` it is left out instead,
+counted and listed (`Federation.skipped`, and the run's summary.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from fedmi.core.schema import Settings
+from fedmi.core.tasks import BinaryTask, MulticlassTask, SegmentationTask
+from fedmi.data.federation import Federation, Site
+from fedmi.data.registry import DATASETS, POSITIVE_LABEL_HELP, Dataset, DatasetOptions
+from fedmi.errors import FedmiError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class FileProblem(Exception):
+    """One file's problem: what is wrong with it (the loader adds where)."""
+
+
+@dataclass
+class Loaded:
+    """One image: (channels, *spatial) float32, and its voxel spacing where the file gives one."""
+
+    array: np.ndarray
+    spacing: tuple[float, ...] | None = None
+
+
+# -- readers: one per format ------------------------------------------------------------------
+
+
+def read_image(path: Path, channels: int = 1) -> Loaded:
+    """A PNG/JPEG/BMP/TIFF file as (channels, h, w), grey or RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise FileProblem(f"not a readable image ({_short(e)})") from None
+    return Loaded(array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0))
+
+
+def _dicom_pixels(ds, path: Path) -> np.ndarray:
+    try:
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many kinds for missing or undecodable pixels
+        raise FileProblem(f"its pixels cannot be decoded ({_short(e)})") from None
+    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    return pixels * slope + intercept  # stored values to modality units (Hounsfield units for CT)
+
+
+def _read_dicom_file(path: Path):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path))
+    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError) as e:
+        raise FileProblem(f"not a readable DICOM file ({_short(e)})") from None
+
+
+def read_dicom(path: Path) -> Loaded:
+    """A DICOM file as one image (1, h, w), or a folder holding one series as a volume (1, d, h, w)."""
+    if path.is_file():
+        ds = _read_dicom_file(path)
+        pixels = _dicom_pixels(ds, path)
+        if pixels.ndim != 2:
+            raise FileProblem(f"holds {pixels.ndim}-D pixel data (frames or colour); fedmi reads one grey image per file")
+        spacing = getattr(ds, "PixelSpacing", None)
+        return Loaded(pixels[None], tuple(float(s) for s in spacing) if spacing else None)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileProblem("an empty series folder")
+    slices = [(_read_dicom_file(f), f) for f in files]
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds, _ in slices}
+    if len(series) > 1:
+        raise FileProblem(f"holds {len(series)} series; put each series in a folder of its own")
+    positions = []
+    for ds, f in slices:
+        orientation = np.asarray(getattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+        position = getattr(ds, "ImagePositionPatient", None)
+        if position is None:
+            raise FileProblem(f"slice {f.name} has no ImagePositionPatient to order the series by")
+        positions.append(float(np.dot(np.cross(orientation[:3], orientation[3:]), np.asarray(position, dtype=float))))
+    order = np.argsort(positions)
+    pixels = [_dicom_pixels(slices[i][0], slices[i][1]) for i in order]
+    if len({p.shape for p in pixels}) > 1:
+        raise FileProblem("its slices differ in size")
+    gaps = np.diff(np.asarray(positions)[order])
+    if len(gaps) and (gaps <= 0).any():
+        raise FileProblem("two of its slices lie at the same position")
+    in_plane = getattr(slices[0][0], "PixelSpacing", None)
+    spacing = None
+    if in_plane is not None:
+        spacing = (float(np.median(gaps)) if len(gaps) else 1.0, float(in_plane[0]), float(in_plane[1]))
+    return Loaded(np.stack(pixels)[None], spacing)
+
+
+def read_nifti(path: Path) -> Loaded:
+    """A NIfTI file as (1, *spatial) in the file's voxel order, with the spacing of its header.
+
+    A 2-D image (or a 3-D one with one slice) becomes (1, h, w); a 4-D file is refused."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (ImageFileError, OSError, EOFError, ValueError) as e:
+        raise FileProblem(f"not a readable NIfTI file ({_short(e)})") from None
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    if data.ndim == 3 and data.shape[2] == 1:
+        data, zooms = data[:, :, 0], zooms[:2]
+    if data.ndim not in (2, 3):
+        raise FileProblem(f"holds a {data.ndim}-D array {data.shape}; fedmi reads 2-D images and 3-D volumes")
+    return Loaded(data[None], zooms)
+
+
+READERS = {"image": read_image, "dicom": read_dicom, "nifti": read_nifti}
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:160]
+
+
+def _entries(folder: Path, fmt: str) -> list[Path]:
+    """The images of a folder, by name: files of the format's suffixes (and DICOM series folders)."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        name = p.name.lower()
+        if fmt == "image" and p.is_file() and name.endswith(IMAGE_SUFFIXES):
+            found.append(p)
+        elif fmt == "nifti" and p.is_file() and name.endswith(NIFTI_SUFFIXES):
+            found.append(p)
+        elif fmt == "dicom" and ((p.is_file() and name.endswith(".dcm")) or p.is_dir()):
+            found.append(p)
+    return found
+
+
+# -- transforms ---------------------------------------------------------------------------------
+
+
+def _transform(loaded: Loaded, size: list[int] | None, spacing: list[float] | None, mask: bool) -> np.ndarray:
+    """Resample to `spacing`, resize to `size` (MONAI's Spacing and Resize)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Resize, Spacing
+
+    array = loaded.array
+    dims = array.ndim - 1
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if spacing is not None and loaded.spacing is not None:
+        if len(spacing) != dims:
+            raise FileProblem(f"is {dims}-D, but spacing gives {len(spacing)} values")
+        affine = torch.diag(torch.tensor([*loaded.spacing, 1.0], dtype=torch.float64))
+        resample = Spacing(pixdim=spacing, mode="nearest" if mask else "bilinear")
+        tensor = resample(MetaTensor(tensor, affine=affine)).as_tensor()
+    if size is not None:
+        if len(size) != dims:
+            raise FileProblem(f"is {dims}-D {tuple(array.shape[1:])}, but size gives {len(size)} values")
+        tensor = Resize(spatial_size=size, mode="nearest" if mask else "area")(tensor)
+        tensor = tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+    return np.asarray(tensor, dtype=np.float32)
+
+
+def _scaled(image: np.ndarray, how: str) -> np.ndarray:
+    """Intensities to [0, 1] per image: min-max, or the 0.5-99.5 percentiles clipped (MONAI's transforms)."""
+    from monai.transforms import ScaleIntensity, ScaleIntensityRangePercentiles
+
+    if how == "none":
+        return image
+    scale = ScaleIntensity(0.0, 1.0) if how == "minmax" else \
+        ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)
+    with warnings.catch_warnings():  # a constant image: MONAI warns and returns it unscaled
+        warnings.simplefilter("ignore")
+        return np.asarray(scale(torch.from_numpy(image)), dtype=np.float32)
+
+
+# -- options and the dataset ------------------------------------------------------------------
+
+
+class SiteFolder(Settings):
+    """One site's folder of files."""
+
+    name: str = Field(min_length=1, description="the site's name in reports")
+    path: str = Field(min_length=1, description="the folder of the site's images")
+    format: Literal["image", "dicom", "nifti"] = Field("image", description="image (PNG/JPEG), dicom or nifti")
+    labels: str | None = Field(None, description="classification: a CSV in the folder with columns file, label")
+    masks: str | None = Field(None, description="segmentation: the subfolder of masks named as their images")
+
+
+class ImageFilesOptions(DatasetOptions):
+    folders: list[SiteFolder] = Field(min_length=1, description="the sites' folders",
+                                      json_schema_extra={"cli": False})
+    task: Literal["classification", "segmentation"] = Field("classification", json_schema_extra={"cli": False})
+    size: list[int] | None = Field(None, min_length=2, max_length=3, json_schema_extra={"cli": False},
+                                   description="every image resized to (h, w) or (d, h, w)")
+    spacing: list[float] | None = Field(None, min_length=2, max_length=3, json_schema_extra={"cli": False},
+                                        description="resample images that carry a spacing to this (mm)")
+    channels: Literal[1, 3] = Field(1, json_schema_extra={"cli": False})
+    intensity: Literal["minmax", "percentile", "none"] = Field("minmax", json_schema_extra={"cli": False})
+    num_classes: int = Field(2, ge=2, le=255, json_schema_extra={"cli": False})
+    on_error: Literal["stop", "skip"] = Field("stop", json_schema_extra={"cli": False})
+    positive_label: str | None = Field(None, description=POSITIVE_LABEL_HELP)
+
+
+def _read_labels(folder: SiteFolder, root: Path) -> dict[str, str]:
+    path = root / folder.labels
+    if not path.is_file():
+        raise FedmiError(f"site {folder.name}: no labels file at {path}")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("file", "label") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise FedmiError(f"{path}: no column '{missing[0]}' (columns: {', '.join(reader.fieldnames or [])})")
+        labels = {}
+        for line, row in enumerate(reader, start=2):
+            name, value = (row["file"] or "").strip(), (row["label"] or "").strip()
+            if not name or not value:
+                raise FedmiError(f"{path}, line {line}: empty file or label")
+            labels[name] = value
+    return labels
+
+
+def _classes(values: list[str], positive_label: str | None, where: str) -> tuple[list[str], dict[str, int]]:
+    """The class names in label order, and each value's class index (binary: the positive class is 1)."""
+    names = sorted(set(values), key=lambda v: (float(v), v) if _is_number(v) else (float("inf"), v))
+    if positive_label is not None:
+        if positive_label not in names:
+            raise FedmiError(f"{where}: positive label '{positive_label}' never occurs (labels: {', '.join(names)})")
+        if len(names) != 2:
+            raise FedmiError(f"{where}: a positive label needs two classes, found {len(names)}")
+        names = [n for n in names if n != positive_label] + [positive_label]
+    return names, {n: i for i, n in enumerate(names)}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_image_files(options: ImageFilesOptions) -> Federation:
+    """The federation of `options.folders` (see the module's description)."""
+    skipped: list[tuple[str, str]] = []
+    raw: list[tuple[str, list[np.ndarray], list, list[str]]] = []  # site, images, labels or masks, names
+
+    def problem(path: Path, reason: str) -> None:
+        if options.on_error == "stop":
+            raise FedmiError(f"{path}: {reason} (set on_error: skip to leave such files out)")
+        skipped.append((str(path), reason))
+
+    for folder in options.folders:
+        root = Path(folder.path).expanduser()
+        if not root.is_dir():
+            raise FedmiError(f"site {folder.name}: no folder at {root}")
+        if options.task == "classification" and folder.labels is None:
+            raise FedmiError(f"site {folder.name}: classification needs `labels` (a CSV with columns file, label)")
+        if options.task == "segmentation" and folder.masks is None:
+            raise FedmiError(f"site {folder.name}: segmentation needs `masks` (the subfolder of masks)")
+        labels = _read_labels(folder, root) if folder.labels else {}
+        entries = _entries(root, folder.format)
+        present = {p.name for p in entries}
+        for name in labels:
+            if name not in present:
+                problem(root / name, f"is named in {folder.labels} but is not a {folder.format} entry of the folder")
+        images, targets, names = [], [], []
+        for path in entries:
+            try:
+                if options.task == "classification" and path.name not in labels:
+                    raise FileProblem(f"has no label in {folder.labels}")
+                loaded = READERS[folder.format](path) if folder.format != "image" else read_image(path, options.channels)
+                image = _transform(loaded, options.size, options.spacing, mask=False)
+                if options.task == "segmentation":
+                    mask_path = root / folder.masks / path.name
+                    if not mask_path.exists():
+                        raise FileProblem(f"has no mask (looked for {mask_path})")
+                    mask_loaded = READERS[folder.format](mask_path) if folder.format != "image" else \
+                        read_image(mask_path, 1)
+                    if mask_loaded.array.shape[1:] != loaded.array.shape[1:]:
+                        raise FileProblem(f"is {tuple(loaded.array.shape[1:])} but its mask "
+                                          f"is {tuple(mask_loaded.array.shape[1:])}")
+                    mask = _transform(mask_loaded, options.size, options.spacing, mask=True)[0]
+                    targets.append(_mask_classes(mask, options.num_classes))
+                else:
+                    targets.append(labels[path.name])
+                images.append(_scaled(image, options.intensity))
+                names.append(path.name)
+            except FileProblem as e:
+                problem(path, str(e))
+        if not images:
+            raise FedmiError(f"site {folder.name}: no readable {folder.format} images in {root}"
+                             + (f" ({len(skipped)} skipped)" if skipped else ""))
+        raw.append((folder.name, images, targets, names))
+
+    shapes = {img.shape for _, images, _, _ in raw for img in images}
+    if len(shapes) > 1:
+        raise FedmiError(f"the images differ in shape ({', '.join(str(s) for s in sorted(shapes)[:4])}); "
+                         "give `size` to resize them all alike")
+    if options.task == "segmentation":
+        task = SegmentationTask(num_classes=options.num_classes)
+        label_names = ("background", "foreground") if options.num_classes == 2 else \
+            tuple(f"class {k}" for k in range(options.num_classes))
+        sites = [Site(name, np.stack(images), np.stack(targets)) for name, images, targets, _ in raw]
+    else:
+        values = [v for _, _, targets, _ in raw for v in targets]
+        names, index = _classes(values, options.positive_label, "images")
+        task = BinaryTask() if len(names) == 2 else MulticlassTask(num_classes=max(2, len(names)))
+        label_names = tuple(names)
+        sites = [Site(name, np.stack(images), np.array([index[t] for t in targets], dtype=np.int64))
+                 for name, images, targets, _ in raw]
+    formats = sorted({f.format for f in options.folders})
+    return Federation("images", sites, kind="image", task=task, label_names=label_names, skipped=skipped,
+                      description=f"{len(sites)} sites of {'/'.join(formats)} files, {options.task}"
+                                  + (f"; {len(skipped)} files skipped" if skipped else ""))
+
+
+def _mask_classes(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    if num_classes == 2:
+        return (mask != 0).astype(np.int64)
+    classes = np.rint(mask).astype(np.int64)
+    if classes.min() < 0 or classes.max() >= num_classes:
+        raise FileProblem(f"mask values must be classes 0..{num_classes - 1}, found {classes.min()}..{classes.max()}")
+    return classes
+
+
+@DATASETS.register()
+class ImageFiles(Dataset):
+    """Sites from folders of PNG/JPEG, DICOM or NIfTI files (a config lists the folders)."""
+
+    name = "images"
+    Options = ImageFilesOptions
+
+    def load(self, options: ImageFilesOptions, seed: int) -> Federation:
+        return load_image_files(options)

@@ -156,3 +156,15 @@ def test_plots_show_the_differences_the_sites_n_and_where_cross_has_no_bar(adni_
     labels = {s[2] for s in drawn["styles"]}
     assert labels == {"FedAvg", "FedSGD", "FedProx"}  # named as in the table
     assert len({s[:2] for s in drawn["styles"]}) == 3  # a marker and dash of its own per method
+
+
+def test_the_official_test_split_is_a_common_column_no_site_trains_on():
+    fed = load_federation("breastmnist", holdout="official")
+    assert sum(s.n for s in fed.sites) == 546 + 78 and len(fed.common_test[1]) == 156
+    assert int(fed.common_test[1].sum()) == 42  # BreastMNIST's 42 malignant test images, the positive class
+    cfg = Table2Config(methods=["single", "mix", "fedavg", "fedbn"], repeats=2, rounds=2, epochs=2)
+    r = run_table2(fed, cfg)
+    assert r.sites[-1] == "official test" and r.test_n["official test"] == 156
+    assert r.results["Single"]["official test"]["auc"]["n"] == 2 * 4  # each local model, each repeat
+    assert r.results["Mix"]["official test"]["auc"]["n"] == 2 and r.results["FedAvg"]["official test"]["auc"]["n"] == 2
+    assert "official test" not in r.results["FedBN"]  # no one model to score: each site keeps its own BN

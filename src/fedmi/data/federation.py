@@ -17,6 +17,8 @@ from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
 
+COMMON_TEST = "official test"  # the common test set's column in reports
+
 
 @dataclass
 class Site:
@@ -62,6 +64,9 @@ class Federation:
     standardize: bool | None = None  # None: z-score tabular data, leave images alone
     task: Task = BinaryTask()
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) left out while loading
+    # A public test set no site trains on (MedMNIST's official test split): (images, labels). Protocols
+    # evaluate their models on it besides each site's own split; it never enters training.
+    common_test: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -171,6 +176,16 @@ class Federation:
                                  "standardised (its values overflow); rescale it, or use --no-standardize")
             out.append(z.astype(np.float32))
         return out[0], out[1]
+
+    def common_test_site(self) -> SiteData | None:
+        """The common test set as an evaluation-only site (no training data), or None."""
+        if self.common_test is None:
+            return None
+        x, y = self.common_test
+        empty = torch.empty((0, *x.shape[1:]))
+        return SiteData(COMMON_TEST, empty, torch.empty(0, dtype=self.task.target_dtype),
+                        torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32),
+                        torch.as_tensor(y, dtype=self.task.target_dtype))
 
     def split(self, seed: int, test_fraction: float = 0.2) -> list[SiteData]:
         """Each site's stratified train/test split for one repeat (or its fixed split).

@@ -33,8 +33,9 @@ EMBEDDED = {
 KEYS = [f"{split}_{what}" for split in ("train", "val", "test") for what in ("images", "labels")]
 
 
-def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All images (n, 1, h, w) float32 in [0, 1] and binary labels of a MedMNIST-format file."""
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All images (n, 1, h, w) float32 in [0, 1], binary labels, and each image's official split
+    (0 train, 1 val, 2 test) of a MedMNIST-format file."""
     if not path.is_file():
         raise FedmiError(f"no MedMNIST file at {path}")
     try:
@@ -56,9 +57,10 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise FedmiError(f"{path}: {len(images)} {split} images but {labels.size} {split} labels")
     images = np.concatenate([s[1] for s in splits])
     labels = np.concatenate([s[2].reshape(-1) for s in splits])
+    official = np.concatenate([np.full(len(s[1]), i) for i, s in enumerate(splits)])
     if set(np.unique(labels)) - {0, 1}:
         raise FedmiError(f"{path}: only binary labels are supported, found {np.unique(labels).tolist()}")
-    return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)
+    return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64), official
 
 
 def _class_index(given: str, label_names: tuple[str, str], dataset: str) -> int:
@@ -79,6 +81,7 @@ def load_medmnist(
     max_samples: int | None = None,
     path: Path | None = None,
     positive_label: str | None = None,
+    split: str = "pooled",
 ) -> Federation:
     """Partition an embedded (or given) MedMNIST file into simulated sites.
 
@@ -86,6 +89,10 @@ def load_medmnist(
     vary the train/test split only, not which images each site holds. `positive_label` (a class
     name, or 0 / 1 as in the file) becomes label 1, the class SEN counts; by default the disease
     (BreastMNIST's file has it the other way round: its label 1 is "normal or benign").
+
+    `split`: "pooled" partitions all images (train, val and test); "official" partitions the
+    official train and val images only and keeps the official test split as the federation's
+    common test set, unchanged by any scanner, as MedMNIST v2 reports its results on it.
     """
     if path is None:
         if name not in EMBEDDED:
@@ -95,10 +102,15 @@ def load_medmnist(
     else:
         label_names, disease, description = ("class 0", "class 1"), 1, f"MedMNIST-format file {path.name}"
     positive = disease if positive_label is None else _class_index(positive_label, label_names, name)
-    images, labels = load_npz(path)
+    images, labels, official = load_npz(path)
     if positive == 0:  # the positive class is label 1 throughout fedmi
         labels, label_names = 1 - labels, (label_names[1], label_names[0])
     description += f", positive class: {label_names[1]}"
+    common_test = None
+    if split == "official":
+        held = official == 2
+        common_test = (images[held], labels[held])
+        images, labels = images[~held], labels[~held]
     rng = numpy_generator(Stream.SIMULATION, seed)
     if max_samples is not None and max_samples < len(labels):
         keep = np.sort(rng.choice(len(labels), size=max_samples, replace=False))
@@ -113,8 +125,10 @@ def load_medmnist(
     if partition_kind != "iid":
         detail += f" (alpha={alpha})"
     detail += f", acquisition shift strength {shift_strength}"
+    if common_test is not None:
+        detail += f"; the official test split ({len(common_test[1])} images) held out as a common test set"
     return Federation(name=name, sites=sites, kind="image", synthetic=False,
-                      description=f"{description}; {detail}", label_names=label_names)
+                      description=f"{description}; {detail}", label_names=label_names, common_test=common_test)
 
 
 class PartitionOptions(DatasetOptions):
@@ -129,6 +143,9 @@ class PartitionOptions(DatasetOptions):
                                   json_schema_extra={"cli": "shift"})
     max_samples: int | None = Field(None, ge=2, description="use a random subset of this size")
     positive_label: str | None = Field(None, description=POSITIVE_LABEL_HELP)
+    holdout: Literal["pooled", "official"] = Field(
+        "pooled", description="pooled: partition every image; official: partition train and val, and keep the "
+                              "official test split as a common test set")
 
 
 class _MedMNIST(Dataset):
@@ -137,7 +154,8 @@ class _MedMNIST(Dataset):
 
     def load(self, options: PartitionOptions, seed: int) -> Federation:
         return load_medmnist(self.name, options.num_sites, options.partition, options.alpha, options.shift_strength,
-                             seed, options.max_samples, positive_label=options.positive_label)
+                             seed, options.max_samples, positive_label=options.positive_label,
+                             split=options.holdout)
 
 
 @DATASETS.register()
@@ -169,4 +187,5 @@ class NpzImages(Dataset):
     def load(self, options: NpzOptions, seed: int) -> Federation:
         path = Path(options.path)
         return load_medmnist(path.stem, options.num_sites, options.partition, options.alpha, options.shift_strength,
-                             seed, options.max_samples, path=path, positive_label=options.positive_label)
+                             seed, options.max_samples, path=path, positive_label=options.positive_label,
+                             split=options.holdout)

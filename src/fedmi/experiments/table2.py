@@ -225,8 +225,10 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     repeats = cfg.repeats  # on a fixed split, repeats vary the training seed (initial weights, batches)
     rows = _rows(cfg, names)
     metric_names = fed.task.metric_names
-    values = {r["label"]: {s: {m: [] for m in metric_names} for s in names} for r in rows}
-    one_class: dict[str, dict[str, list]] = {r["label"]: {s: [] for s in names} for r in rows}
+    common = fed.common_test_site()  # every setting's models are also scored on it, as a column of its own
+    columns = names + ([common.name] if common is not None else [])
+    values = {r["label"]: {s: {m: [] for m in metric_names} for s in columns} for r in rows}
+    one_class: dict[str, dict[str, list]] = {r["label"]: {s: [] for s in columns} for r in rows}
     test_n: dict[str, int] = {}
     history: list[dict] = []
     models: dict[str, P.Params] = {}
@@ -255,6 +257,8 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
         def score(label: str, params: P.ParamsT, targets: list[str]) -> None:
             for b in targets:
                 record(label, b, evaluate_site(model, fed.task, params, sites[b]))
+            if common is not None:
+                record(label, common.name, evaluate_site(model, fed.task, params, common))
 
         for method in cfg.methods:
             note = f"repeat {rep + 1}/{repeats}: {LABELS.get(method, 'Cross')}"
@@ -307,6 +311,8 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 # the last round's record already holds every site's evaluation of the final model
                 for b, metrics in result.history[-1]["test"].items():
                     record(LABELS[method], b, metrics)
+                if common is not None and method != "fedbn":  # FedBN has no one model: each site keeps its BN
+                    record(LABELS[method], common.name, evaluate_site(model, fed.task, result.params, common))
             if on_unit is not None:
                 on_unit({"repeat": rep, "method": method, "scores": list(scores), "history": history[rounds_before:],
                          "model": models.get(model_name(method, rep))})
@@ -319,7 +325,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 if per_site[metric_names[0]]}  # Cross has no entry for its own training site
         for label, by_site in values.items()
     }
-    return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, names, cfg, rows, results,
+    return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, columns, cfg, rows, results,
                         history, models, fed.task, tuple(fed.label_names), test_n,
                         {label: {s: v for s, v in by_site.items() if v} for label, by_site in one_class.items()},
                         list(fed.skipped))

@@ -290,3 +290,33 @@ def test_progress_shows_on_a_terminal_and_nowhere_else(monkeypatch, capsys, tmp_
     code, _, _ = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "b")
     shown = terminal.getvalue()
     assert code == 0 and "c: fedavg, round" in shown and "3/3" in shown and "left" in shown
+
+
+def test_inspect_writes_a_data_card_and_its_pictures(monkeypatch, capsys, tmp_path):
+    code, out, err = fedmi(monkeypatch, capsys, "inspect", "--dataset", "synthetic-shapes", "--per-site", "6",
+                           "--size", "16", "--out", str(tmp_path / "card"))
+    assert code == 0, err
+    assert "SYNTHETIC DATA" in out and "images without foreground" in out
+    card = json.loads((tmp_path / "card" / "data_card.json").read_text())
+    assert [s["n"] for s in card["sites"]] == [6, 6, 6, 6] and card["task"] == "segmentation"
+    assert (tmp_path / "card" / "intensity_histograms.png").is_file() and (tmp_path / "card" / "samples.png").is_file()
+    # A run config's data section, read the same way.
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {dataset: breastmnist, num_sites: 3, partition: dirichlet, alpha: 0.5}\nmodel: cnn\n")
+    code, out, err = fedmi(monkeypatch, capsys, "inspect", str(config), "--out", str(tmp_path / "card2"))
+    assert code == 0, err
+    assert "site-3" in out
+    code, out, err = fedmi(monkeypatch, capsys, "inspect")
+    assert code == 2 and "give a config file or --dataset" in err
+
+
+def test_report_renders_a_protocol_folder_and_names_a_wrong_one(monkeypatch, capsys, tmp_path):
+    code, _, err = fedmi(monkeypatch, capsys, "table2", "--methods", "single,fedavg", "--repeats", "1", "--rounds", "2",
+                         "--epochs", "2", "--out", str(tmp_path / "t2"))
+    assert code == 0, err
+    code, out, err = fedmi(monkeypatch, capsys, "report", str(tmp_path / "t2"))
+    assert code == 0, err
+    page = (tmp_path / "t2" / "report.html").read_text()
+    assert "Table II protocol: heart-disease" in page and "<h2>Data card</h2>" in page
+    code, _, err = fedmi(monkeypatch, capsys, "report", str(tmp_path))
+    assert code == 2 and "not a fedmi run or protocol folder" in err

@@ -470,6 +470,71 @@ def datasets() -> None:
         out_console.print(f"options of {shown}: {options}", highlight=False)
 
 
+@app.command("inspect")
+def inspect_data(
+    config: Optional[Path] = typer.Argument(None, help="a run config (its data section is read) or a data config"),
+    dataset: Optional[str] = _option(None, help="an embedded dataset (fedmi datasets) instead of a config"),
+    out: Optional[Path] = _option(None, help="folder for data_card.json and the pictures (default runs/inspect-NAME)"),
+    seed: int = _option(0, help="the seed of simulated partitions and scanners (0 to 2^63-1)"),
+    **dataset_options,
+) -> None:
+    """Show each site's data before training: counts, labels or mask shares, shape, intensities; plot
+    per-site intensity histograms and a sample grid (the sites' domain shift, seen first).
+
+    The dataset options below apply with --dataset."""
+    from fedmi.experiments.config import DataConfig, load_config, load_yaml_model, parse_yaml
+    from fedmi.experiments.data_card import data_card, write_data_card
+    from fedmi.experiments.federated_run import federation_for
+
+    if (config is None) == (dataset is None):
+        raise FedmiError("fedmi inspect: give a config file or --dataset NAME")
+    if config is not None:
+        if not config.is_file():
+            raise FedmiError(f"no config file at {config}")
+        raw = parse_yaml(config.read_text(encoding="utf-8"), str(config))
+        if isinstance(raw, dict) and "data" in raw:
+            run_config = load_config(config)
+            data, seed = run_config.data, run_config.seed
+        else:
+            data = load_yaml_model(DataConfig, config, "data config")
+    else:
+        data = DataConfig(dataset=dataset, **{k: v for k, v in dataset_options.items() if v is not None})
+    fed = federation_for(data, seed)
+    card = data_card(fed)
+    target = out or Path("runs") / f"inspect-{fed.name.replace(':', '-')}"
+    written = write_data_card(fed, target)
+    table = Table(title=f"{fed.name}: {fed.description}" + (" (SYNTHETIC DATA)" if fed.synthetic else ""))
+    split = "pixels" if fed.task.name == "segmentation" else "labels"
+    for col in ("Site", "n", "patients", split, "intensity mean±std [min, max]"):
+        table.add_column(col, justify="left" if col in ("Site", split) else "right")
+    for site in card["sites"]:
+        if split == "pixels":
+            shares = ", ".join(f"{k} {v:.1%}" for k, v in site["pixels"].items())
+            detail = f"{shares}; {site['images_without_foreground']} images without foreground"
+        else:
+            detail = ", ".join(f"{k} {v}" for k, v in site.get("labels", {}).items())
+        i = site["intensity"]
+        table.add_row(site["name"], str(site["n"]), str(site.get("patients", "")), detail,
+                      f"{i['mean']:.3f}±{i['std']:.3f} [{i['min']:.3g}, {i['max']:.3g}]")
+    out_console.print(table)
+    out_console.print(f"sample shape {tuple(fed.input_shape)}; {fed.task.name} task"
+                      + (f"; common test set of {card['common_test']['n']}" if "common_test" in card else "")
+                      + (f"; {len(fed.skipped)} files skipped (listed in data_card.json)" if fed.skipped else ""),
+                      highlight=False)
+    out_console.print(f"wrote {target}/: " + ", ".join(p.name for p in written), highlight=False)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a folder `fedmi run` or `fedmi table2` wrote"),
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page with the results, plots, example predictions,
+    the data card and the config."""
+    from fedmi.experiments.html_report import write_html_report
+
+    out_console.print(f"wrote {write_html_report(run_dir)}", highlight=False)
+
+
 @app.command()
 def export(
     dataset: str = typer.Argument(..., help="a tabular dataset: heart-disease or synthetic-adni"),
@@ -490,8 +555,9 @@ def export(
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "table2":  # the datasets' options: only this command pays their imports
-        _with_dataset_options(table2)
+    # The datasets' options: only the commands that take them pay their imports.
+    if len(sys.argv) > 1 and sys.argv[1] in ("table2", "inspect"):
+        _with_dataset_options(table2 if sys.argv[1] == "table2" else inspect_data)
     from fedmi.experiments.outputs import RunInterrupted
 
     _setup_logging(False)  # every command: warnings and errors as fedmi lines (a command may ask for more)

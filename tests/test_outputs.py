@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,29 @@ def test_a_non_finite_test_loss_stops_the_run_where_a_training_site_has_it(caplo
     assert "not finite at B (inf), a site whose update was not accepted" in caplog.text  # the run goes on
     with pytest.raises(FedmiError, match="round 2: the global model's test loss is not finite at B"):
         runner._check_test_losses(1, {"A": {"loss": 0.3}, "B": {"loss": float("inf")}}, {"A", "B"})
+
+
+def test_trackers_write_tensorboard_events_and_an_mlflow_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedmi.experiments.config import parse_config
+    from fedmi.experiments.federated_run import run_federated
+
+    cfg = parse_config({"data": {"dataset": "heart-disease"}, "rounds": 3, "trackers": ["tensorboard", "mlflow"]},
+                       "test")
+    run = run_federated(cfg, tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([r["train_loss"] for r in run.result.history], rel=1e-6)
+    assert [e.step for e in events.Scalars("test/Cleveland/auc")] == [1, 2, 3]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "heart-disease"]
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.data.params["trainer.name"] == "fedavg" and mlflow_run.data.params["rounds"] == "3"
+    history = client.get_metric_history(mlflow_run.info.run_id, "test/mean/auc")
+    assert [m.step for m in history] == [1, 2, 3]
+    final = run.result.history[-1]["test"]
+    expected = np.mean([m["auc"] for m in final.values() if m["auc"] is not None])
+    assert history[-1].value == pytest.approx(expected)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -109,6 +109,7 @@ class RunConfig(Settings):
     workers: int | None = Field(None, ge=1, le=1024)  # processes: worker processes; flower-sim: concurrent clients
     deployment: DeploymentConfig = DeploymentConfig()
     out: str | None = None
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)  # also write metrics there
 
     @field_validator("model")
     @classmethod

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 from fedmi.client import make_method
 from fedmi.experiments.config import DataConfig, RunConfig, save_config
 from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, JsonlWriter, to_json
+from fedmi.experiments.trackers import make_trackers
 from fedmi.core import params as P
 from fedmi.core.local import SiteStates
 from fedmi.core.runner import Runner, RunResult
@@ -51,6 +52,21 @@ def federation_for(d: DataConfig, seed: int) -> Federation:
         log.warning("%d files were left out (on_error: skip), the first: %s: %s; the run's summary lists them",
                     len(fed.skipped), *fed.skipped[0])
     return fed
+
+
+class Sinks:
+    """Several receivers of each round's record (metrics.jsonl, trackers), closed together."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def __call__(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 def skipped_files(fed: Federation) -> dict:
@@ -112,7 +128,10 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             save_config(cfg, out / RUN_CONFIG)
-        sink = JsonlWriter(out / "metrics.jsonl")
+        sinks = [JsonlWriter(out / "metrics.jsonl"),
+                 *make_trackers(cfg.trackers, out, task.primary, experiment=str((summary or {}).get("dataset", "fedmi")),
+                                run_name=out.name, config=cfg.model_dump(mode="json"))]
+        sink = Sinks(sinks)
         for record in start.history if start else []:  # the rounds before the crash, then the new ones
             sink(record)
     try:

@@ -200,7 +200,7 @@ def test_embedded_files_match_their_checksums():
     assets = Path(fedmi.data.__file__).parent / "assets"
     lines = (assets / "checksums.md5").read_text().split("\n")
     entries = [line.split() for line in lines if line.strip()]
-    assert len(entries) == 11  # heart disease 5, MedMNIST 2, FedBCa 4
+    assert len(entries) == 12  # heart disease 5, MedMNIST 3, FedBCa 4
     for md5, name in entries:
         assert hashlib.md5((assets / name).read_bytes()).hexdigest() == md5, name
 
@@ -256,3 +256,11 @@ def test_the_disease_is_the_positive_class_of_embedded_images_unless_chosen():
     assert load_federation("pneumoniamnist", max_samples=200).label_names == ("normal", "pneumonia")
     with pytest.raises(FedmiError, match="no class 'benign' to make positive"):
         load_federation("breastmnist", positive_label="benign")
+
+
+def test_adrenalmnist3d_volumes_partition_into_sites_with_a_3d_scanner_shift():
+    fed = load_federation("adrenalmnist3d", num_sites=3, holdout="official", max_samples=120)
+    assert fed.input_shape == (1, 28, 28, 28) and fed.label_names == ("normal", "hyperplasia")
+    assert sum(s.n for s in fed.sites) == 120 and len(fed.common_test[1]) == 298
+    plain = load_federation("adrenalmnist3d", num_sites=3, holdout="official", max_samples=120, shift_strength=0)
+    assert not np.allclose(fed.sites[0].x, plain.sites[0].x)  # each site's scanner changed its volumes

@@ -3,7 +3,8 @@
 The official train, val and test splits are pooled, then partitioned into `num_sites` sites
 (IID, Dirichlet label skew or quantity skew), and each site's images pass through its own
 simulated scanner (see `fedmi.data.shift`). The experiment then draws each site's own
-train/test splits. Images are scaled to [0, 1], shape (n, 1, 28, 28).
+train/test splits. Images are scaled to [0, 1], shape (n, 1, 28, 28), volumes (n, 1, 28, 28, 28)
+(AdrenalMNIST3D).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ EMBEDDED = {
     "breastmnist": ("breastmnist.npz", ("malignant", "normal or benign"), 0, "BreastMNIST (breast ultrasound)"),
     "pneumoniamnist": ("pneumoniamnist_balanced.npz", ("normal", "pneumonia"), 1,
                        "PneumoniaMNIST, class-balanced subset (not the official set)"),
+    "adrenalmnist3d": ("adrenalmnist3d.npz", ("normal", "hyperplasia"), 1,
+                       "AdrenalMNIST3D (adrenal gland shape masks from CT, 28x28x28)"),
 }
 KEYS = [f"{split}_{what}" for split in ("train", "val", "test") for what in ("images", "labels")]
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All images (n, 1, h, w) float32 in [0, 1], binary labels, and each image's official split
-    (0 train, 1 val, 2 test) of a MedMNIST-format file."""
+    """All images (n, 1, h, w) or volumes (n, 1, d, h, w) float32 in [0, 1], binary labels, and each
+    image's official split (0 train, 1 val, 2 test) of a MedMNIST-format file (2D or 3D)."""
     if not path.is_file():
         raise FedmiError(f"no MedMNIST file at {path}")
     try:
@@ -48,8 +51,8 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise FedmiError(f"{path}: cannot be read as a .npz file ({e})") from None
     shape = splits[0][1].shape[1:]
     for split, images, labels in splits:
-        if images.dtype != np.uint8 or images.ndim != 3:
-            raise FedmiError(f"{path}: {split}_images must be 2-D grey uint8 images (n, h, w), "
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise FedmiError(f"{path}: {split}_images must be grey uint8 images (n, h, w) or volumes (n, d, h, w), "
                              f"got {images.dtype} of shape {images.shape}")
         if images.shape[1:] != shape:
             raise FedmiError(f"{path}: {split}_images are {images.shape[1:]}, train_images are {shape}")
@@ -170,6 +173,13 @@ class PneumoniaMNIST(_MedMNIST):
     """PneumoniaMNIST, a class-balanced subset, embedded, partitioned into simulated sites."""
 
     name = "pneumoniamnist"
+
+
+@DATASETS.register()
+class AdrenalMNIST3D(_MedMNIST):
+    """AdrenalMNIST3D (3D, 28x28x28), embedded, partitioned into simulated sites."""
+
+    name = "adrenalmnist3d"
 
 
 class NpzOptions(PartitionOptions):

@@ -52,9 +52,13 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def apply_profile(images: np.ndarray, profile: ScannerProfile, rng: np.random.Generator) -> np.ndarray:
-    """Apply one site's acquisition profile to images of shape (n, c, h, w) in [0, 1]."""
+    """Apply one site's acquisition profile to images (n, c, h, w) or volumes (n, c, d, h, w) in
+    [0, 1]; a volume's blur is in plane, slice by slice, as a scanner's in-plane resolution."""
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     x = x.clamp(0, 1) ** profile.gamma
+    shape = x.shape
+    if x.dim() == 5:
+        x = x.reshape(shape[0], shape[1] * shape[2], shape[3], shape[4])  # slices as channels
     if profile.blur_sigma > 0:
         k = _gaussian_kernel(profile.blur_sigma)
         c = x.shape[1]
@@ -63,7 +67,7 @@ def apply_profile(images: np.ndarray, profile: ScannerProfile, rng: np.random.Ge
         kv = k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
         x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kh, groups=c)
         x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kv, groups=c)
-    x = profile.gain * x + profile.offset
+    x = (profile.gain * x + profile.offset).reshape(shape)
     out = x.numpy()
     if profile.noise_std > 0:
         out = out + profile.noise_std * rng.standard_normal(out.shape).astype(np.float32)

@@ -449,8 +449,13 @@ def datasets() -> None:
     for d in described:
         name = d["name"] + (" (synthetic)" if d["synthetic"] else "")
         for i, s in enumerate(d["sites"]):
-            table.add_row(name if i == 0 else "", s["name"], str(s["n"]), str(s["class_counts"][0]),
-                          str(s["class_counts"][1]))
+            counts = s["class_counts"]
+            if d["task"] == "segmentation":  # pixels, not images: their shares
+                total = sum(counts.values())
+                cells = [f"{counts.get(k, 0) / total:.1%} px" for k in (0, 1)]
+            else:
+                cells = [str(counts.get(k, 0)) for k in (0, 1)]
+            table.add_row(name if i == 0 else "", s["name"], str(s["n"]), *cells)
         table.add_section()
     out_console.print(table)
     for d in described:

@@ -152,6 +152,8 @@ def table2(
     standardize: bool = _option(False, "--standardize", help="z-score features per site with the site's own "
                                                                "training statistics (default: tabular data only)"),
     no_standardize: bool = _option(False, "--no-standardize", help="never z-score features"),
+    augment: Optional[str] = _option(None, help="augmentation of training batches at the sites, as YAML, e.g. "
+                                               "'{flip: [0, 1], rotate90: true, intensity: 0.1}'"),
     seed: int = _option(0, help="seed of splits, initial weights and batch order (0 to 2^63-1)"),
     runtime: str = _option("auto", help="auto, sequential, vectorised or processes (how sites are simulated)"),
     out: Optional[Path] = _option(None, help="output folder (default runs/table2-DATASET)"),
@@ -167,7 +169,7 @@ def table2(
     The dataset options below come from the datasets themselves; each applies to the datasets named after it."""
     _setup_logging(verbose)
     from fedmi.data import dataset_options as check_options
-    from fedmi.experiments.config import DataConfig
+    from fedmi.experiments.config import DataConfig, validated
     from fedmi.experiments.federated_run import federation_for
     from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, JsonlWriter, check_output, output_folder
     from fedmi.experiments.report import rich_table, table_notes, write_table2_report
@@ -193,8 +195,9 @@ def table2(
             raise FedmiError(f"fedmi table2: {text}") from None
         if standardize and no_standardize:
             raise FedmiError("fedmi table2: give --standardize or --no-standardize, not both")
-        data = DataConfig(dataset=dataset, standardize=True if standardize else False if no_standardize else None,
-                          **given)
+        data = validated(DataConfig, {"dataset": dataset, "augment": _yaml_mapping(augment, "--augment") or None,
+                                      "standardize": True if standardize else False if no_standardize else None,
+                                      **given}, "fedmi table2", prefix="option ")
         fed = federation_for(data, seed)
         cfg = Table2Config(
             methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,

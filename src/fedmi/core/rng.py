@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 import numpy as np
+import torch
 
 from fedmi.errors import FedmiError
 
@@ -29,6 +30,12 @@ class Stream(IntEnum):
     LOCAL_TRAINING = 4  # (seed, round, site): a site's batches in a round (the tag of core.batches' hash)
     CENTRAL_TRAINING = 5  # (seed, which, site): centralised baselines
     SELECTION = 6  # (seed,): which sites train in each round
+    AUGMENTATION = 7  # (seed, round, site, step): a site's random augmentation of one batch
+
+
+def torch_generator(stream: Stream, *key: int) -> torch.Generator:
+    """A torch CPU generator seeded from a stream and key (as `numpy_generator`)."""
+    return torch.Generator().manual_seed(derive_seed(stream, *key))
 
 
 def derive_seed(stream: Stream, *key: int) -> int:

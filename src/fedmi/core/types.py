@@ -9,7 +9,7 @@ nothing resembling a dataset can be smuggled across the boundary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -79,13 +79,18 @@ class SiteInfo:
 
 @dataclass
 class SiteData:
-    """One site's local data, split into train and test. Never leaves the client side."""
+    """One site's local data, split into train and test. Never leaves the client side.
+
+    `augment`, where given, is applied to each training batch at the site:
+    `augment(x, y, generator) -> (x, y)` (`fedmi.data.augment.Augment`).
+    """
 
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def num_train(self) -> int:

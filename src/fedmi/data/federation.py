@@ -13,6 +13,7 @@ import torch
 from fedmi.core.rng import Stream, numpy_generator
 from fedmi.core.tasks import BinaryTask, Task, make_task
 from fedmi.core.types import SiteData
+from fedmi.data.augment import Augment
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
@@ -67,6 +68,7 @@ class Federation:
     # A public test set no site trains on (MedMNIST's official test split): (images, labels). Protocols
     # evaluate their models on it besides each site's own split; it never enters training.
     common_test: tuple[np.ndarray, np.ndarray] | None = None
+    augment: Augment | None = None  # applied at each site to its training batches
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -217,12 +219,15 @@ class Federation:
         x_tr, x_te = site.x[~test], site.x[test]
         if self.standardize and len(x_tr):
             x_tr, x_te = self._z_scored(site.name, x_tr, x_te)
+        if self.augment is not None:
+            self.augment.check(self.input_shape)
         data = SiteData(
             name=site.name,
             x_train=torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
             y_train=torch.as_tensor(site.y[~test], dtype=self.task.target_dtype),
             x_test=torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32),
             y_test=torch.as_tensor(site.y[test], dtype=self.task.target_dtype),
+            augment=self.augment,
         )
         if data.num_train == 0:
             raise FedmiError(f"site {site.name}: its training split is empty")

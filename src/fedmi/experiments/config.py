@@ -25,6 +25,20 @@ def _registered(registry, name: str) -> str:
     return name
 
 
+class AugmentConfig(Settings):
+    """Training-time augmentation at the sites (`fedmi.data.augment.Augment`)."""
+
+    flip: list[int] = Field(default_factory=list)  # spatial axes flipped with probability 1/2 each
+    rotate90: bool = False  # k x 90 degrees in the last two axes (square images)
+    intensity: float = Field(0.0, ge=0, le=1)  # x -> (1 + a) x + b, a, b uniform in [-intensity, intensity]
+    noise: float = Field(0.0, ge=0, le=1)  # Gaussian noise's standard deviation
+
+    def build(self):
+        from fedmi.data.augment import Augment
+
+        return Augment(tuple(self.flip), self.rotate90, self.intensity, self.noise)
+
+
 class DataConfig(Settings):
     """Which dataset, its own options, and how each site splits its data.
 
@@ -38,6 +52,7 @@ class DataConfig(Settings):
     dataset: str = "heart-disease"  # a registered dataset, csv:PATH or npz:PATH
     test_fraction: float = Field(0.2, gt=0, lt=1)
     standardize: bool | None = None  # z-score per site with its own training statistics; None: tabular only
+    augment: AugmentConfig | None = None  # random flips, rotations, intensity jitter of training batches
 
     @model_validator(mode="after")
     def _options_fit_the_dataset(self) -> "DataConfig":

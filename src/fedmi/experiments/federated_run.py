@@ -48,6 +48,9 @@ def federation_for(d: DataConfig, seed: int) -> Federation:
     fed = load_federation(d.dataset, seed, **d.options())
     if d.standardize is not None:
         fed.standardize = d.standardize
+    if d.augment is not None:
+        fed.augment = d.augment.build()
+        fed.augment.check(fed.input_shape)
     if fed.skipped:
         log.warning("%d files were left out (on_error: skip), the first: %s: %s; the run's summary lists them",
                     len(fed.skipped), *fed.skipped[0])

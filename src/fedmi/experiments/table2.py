@@ -166,7 +166,7 @@ def _pooled(sites: list[SiteData]) -> SiteData:
     return SiteData(
         name="pooled",
         x_train=torch.cat([s.x_train for s in sites]), y_train=torch.cat([s.y_train for s in sites]),
-        x_test=torch.empty(0), y_test=torch.empty(0),
+        x_test=torch.empty(0), y_test=torch.empty(0), augment=sites[0].augment,
     )
 
 

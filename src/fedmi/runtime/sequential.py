@@ -17,6 +17,7 @@ from torch import nn
 from fedmi.client.evaluation import evaluate_site
 from fedmi.core import params as P
 from fedmi.core.batches import plan_batches, site_batches
+from fedmi.core.rng import Stream, torch_generator
 from fedmi.core.local import Batch, LocalMethod, SiteContext, SiteStates, State
 from fedmi.core.runtime import RUNTIMES
 from fedmi.core.tasks import BinaryTask, Task
@@ -121,9 +122,12 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
         batches = site_batches(method.schedule, site.num_train, key, round_info.seed, round_info.round)
     state = method.init(params, site_state, ctx)
     total, count = 0.0, 0
-    for idx in batches:
+    for step, idx in enumerate(batches):
         n = idx.shape[0]
-        batch = Batch(site.x_train[idx], site.y_train[idx])
+        x, y = site.x_train[idx], site.y_train[idx]
+        if site.augment is not None:
+            x, y = site.augment(x, y, torch_generator(Stream.AUGMENTATION, round_info.seed, round_info.round, key, step))
+        batch = Batch(x, y)
         leaves = method.trainable(state)
         for v in leaves.values():
             if not v.requires_grad:

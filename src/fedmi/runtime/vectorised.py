@@ -36,6 +36,7 @@ from torch.func import vmap
 from fedmi.core import params as P
 from fedmi.core.batches import BatchPlan, plan_batches
 from fedmi.core.local import Batch, LocalMethod, SiteContext, SiteStates, State
+from fedmi.core.rng import Stream, torch_generator
 from fedmi.core.runtime import RUNTIMES
 from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
@@ -199,13 +200,17 @@ class VectorisedRuntime:
         data_losses = []
         step_fn = method.step if method.elementwise else vmap(lambda st, g: method.step(st, g, shared), in_dims=(0, 0))
         widths = count.max(1).values.tolist()  # per step; a bucket of a model with buffers has no padding
+        augmented = any(self._sites[i].augment is not None for i in sites)
         full = rows.shape[-1]
         for t in range(steps):
             w = widths[t]
             idx, y, wt = (rows[t], labels[t], weight[t]) if w == full else \
                 (rows[t, :, :w], labels[t, :, :w], weight[t, :, :w])
             x = torch.index_select(self._x_rows, 0, idx.reshape(-1), out=buffer[: idx.numel()])
-            batch = Batch(x.view(*idx.shape, *sample_shape), y, wt)
+            x = x.view(*idx.shape, *sample_shape)
+            if augmented:
+                x, y = _augment_sites([self._sites[i] for i in sites], x, y, sites, count[t], round_info, t)
+            batch = Batch(x, y, wt)
             leaves = method.trainable(state)
             for v in leaves.values():
                 if not v.requires_grad:
@@ -225,6 +230,20 @@ class VectorisedRuntime:
                 if not dry_run:
                     self.site_states.put(ctx.site, kept)
                 yield update
+
+
+def _augment_sites(sites: list[SiteData], x: torch.Tensor, y: torch.Tensor, keys: list[int], count: torch.Tensor,
+                   round_info: RoundInfo, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each site's augmentation of its real samples of this step (not the padding), drawn as the
+    sequential loop draws it: the same generator, the same number of samples."""
+    x, y = x.clone(), y.clone()
+    for j, (site, key) in enumerate(zip(sites, keys)):
+        if site.augment is None:
+            continue
+        real = int(count[j])
+        generator = torch_generator(Stream.AUGMENTATION, round_info.seed, round_info.round, key, step)
+        x[j, :real], y[j, :real] = site.augment(x[j, :real], y[j, :real], generator)
+    return x, y
 
 
 def _select(plan: BatchPlan, members: list[int]) -> BatchPlan:

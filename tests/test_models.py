@@ -93,3 +93,19 @@ def test_a_batch_norm_unet_trains_alike_on_the_in_process_runtimes(method):
         assert P.allclose(result.params, reference.params, rtol=1e-4, atol=1e-5), name
         for site, metrics in reference.history[-1]["test"].items():
             assert result.history[-1]["test"][site]["dice"] == pytest.approx(metrics["dice"], abs=1e-4), name
+
+
+def test_a_monai_network_built_by_the_user_plugs_in_through_the_python_api():
+    from monai.networks.nets import UNet
+
+    import fedmi
+
+    fed = fedmi.load_federation("synthetic-shapes", per_site=8, size=16)
+    net = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), norm="batch")
+    before = P.clone(net.state_dict())
+    result = fedmi.run(fed, model=net, method="fedbn", rounds=2, optimizer="adam", lr=0.01, batch_size=4,
+                       local_steps=2)
+    assert set(result.final) == set(fed.site_names) and all(m["dice"] is not None for m in result.final.values())
+    assert P.allclose(net.state_dict(), before, rtol=0, atol=0)  # the caller's module is left as it was
+    with pytest.raises(FedmiError, match="model_options go to a model given by name"):
+        fedmi.run(fed, model=net, model_options={"channels": [2, 4]}, rounds=1)

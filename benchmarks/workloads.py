@@ -79,7 +79,8 @@ WORKLOADS = {
 
 def _pooled(source: str) -> tuple[np.ndarray, np.ndarray]:
     if source == "images":
-        return load_npz(ASSETS / "pneumoniamnist_balanced.npz")
+        images, labels, _ = load_npz(ASSETS / "pneumoniamnist_balanced.npz")  # every official split, pooled
+        return images, labels
     fed = load_federation(source)
     x = np.concatenate([s.x for s in fed.sites])
     std = x.std(axis=0)

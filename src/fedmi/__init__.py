@@ -23,7 +23,8 @@ _LAZY = {
     "LocalMethod": "fedmi.core.local", "LocalSchedule": "fedmi.core.batches", "METHODS": "fedmi.client",
     "make_method": "fedmi.client", "make_aggregator": "fedmi.server", "parse_pipeline": "fedmi.server",
     "make_task": "fedmi.core.tasks", "build_model": "fedmi.models", "MODELS": "fedmi.models",
-    "make_runtime": "fedmi.runtime",
+    "make_runtime": "fedmi.runtime", "Augment": "fedmi.data.augment", "data_card": "fedmi.experiments.data_card",
+    "write_html_report": "fedmi.experiments.html_report",
 }
 __all__ = ["FedmiError", *_LAZY]
 

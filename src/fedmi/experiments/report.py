@@ -17,6 +17,7 @@ from fedmi.core import params as P  # noqa: E402
 from fedmi.experiments.outputs import to_json  # noqa: E402
 from fedmi.experiments.table2 import LABELS, Table2Result  # noqa: E402
 from fedmi.core.metrics import format_summary  # noqa: E402
+from fedmi.data.federation import COMMON_TEST  # noqa: E402
 
 NOT_PRIVATE = "†"
 FOOTNOTE = f"{NOT_PRIVATE} Mix pools the sites' data: not privacy-preserving, shown as a reference."
@@ -76,8 +77,10 @@ def uniform_warnings(found: Iterable[tuple[str, str, int, int, list[int]]], labe
     for label, site, k, n, classes in found:
         names = [label_names[c] if c < len(label_names) else str(c) for c in classes]
         which = names[0] if len(names) == 1 else " in some, ".join(names) + " in others"
+        # Single on a common test set scores every site's own model: count models, not repeats.
+        unit = "models" if label == "Single" and site == COMMON_TEST else "repeats"
         lines.append(f"WARNING: {label} at {site} predicted one class ({which}) for every test case in {k} of {n} "
-                     "repeats: its SEN/SPE there reflect that, not skill")
+                     f"{unit}: its SEN/SPE there reflect that, not skill")
     return lines
 
 

@@ -168,3 +168,19 @@ def test_the_official_test_split_is_a_common_column_no_site_trains_on():
     assert r.results["Single"]["official test"]["auc"]["n"] == 2 * 4  # each local model, each repeat
     assert r.results["Mix"]["official test"]["auc"]["n"] == 2 and r.results["FedAvg"]["official test"]["auc"]["n"] == 2
     assert "official test" not in r.results["FedBN"]  # no one model to score: each site keeps its own BN
+
+
+def test_training_defaults_follow_the_kind_of_data_and_give_way_to_what_is_given():
+    from fedmi.experiments.table2 import training_defaults
+
+    images, table = load_federation("breastmnist"), load_federation("heart-disease")
+    shapes = load_federation("synthetic-shapes", per_site=4, size=16)
+    none = dict.fromkeys(("model", "optimizer", "lr", "local_steps", "local_epochs", "model_options", "lr_milestones"))
+    assert training_defaults(images, none) == {"model": "resnet18", "model_options": {"widen_factor": 0.25},
+                                               "optimizer": "adam", "lr": 0.001, "local_steps": 10, "local_epochs": 1,
+                                               "lr_milestones": [0.5, 0.75]}
+    assert training_defaults(table, none)["model"] == "logistic" and training_defaults(table, none)["lr"] == 0.05
+    assert training_defaults(shapes, none)["model"] == "unet"
+    cnn = training_defaults(images, {**none, "model": "cnn", "optimizer": "sgd"})
+    assert cnn["model_options"] == {} and cnn["lr"] == 0.05 and cnn["lr_milestones"] == []
+    assert training_defaults(images, {**none, "local_steps": 5})["local_epochs"] is None

@@ -135,19 +135,22 @@ def table2(
     repeats: int = _option(5, help="random 80/20 splits per site (training seeds on a fixed split)"),
     rounds: int = _option(100, help="federated rounds"),
     epochs: int = _option(100, help="training passes of the centralised settings"),
-    model: Optional[str] = _option(None, help="a model (fedmi models; default: logistic, cnn for images)"),
+    model: Optional[str] = _option(None, help="a model (fedmi models; default: logistic for tables, resnet18 "
+                                              "at width 0.25 for images, unet for masks)"),
     model_options: Optional[str] = _option(None, help="the model's arguments as a YAML mapping, e.g. "
                                                       "'{channels: [8, 16, 32], strides: [2, 2]}'"),
-    optimizer: str = _option("sgd", help="the local optimiser of every setting: sgd or adam"),
-    lr: float = _option(0.05, help="local learning rate"),
+    optimizer: Optional[str] = _option(None, help="the local optimiser of every setting: sgd or adam "
+                                                  "(default: sgd for tables, adam for images)"),
+    lr: Optional[float] = _option(None, help="local learning rate (default: 0.05 with sgd, 0.001 with adam)"),
     momentum: float = _option(0.0, help="local SGD momentum"),
     weight_decay: float = _option(0.0, help="L2 penalty added to the gradient"),
     lr_milestones: Optional[str] = _option(None, help="fractions of training at which the learning rate is "
-                                                      "multiplied by 0.1, e.g. 0.5,0.75"),
+                                                      "multiplied by 0.1, e.g. 0.5,0.75 (default for images)"),
     batch_size: int = _option(32, help="samples per local step"),
-    local_steps: int = _option(10, help="FedAvg's and FedBN's local steps per round"),
-    local_epochs: Optional[int] = _option(None, help="FedAvg's and FedBN's local passes per round "
-                                                     "(instead of --local-steps)"),
+    local_steps: Optional[int] = _option(None, help="FedAvg's and FedBN's local steps per round (default 10 for "
+                                                    "tables)"),
+    local_epochs: Optional[int] = _option(None, help="FedAvg's and FedBN's local passes per round instead "
+                                                     "(default 1 for images)"),
     fedsgd_lr: float = _option(1.0, help="FedSGD's server step size"),
     standardize: bool = _option(False, "--standardize", help="z-score features per site with the site's own "
                                                                "training statistics (default: tabular data only)"),
@@ -173,7 +176,7 @@ def table2(
     from fedmi.experiments.federated_run import federation_for
     from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, JsonlWriter, check_output, output_folder
     from fedmi.experiments.report import rich_table, table_notes, write_table2_report
-    from fedmi.experiments.table2 import ProtocolFolder, Table2Config, run_table2, work_units
+    from fedmi.experiments.table2 import ProtocolFolder, Table2Config, run_table2, training_defaults, work_units
 
     if resume is not None:
         if out is not None or overwrite:
@@ -199,13 +202,14 @@ def table2(
                                       "standardize": True if standardize else False if no_standardize else None,
                                       **given}, "fedmi table2", prefix="option ")
         fed = federation_for(data, seed)
+        given_options = {"model": model, "optimizer": optimizer, "lr": lr, "local_steps": local_steps,
+                         "local_epochs": local_epochs, "model_options": _yaml_mapping(model_options, "--model-options")
+                         if model_options else None,
+                         "lr_milestones": _numbers(lr_milestones, "--lr-milestones") if lr_milestones else None}
         cfg = Table2Config(
             methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
-            epochs=epochs, seed=seed, model=model or ("cnn" if fed.kind == "image" else "logistic"),
-            model_options=_yaml_mapping(model_options, "--model-options"), optimizer=optimizer, lr=lr,
-            momentum=momentum, weight_decay=weight_decay, lr_milestones=_numbers(lr_milestones, "--lr-milestones"),
-            batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, fedsgd_lr=fedsgd_lr,
-            runtime=runtime,
+            epochs=epochs, seed=seed, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+            fedsgd_lr=fedsgd_lr, runtime=runtime, **training_defaults(fed, given_options),
         )
         target = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
         mode = "overwrite" if overwrite else "new"

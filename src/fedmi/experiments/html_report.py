@@ -52,8 +52,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _markdown_table(text: str) -> str:
-    """The pipe tables of a Markdown file as HTML tables, other lines as paragraphs."""
+def _markdown_table(text: str, skip: str = "") -> str:
+    """The pipe tables of a Markdown file as HTML tables, other lines (but `skip`) as paragraphs."""
     parts, rows = [], []
 
     def flush() -> None:
@@ -67,7 +67,7 @@ def _markdown_table(text: str) -> str:
             rows.append(line)
             continue
         flush()
-        if line.strip() and not line.startswith("#"):
+        if line.strip() and not line.startswith("#") and line.strip() != skip.strip():
             parts.append(f"<p class='note'>{html.escape(line.strip())}</p>")
     flush()
     return "\n".join(parts)
@@ -198,7 +198,7 @@ def write_html_report(run_dir: Path) -> Path:
     if info["kind"] == "run":
         parts.append(_final_table(info["summary"]))
     elif (run_dir / "table.md").is_file():
-        parts.append(_markdown_table((run_dir / "table.md").read_text()))
+        parts.append(_markdown_table((run_dir / "table.md").read_text(), skip=info["description"]))
     skipped = (info.get("summary") or {}).get("skipped_files") or (info.get("results") or {}).get("skipped_files")
     if skipped:
         parts.append(f"<p class='note'>{len(skipped)} files were left out while loading the data:</p>"

@@ -115,22 +115,28 @@ class FedAvg(LocalMethod):
     def step(self, state: State, grads: dict[str, torch.Tensor], ctx: SiteContext) -> State:
         # In place: the round's state owns these tensors, and a step on a small model is mostly
         # per-call overhead (one op per tensor, as torch.optim's own foreach-free update).
-        lr, opt = self.round_lr(ctx), state["optimizer"]
+        lr = self.round_lr(ctx) if self.lr_milestones else self.lr
         if self.optimizer == "adam":
-            opt["step"].add_(1)
-            beta1, beta2 = self.betas
-            bias1, bias2 = 1 - beta1 ** opt["step"], 1 - beta2 ** opt["step"]
+            return self._adam_step(state, grads, lr)
+        momentum = state["optimizer"]["momentum"] if self.momentum else None
         for k, w in state["params"].items():
             g = grads[k].add(w, alpha=self.weight_decay) if self.weight_decay else grads[k]
-            if self.optimizer == "adam":
-                m = opt["exp_avg"][k].mul_(beta1).add_(g, alpha=1 - beta1)
-                v = opt["exp_avg_sq"][k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v / _like(bias2, w)).sqrt_().add_(self.eps)
-                w.sub_(m / denom / _like(bias1, w), alpha=lr)
-                continue
-            if self.momentum:
-                g = opt["momentum"][k].mul_(self.momentum).add_(g)
+            if momentum is not None:
+                g = momentum[k].mul_(self.momentum).add_(g)
             w.sub_(g, alpha=lr)
+        return state
+
+    def _adam_step(self, state: State, grads: dict[str, torch.Tensor], lr: float) -> State:
+        opt = state["optimizer"]
+        opt["step"].add_(1)
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1 ** opt["step"], 1 - beta2 ** opt["step"]
+        for k, w in state["params"].items():
+            g = grads[k].add(w, alpha=self.weight_decay) if self.weight_decay else grads[k]
+            m = opt["exp_avg"][k].mul_(beta1).add_(g, alpha=1 - beta1)
+            v = opt["exp_avg_sq"][k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v / _like(bias2, w)).sqrt_().add_(self.eps)
+            w.sub_(m / denom / _like(bias1, w), alpha=lr)
         return state
 
     def final(self, state: State, ctx: SiteContext):

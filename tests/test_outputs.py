@@ -103,7 +103,10 @@ def test_resume_after_sigint_reaches_the_uninterrupted_model(monkeypatch, capsys
 
     out = tmp_path / "cut"
     # A real SIGINT, sent by the run to itself once round 3 is checkpointed: interrupted at a known point.
+    # The child restores Python's own Ctrl-C handler: a suite started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs none.
     child = ("import os, signal, sys\n"
+             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
              "from fedmi.core.runner import Runner\n"
              "from fedmi.cli import main\n"
              "run_round = Runner.run_round\n"

@@ -53,7 +53,8 @@ def positive_class(task_name: str, label_names: Sequence[str]) -> str:
 
 def _caption(result: Table2Result) -> str:
     cfg = result.config
-    ratio = f"stratified {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split"
+    ratio = f"stratified {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split" + \
+        (" by patient" if result.by_patient else "")
     if result.fixed_split:
         split = "one fixed train/test split" + (f", mean±std over {cfg.repeats} training seeds" if cfg.repeats > 1 else "")
     elif cfg.repeats == 1:

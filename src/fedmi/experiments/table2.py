@@ -120,6 +120,7 @@ class Table2Result:
     # label -> site -> per repeat: the class predicted for every test case, or None (it predicted several)
     one_class: dict[str, dict[str, list[int | None]]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # files the dataset left out: (file, why)
+    by_patient: bool = False  # splits kept each patient's samples together (test n then varies by repeat)
 
     def uniform_predictions(self) -> list[tuple[str, str, int, int, list[int]]]:
         """(row label, site, repeats in which the model predicted one class for every test case,
@@ -148,6 +149,7 @@ class Table2Result:
             "results": self.results,
             "one_class_predictions": self.one_class,
             "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
+            "split_by_patient": self.by_patient,
         }
 
 
@@ -357,7 +359,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, columns, cfg, rows, results,
                         history, models, fed.task, tuple(fed.label_names), test_n,
                         {label: {s: v for s, v in by_site.items() if v} for label, by_site in one_class.items()},
-                        list(fed.skipped))
+                        list(fed.skipped), any(s.groups is not None for s in fed.sites))
 
 
 def model_name(method: str, repeat: int) -> str:

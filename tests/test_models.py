@@ -109,3 +109,23 @@ def test_a_monai_network_built_by_the_user_plugs_in_through_the_python_api():
     assert P.allclose(net.state_dict(), before, rtol=0, atol=0)  # the caller's module is left as it was
     with pytest.raises(FedmiError, match="model_options go to a model given by name"):
         fedmi.run(fed, model=net, model_options={"channels": [2, 4]}, rounds=1)
+
+
+def test_model_options_reach_the_sites_of_a_flower_federation():
+    from local_grid import LocalGrid
+
+    from fedmi.apps.server import run_on_grid
+    from fedmi.apps.site import client_app
+    from fedmi.experiments.config import parse_config
+    from fedmi.experiments.federated_run import run_federated
+
+    cfg = parse_config({"data": {"dataset": "synthetic-shapes", "per_site": 6, "size": 16}, "model": "unet",
+                        "model_options": {"channels": [4, 8], "strides": [2]}, "rounds": 1, "seed": 1,
+                        "runtime": "sequential", "trainer": {"lr": 0.05, "local_steps": 2, "batch_size": 3}}, "test")
+    app = client_app()
+    grid = LocalGrid({100 + i: (app, {"partition-id": i, "num-partitions": 4}) for i in range(4)})
+    flower = run_on_grid(grid, cfg, None, simulation=True)
+    local = run_federated(cfg).result
+    assert P.allclose(flower.params, local.params, rtol=1e-4, atol=1e-6)
+    assert P.num_parameters(flower.params) == P.num_parameters(
+        build_model("unet", (1, 16, 16), 0, 2, {"channels": [4, 8], "strides": [2]}).state_dict())

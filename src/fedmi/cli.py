@@ -494,7 +494,7 @@ def inspect_data(
     per-site intensity histograms and a sample grid (the sites' domain shift, seen first).
 
     The dataset options below apply with --dataset."""
-    from fedmi.experiments.config import DataConfig, load_config, load_yaml_model, parse_yaml
+    from fedmi.experiments.config import DataConfig, parse_config, parse_yaml, validated
     from fedmi.experiments.data_card import data_card, write_data_card
     from fedmi.experiments.federated_run import federation_for
 
@@ -503,12 +503,14 @@ def inspect_data(
     if config is not None:
         if not config.is_file():
             raise FedmiError(f"no config file at {config}")
-        raw = parse_yaml(config.read_text(encoding="utf-8"), str(config))
+        raw = parse_yaml(config.read_text(encoding="utf-8"), str(config))  # read once, validated as what it is
         if isinstance(raw, dict) and "data" in raw:
-            run_config = load_config(config)
+            run_config = parse_config(raw, str(config))
             data, seed = run_config.data, run_config.seed
+        elif isinstance(raw, dict):
+            data = validated(DataConfig, raw, str(config))
         else:
-            data = load_yaml_model(DataConfig, config, "data config")
+            raise FedmiError(f"{config}: a config must be a mapping of fields, got {type(raw).__name__}")
     else:
         data = DataConfig(dataset=dataset, **{k: v for k, v in dataset_options.items() if v is not None})
     fed = federation_for(data, seed)

@@ -19,6 +19,10 @@ from fedmi.data.federation import Federation
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 
 
+def _class_name(fed: Federation, k: int) -> str:
+    return fed.label_names[k] if k < len(fed.label_names) else str(k)
+
+
 def data_card(fed: Federation) -> dict:
     """The federation's card: {"dataset", "description", "task", "synthetic", "input_shape",
     "label_names", "sites": [{"name", "n", "labels" or "pixels", "intensity", ...}], "skipped_files"}."""
@@ -27,12 +31,10 @@ def data_card(fed: Federation) -> dict:
         entry: dict = {"name": site.name, "n": site.n}
         if fed.task.name == "segmentation":
             counts = np.bincount(site.y.reshape(-1), minlength=fed.task.num_outputs)
-            entry["pixels"] = {fed.label_names[k] if k < len(fed.label_names) else str(k): float(c / counts.sum())
-                               for k, c in enumerate(counts)}
+            entry["pixels"] = {_class_name(fed, k): float(c / counts.sum()) for k, c in enumerate(counts)}
             entry["images_without_foreground"] = int((site.y.reshape(site.n, -1).max(axis=1) == 0).sum())
         elif fed.task.name in ("binary", "multiclass"):
-            entry["labels"] = {(fed.label_names[k] if k < len(fed.label_names) else str(k)): c
-                               for k, c in site.class_counts().items()}
+            entry["labels"] = {_class_name(fed, k): c for k, c in site.class_counts().items()}
         if site.groups is not None:
             entry["patients"] = int(len(np.unique(site.groups)))
         x = site.x
@@ -107,8 +109,7 @@ def plot_samples(fed: Federation, path: Path, per_site: int = 6, seed: int = 0) 
                 if mask.any():
                     ax.contour(mask > 0, levels=[0.5], colors=PALETTE[1], linewidths=0.8)
             elif fed.task.name in ("binary", "multiclass"):
-                label = int(site.y[i])
-                ax.set_title(fed.label_names[label] if label < len(fed.label_names) else str(label), fontsize=7)
+                ax.set_title(_class_name(fed, int(site.y[i])), fontsize=7)
         axes[r][0].text(-0.08, 0.5, site.name, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
     fig.suptitle(f"{fed.name}: samples per site" + (" (SYNTHETIC DATA)" if fed.synthetic else ""), fontsize=10)
     fig.tight_layout()

@@ -286,10 +286,33 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def _read(fmt: str, path: Path, channels: int = 1) -> Loaded:
+    return read_image(path, channels) if fmt == "image" else READERS[fmt](path)
+
+
+def _load_entry(path: Path, folder: SiteFolder, root: Path, options: ImageFilesOptions,
+                labels: dict[str, str]) -> tuple[np.ndarray, object]:
+    """One image, transformed and scaled, and its target (a label, or a mask of classes);
+    FileProblem if either cannot be used."""
+    if options.task == "classification" and path.name not in labels:
+        raise FileProblem(f"has no label in {folder.labels}")
+    loaded = _read(folder.format, path, options.channels)
+    image = _scaled(_transform(loaded, options.size, options.spacing, mask=False), options.intensity)
+    if options.task == "classification":
+        return image, labels[path.name]
+    mask_path = root / folder.masks / path.name
+    if not mask_path.exists():
+        raise FileProblem(f"has no mask (looked for {mask_path})")
+    mask = _read(folder.format, mask_path)
+    if mask.array.shape[1:] != loaded.array.shape[1:]:
+        raise FileProblem(f"is {tuple(loaded.array.shape[1:])} but its mask is {tuple(mask.array.shape[1:])}")
+    return image, _mask_classes(_transform(mask, options.size, options.spacing, mask=True)[0], options.num_classes)
+
+
 def load_image_files(options: ImageFilesOptions) -> Federation:
     """The federation of `options.folders` (see the module's description)."""
     skipped: list[tuple[str, str]] = []
-    raw: list[tuple[str, list[np.ndarray], list, list[str]]] = []  # site, images, labels or masks, names
+    raw: list[tuple[str, list[np.ndarray], list]] = []  # site, images, labels or masks
 
     def problem(path: Path, reason: str) -> None:
         if options.on_error == "stop":
@@ -310,36 +333,21 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
         for name in labels:
             if name not in present:
                 problem(root / name, f"is named in {folder.labels} but is not a {folder.format} entry of the folder")
-        images, targets, names = [], [], []
+        images, targets = [], []
         for path in entries:
             try:
-                if options.task == "classification" and path.name not in labels:
-                    raise FileProblem(f"has no label in {folder.labels}")
-                loaded = READERS[folder.format](path) if folder.format != "image" else read_image(path, options.channels)
-                image = _transform(loaded, options.size, options.spacing, mask=False)
-                if options.task == "segmentation":
-                    mask_path = root / folder.masks / path.name
-                    if not mask_path.exists():
-                        raise FileProblem(f"has no mask (looked for {mask_path})")
-                    mask_loaded = READERS[folder.format](mask_path) if folder.format != "image" else \
-                        read_image(mask_path, 1)
-                    if mask_loaded.array.shape[1:] != loaded.array.shape[1:]:
-                        raise FileProblem(f"is {tuple(loaded.array.shape[1:])} but its mask "
-                                          f"is {tuple(mask_loaded.array.shape[1:])}")
-                    mask = _transform(mask_loaded, options.size, options.spacing, mask=True)[0]
-                    targets.append(_mask_classes(mask, options.num_classes))
-                else:
-                    targets.append(labels[path.name])
-                images.append(_scaled(image, options.intensity))
-                names.append(path.name)
+                image, target = _load_entry(path, folder, root, options, labels)
             except FileProblem as e:
                 problem(path, str(e))
+                continue
+            images.append(image)
+            targets.append(target)
         if not images:
             raise FedmiError(f"site {folder.name}: no readable {folder.format} images in {root}"
                              + (f" ({len(skipped)} skipped)" if skipped else ""))
-        raw.append((folder.name, images, targets, names))
+        raw.append((folder.name, images, targets))
 
-    shapes = {img.shape for _, images, _, _ in raw for img in images}
+    shapes = {img.shape for _, images, _ in raw for img in images}
     if len(shapes) > 1:
         raise FedmiError(f"the images differ in shape ({', '.join(str(s) for s in sorted(shapes)[:4])}); "
                          "give `size` to resize them all alike")
@@ -347,14 +355,14 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
         task = SegmentationTask(num_classes=options.num_classes)
         label_names = ("background", "foreground") if options.num_classes == 2 else \
             tuple(f"class {k}" for k in range(options.num_classes))
-        sites = [Site(name, np.stack(images), np.stack(targets)) for name, images, targets, _ in raw]
+        sites = [Site(name, np.stack(images), np.stack(targets)) for name, images, targets in raw]
     else:
-        values = [v for _, _, targets, _ in raw for v in targets]
+        values = [v for _, _, targets in raw for v in targets]
         names, index = _classes(values, options.positive_label, "images")
         task = BinaryTask() if len(names) == 2 else MulticlassTask(num_classes=max(2, len(names)))
         label_names = tuple(names)
         sites = [Site(name, np.stack(images), np.array([index[t] for t in targets], dtype=np.int64))
-                 for name, images, targets, _ in raw]
+                 for name, images, targets in raw]
     formats = sorted({f.format for f in options.folders})
     return Federation("images", sites, kind="image", task=task, label_names=label_names, skipped=skipped,
                       description=f"{len(sites)} sites of {'/'.join(formats)} files, {options.task}"

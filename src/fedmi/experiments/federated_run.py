@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from torch import nn
+
 from fedmi.client import make_method
 from fedmi.experiments.config import DataConfig, RunConfig, save_config
 from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, JsonlWriter, to_json
@@ -96,7 +98,7 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     model = build_model(cfg.model, fed.input_shape, cfg.seed, fed.task.num_outputs, cfg.model_options)
     runtime = make_runtime(cfg.runtime, model, sites, fed.task, cfg.workers)
     try:
-        result = train_federation(cfg, runtime, fed.input_shape, fed.task, out, on_round, resume,
+        result = train_federation(cfg, runtime, fed.input_shape, fed.task, out, on_round, resume, model=model,
                                   summary={"dataset": fed.name, "synthetic": fed.synthetic,
                                            "description": fed.description, **skipped_files(fed)})
     finally:
@@ -106,10 +108,12 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
 
 def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, ...], task: Task, out: Path | None,
                      on_round: Callable[[int], None] | None = None, resume: bool = False,
-                     summary: dict | None = None) -> RunResult:
+                     summary: dict | None = None, model: nn.Module | None = None) -> RunResult:
     """The run's rounds on `runtime`, whichever it is; with `out`, a resumable checkpoint after every
-    round, metrics.jsonl, the final model and summary.json. `resume` continues from out's checkpoint."""
-    model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs, cfg.model_options)
+    round, metrics.jsonl, the final model and summary.json. `resume` continues from out's checkpoint.
+    `model`: the config's model as built for this run, not yet trained (else it is built here)."""
+    if model is None:
+        model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs, cfg.model_options)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     aggregator = make_aggregator(cfg.aggregator, cfg.server_lr)
     checkpoint = None if out is None else out / CHECKPOINT

@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
 
+from fedmi.client.evaluation import mean_by_case
 from fedmi.core.metrics import binary_metrics, format_summary, summarize
+from fedmi.data.federation import Site
+from fedmi.errors import FedmiError
 
 
 def test_hand_made_case():
@@ -65,3 +68,18 @@ def test_a_diverged_model_is_reported_not_scored(three_sites):
         evaluate_site(model, BinaryTask(), nan, three_sites[0])
     with pytest.raises(ValueError, match="NaN"):
         binary_metrics([0, 1], [0.2, float("nan")])
+
+
+def test_cases_are_scored_by_the_mean_of_their_samples():
+    cases = np.array(["t2", "t1", "t2", "t3", "t1"])
+    labels, means = mean_by_case(cases, np.array([1, 0, 1, 0, 0]), np.array([0.9, 0.2, 0.5, 0.6, 0.4]))
+    assert labels.tolist() == [0, 1, 0] and means == pytest.approx([0.3, 0.7, 0.6])  # t1, t2, t3
+    _, rows = mean_by_case(np.array([1, 1, 2]), np.array([2, 2, 0]), np.array([[0.2, 0.8], [0.4, 0.6], [1.0, 0.0]]))
+    assert rows == pytest.approx(np.array([[0.3, 0.7], [1.0, 0.0]]))
+    with pytest.raises(FedmiError, match="different labels"):
+        mean_by_case(np.array([1, 1]), np.array([0, 1]), np.array([0.5, 0.5]))
+
+
+def test_a_site_whose_case_mixes_labels_is_refused():
+    with pytest.raises(FedmiError, match="case\\(s\\) a hold samples of different labels"):
+        Site("A", np.zeros((3, 2), np.float32), np.array([0, 1, 1]), cases=np.array(["a", "a", "b"]))

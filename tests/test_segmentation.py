@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
 import fedmi
 from fedmi.client.evaluation import evaluate_site
@@ -51,9 +53,27 @@ def _row_in(row: np.ndarray, block) -> bool:
 def test_fedbca_classification_labels_are_the_tumours_muscle_invasion():
     fed = load_federation("fedbca", task="classification", size=16)
     assert fed.task.name == "binary" and fed.label_names == ("NMIBC", "MIBC")
-    _, _, mibc, patients = load_centre(ASSETS / "roi_center2.npz", 16)
+    _, _, mibc, patients, _ = load_centre(ASSETS / "roi_center2.npz", 16)
     assert fed.sites[1].class_counts() == {0: int((mibc == 0).sum()), 1: int((mibc == 1).sum())} == {0: 154, 1: 260}
     assert len(set(patients)) == 47
+
+
+def test_fedbca_classification_scores_whole_tumours_by_their_mean_slice_probability():
+    fed = load_federation("fedbca", task="classification", size=16)
+    by_slice = load_federation("fedbca", task="classification", size=16, score="slice")
+    assert "scored per tumour" in fed.description and by_slice.sites[2].cases is None
+    data = fed.split_site("Center3", 0, 0.2)
+    tumours = sorted(set(data.test_cases))
+    assert by_slice.split_site("Center3", 0, 0.2).test_cases is None
+    model = build_model("cnn", fed.input_shape, 0, 1)
+    metrics = evaluate_site(model, fed.task, model.state_dict(), data)
+    assert metrics["n"] == len(tumours) < len(data.y_test)  # tumours, each of several slices
+    # By hand: each tumour's mean slice probability, ranked against its label.
+    probs = torch.sigmoid(model(data.x_test).detach().reshape(-1)).numpy()
+    labels = [int(data.y_test[data.test_cases == t][0]) for t in tumours]
+    means = [float(probs[data.test_cases == t].mean()) for t in tumours]
+    assert metrics["auc"] == pytest.approx(roc_auc_score(labels, means))
+    assert metrics["acc"] == pytest.approx(np.mean((np.array(means) >= 0.5) == np.array(labels)))
 
 
 def test_synthetic_shapes_are_labelled_synthetic_and_sites_differ_in_appearance():

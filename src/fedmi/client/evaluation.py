@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +23,12 @@ def model_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> 
 def evaluate_site(model: nn.Module, task: Task, params: P.ParamsT, site: SiteData, split: str = "test") -> dict:
     """The task's metrics of `params` on one split of a site, its mean loss, its size n, and
     "one_class": the class predicted for every case, where the model predicts only one although the
-    split holds several (else None)."""
+    split holds several (else None).
+
+    Where the site names the case of each test sample (`SiteData.test_cases`, e.g. a tumour's
+    slices), the test metrics score cases: a case's score is the mean of its samples' scores, its
+    label their common label, and n counts cases; the loss stays the mean over samples.
+    """
     x, y = (site.x_test, site.y_test) if split == "test" else (site.x_train, site.y_train)
     if len(y) == 0:
         return {**{m: None for m in task.metric_names}, "loss": None, "n": 0, "one_class": None}
@@ -32,10 +38,38 @@ def evaluate_site(model: nn.Module, task: Task, params: P.ParamsT, site: SiteDat
     if not torch.isfinite(scores).all():
         raise FedmiError(f"site {site.name}: the model predicts NaN or infinite values: training diverged "
                          "(lower the learning rate)")
-    out: dict = task.metrics(y.numpy(), scores.numpy())
-    out["loss"] = float(task.per_sample_loss(outputs, y).mean())
-    out["n"] = int(len(y))
+    loss = float(task.per_sample_loss(outputs, y).mean())
+    target, scored = y.numpy(), scores.numpy()
+    if split == "test" and site.test_cases is not None:
+        target, scored = mean_by_case(site.test_cases, target, scored)
+    out: dict = task.metrics(target, scored)
+    out["loss"] = loss
+    out["n"] = int(len(target))
     # A split of one class is all that class: predicting it throughout is then no sign of a blind model.
-    one = task.uniform_prediction(scores.numpy())
-    out["one_class"] = one if one is not None and len(torch.unique(y)) > 1 else None
+    one = task.uniform_prediction(scored)
+    out["one_class"] = one if one is not None and len(np.unique(target)) > 1 else None
     return out
+
+
+def mean_by_case(cases: np.ndarray, target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per case (in sorted order of the ids): its samples' common label and the mean of their scores.
+
+    Args:
+      cases: (n,) the case id of each sample.
+      target: (n,) labels, equal within a case.
+      scores: (n,) or (n, C) the model's scores.
+    Returns:
+      (labels (m,), scores (m,) or (m, C)) for the m distinct cases.
+    Example:
+      ``mean_by_case(np.array(["a", "a", "b"]), np.array([1, 1, 0]), np.array([.9, .5, .2]))``
+      gives ``([1, 0], [0.7, 0.2])``.
+    """
+    ids, inverse, counts = np.unique(cases, return_inverse=True, return_counts=True)
+    labels = np.zeros(len(ids), dtype=target.dtype)
+    labels[inverse] = target
+    if (labels[inverse] != target).any():
+        raise FedmiError("a case holds samples of different labels; a case is scored with one label")
+    sums = np.zeros((len(ids), *scores.shape[1:]), dtype=np.float64)
+    np.add.at(sums, inverse, scores)
+    means = sums / counts.reshape(-1, *([1] * (scores.ndim - 1)))
+    return labels, means.astype(scores.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 from fedmi.core.params import Params
@@ -83,6 +84,8 @@ class SiteData:
 
     `augment`, where given, is applied to each training batch at the site:
     `augment(x, y, generator) -> (x, y)` (`fedmi.data.augment.Augment`).
+    `test_cases`, where given, names the case (a tumour, a patient) of each test sample: evaluation
+    then scores cases, each by the mean of its samples' scores (`fedmi.client.evaluation`).
     """
 
     name: str
@@ -91,6 +94,7 @@ class SiteData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
+    test_cases: np.ndarray | None = None
 
     @property
     def num_train(self) -> int:

@@ -6,7 +6,8 @@ authors' tumour-centred crops of axial T2-weighted slices (see `assets/README.md
 
   segmentation    the tumour mask of each slice (2 classes: background, tumour)
   classification  the tumour's muscle invasion (1 = MIBC, 0 = NMIBC), the FedBCa paper's task,
-                  learnt and scored slice by slice
+                  learnt slice by slice and scored per tumour (the mean of its slices'
+                  probabilities; option `score: slice` scores slices instead)
 
 Splits keep each patient's slices together (a patient's id is the part of its tumour's id before
 `_`), so no test slice has a neighbour from the same tumour in training. Images are scaled to
@@ -43,8 +44,9 @@ def _resize(images: np.ndarray, size: int, threshold: bool = False) -> np.ndarra
     return (x >= 0.5).astype(np.int64) if threshold else x
 
 
-def load_centre(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(images (n, 1, size, size) in [0, 1], masks (n, size, size), MIBC labels (n,), patient ids (n,))."""
+def load_centre(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images (n, 1, size, size) in [0, 1], masks (n, size, size), MIBC labels (n,), patient ids (n,),
+    tumour ids (n,))."""
     if not path.is_file():
         raise FedmiError(f"no FedBCa file at {path}")
     with np.load(path, allow_pickle=False) as f:
@@ -54,13 +56,15 @@ def load_centre(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
         images, masks, ids, mibc = (f[k] for k in KEYS)
     patients = np.array([str(a).split("_")[0] for a in ids])
     return (_resize(images, size)[:, None] / 255.0).astype(np.float32), _resize(masks, size, True), \
-        mibc.astype(np.int64), patients
+        mibc.astype(np.int64), patients, ids.astype(str)
 
 
 class FedBCaOptions(DatasetOptions):
     task: Literal["segmentation", "classification"] = Field(
         "segmentation", description="segmentation (tumour masks) or classification (muscle invasion)")
     size: int = Field(64, ge=16, le=128, description=SIZE_HELP)  # 128 = as stored; 64 trains about 4x faster
+    score: Literal["tumour", "slice"] = Field(
+        "tumour", description="classification: score each tumour (mean of its slices' probabilities) or each slice")
 
 
 @DATASETS.register()
@@ -74,9 +78,10 @@ class FedBCa(Dataset):
     def load(self, options: FedBCaOptions, seed: int) -> Federation:
         sites = []
         for k, centre in enumerate(CENTRES):
-            images, masks, mibc, patients = load_centre(ASSETS / f"roi_center{k + 1}.npz", options.size)
-            y = masks if options.task == "segmentation" else mibc
-            sites.append(Site(centre, images, y, groups=patients))
+            images, masks, mibc, patients, tumours = load_centre(ASSETS / f"roi_center{k + 1}.npz", options.size)
+            classify = options.task == "classification"
+            sites.append(Site(centre, images, mibc if classify else masks, groups=patients,
+                              cases=tumours if classify and options.score == "tumour" else None))
         if options.task == "segmentation":
             task, labels = SegmentationTask(num_classes=2), ("background", "tumour")
         else:
@@ -86,5 +91,5 @@ class FedBCa(Dataset):
             description=(f"FedBCa bladder T2-weighted MRI, tumour-centred crops, {options.size}x{options.size}; "
                          f"four real hospitals; {options.task}"
                          + (" of the tumour" if options.task == "segmentation" else
-                            " of muscle invasion (positive class: MIBC), per slice")
+                            f" of muscle invasion (positive class: MIBC), scored per {options.score}")
                          + "; split by patient"))

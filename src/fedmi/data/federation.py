@@ -28,16 +28,36 @@ class Site:
     y: np.ndarray  # labels in the federation's task's form (binary: int64 in {0, 1})
     test_mask: np.ndarray | None = None  # a fixed split (True = test); None = random splits
     groups: np.ndarray | None = None  # the patient of each sample: splits keep a patient's samples together
+    # The case of each sample (a tumour): evaluation scores cases, not samples (`SiteData.test_cases`).
+    cases: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
             raise FedmiError(f"site {self.name}: {len(self.x)} feature rows but {len(self.y)} labels")
         if self.groups is not None and len(self.groups) != len(self.y):
             raise FedmiError(f"site {self.name}: {len(self.y)} samples but {len(self.groups)} patient ids")
+        if self.cases is not None:
+            self._check_cases()
         if len(self.y) == 0:
             raise FedmiError(f"site {self.name} has no samples")
         if not np.isfinite(self.x).all():
             raise FedmiError(f"site {self.name}: features hold NaN or Inf values")
+
+    def _check_cases(self) -> None:
+        if len(self.cases) != len(self.y):
+            raise FedmiError(f"site {self.name}: {len(self.y)} samples but {len(self.cases)} case ids")
+        if self.y.ndim != 1:
+            raise FedmiError(f"site {self.name}: cases are scored with one label per sample, "
+                             f"but its labels have shape {self.y.shape}")
+        codes, inverse = np.unique(self.cases, return_inverse=True)
+        low = np.full(len(codes), np.iinfo(np.int64).max)
+        high = np.full(len(codes), np.iinfo(np.int64).min)
+        np.minimum.at(low, inverse, self.y.astype(np.int64))
+        np.maximum.at(high, inverse, self.y.astype(np.int64))
+        if (low != high).any():
+            bad = codes[np.flatnonzero(low != high)[:3]]
+            raise FedmiError(f"site {self.name}: case(s) {', '.join(map(str, bad))} hold samples of different "
+                             "labels; a case is scored with one label")
 
     @property
     def n(self) -> int:
@@ -228,6 +248,7 @@ class Federation:
             x_test=torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32),
             y_test=torch.as_tensor(site.y[test], dtype=self.task.target_dtype),
             augment=self.augment,
+            test_cases=None if site.cases is None else site.cases[test],
         )
         if data.num_train == 0:
             raise FedmiError(f"site {site.name}: its training split is empty")

@@ -12,6 +12,7 @@ import fedmi
 from fedmi.client.evaluation import evaluate_site
 from fedmi.data import load_federation
 from fedmi.data.fedbca import ASSETS, load_centre
+from fedmi.experiments.data_card import data_card
 from fedmi.models import build_model
 
 
@@ -74,6 +75,11 @@ def test_fedbca_classification_scores_whole_tumours_by_their_mean_slice_probabil
     means = [float(probs[data.test_cases == t].mean()) for t in tumours]
     assert metrics["auc"] == pytest.approx(roc_auc_score(labels, means))
     assert metrics["acc"] == pytest.approx(np.mean((np.array(means) >= 0.5) == np.array(labels)))
+
+
+def test_the_fedbca_data_card_counts_patients_and_the_tumours_that_are_scored():
+    card = data_card(load_federation("fedbca", task="classification", size=16))
+    assert [(s["patients"], s["scored_cases"]) for s in card["sites"]] == [(119, 160), (47, 48), (24, 32), (31, 35)]
 
 
 def test_synthetic_shapes_are_labelled_synthetic_and_sites_differ_in_appearance():

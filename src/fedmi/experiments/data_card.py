@@ -37,6 +37,8 @@ def data_card(fed: Federation) -> dict:
             entry["labels"] = {_class_name(fed, k): c for k, c in site.class_counts().items()}
         if site.groups is not None:
             entry["patients"] = int(len(np.unique(site.groups)))
+        if site.cases is not None:
+            entry["scored_cases"] = int(len(np.unique(site.cases)))  # what evaluation scores (tumours)
         x = site.x
         entry["intensity"] = {"min": float(x.min()), "mean": float(x.mean()), "std": float(x.std()),
                               "max": float(x.max())}

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
 
-from fedmi.client.evaluation import mean_by_case
-from fedmi.core.metrics import binary_metrics, format_summary, summarize
+from fedmi.core.metrics import binary_metrics, format_summary, mean_by_case, summarize
 from fedmi.data.federation import Site
 from fedmi.errors import FedmiError
 
@@ -76,7 +75,7 @@ def test_cases_are_scored_by_the_mean_of_their_samples():
     assert labels.tolist() == [0, 1, 0] and means == pytest.approx([0.3, 0.7, 0.6])  # t1, t2, t3
     _, rows = mean_by_case(np.array([1, 1, 2]), np.array([2, 2, 0]), np.array([[0.2, 0.8], [0.4, 0.6], [1.0, 0.0]]))
     assert rows == pytest.approx(np.array([[0.3, 0.7], [1.0, 0.0]]))
-    with pytest.raises(FedmiError, match="different labels"):
+    with pytest.raises(FedmiError, match="case\\(s\\) 1 hold samples of different labels"):
         mean_by_case(np.array([1, 1]), np.array([0, 1]), np.array([0.5, 0.5]))
 
 

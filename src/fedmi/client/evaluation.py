@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fedmi.core import params as P
+from fedmi.core.metrics import mean_by_case
 from fedmi.core.tasks import Task
 from fedmi.core.types import SiteData
 from fedmi.errors import FedmiError
@@ -50,26 +51,3 @@ def evaluate_site(model: nn.Module, task: Task, params: P.ParamsT, site: SiteDat
     out["one_class"] = one if one is not None and len(np.unique(target)) > 1 else None
     return out
 
-
-def mean_by_case(cases: np.ndarray, target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per case (in sorted order of the ids): its samples' common label and the mean of their scores.
-
-    Args:
-      cases: (n,) the case id of each sample.
-      target: (n,) labels, equal within a case.
-      scores: (n,) or (n, C) the model's scores.
-    Returns:
-      (labels (m,), scores (m,) or (m, C)) for the m distinct cases.
-    Example:
-      ``mean_by_case(np.array(["a", "a", "b"]), np.array([1, 1, 0]), np.array([.9, .5, .2]))``
-      gives ``([1, 0], [0.7, 0.2])``.
-    """
-    ids, inverse, counts = np.unique(cases, return_inverse=True, return_counts=True)
-    labels = np.zeros(len(ids), dtype=target.dtype)
-    labels[inverse] = target
-    if (labels[inverse] != target).any():
-        raise FedmiError("a case holds samples of different labels; a case is scored with one label")
-    sums = np.zeros((len(ids), *scores.shape[1:]), dtype=np.float64)
-    np.add.at(sums, inverse, scores)
-    means = sums / counts.reshape(-1, *([1] * (scores.ndim - 1)))
-    return labels, means.astype(scores.dtype)

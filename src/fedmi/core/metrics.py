@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from fedmi.errors import FedmiError
+
 METRICS = ("acc", "sen", "spe", "auc", "bacc")
 TABLE_METRICS = ("acc", "sen", "spe", "auc")
 
@@ -79,3 +81,29 @@ def format_summary(s: dict, digits: int = 3) -> str:
     if s["n"] < len(s["values"]):
         text += f" ({s['n']}/{len(s['values'])})"
     return text
+
+
+def mean_by_case(cases: np.ndarray, target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per case (in sorted order of the ids): its samples' common label and the mean of their scores.
+
+    Args:
+      cases: (n,) the case id of each sample.
+      target: (n,) labels, equal within a case.
+      scores: (n,) or (n, C) the model's scores.
+    Returns:
+      (labels (m,), scores (m,) or (m, C)) for the m distinct cases.
+    Example:
+      ``mean_by_case(np.array(["a", "a", "b"]), np.array([1, 1, 0]), np.array([.9, .5, .2]))``
+      gives ``([1, 0], [0.7, 0.2])``.
+    """
+    ids, inverse, counts = np.unique(cases, return_inverse=True, return_counts=True)
+    labels = np.zeros(len(ids), dtype=target.dtype)
+    labels[inverse] = target
+    mixed = np.unique(inverse[labels[inverse] != target])
+    if len(mixed):
+        raise FedmiError(f"case(s) {', '.join(map(str, ids[mixed[:3]]))} hold samples of different labels; "
+                         "a case is scored with one label")
+    sums = np.zeros((len(ids), *scores.shape[1:]), dtype=np.float64)
+    np.add.at(sums, inverse, scores)
+    means = sums / counts.reshape(-1, *([1] * (scores.ndim - 1)))
+    return labels, means.astype(scores.dtype)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedmi.core.metrics import mean_by_case
 from fedmi.core.rng import Stream, numpy_generator
 from fedmi.core.tasks import BinaryTask, Task, make_task
 from fedmi.core.types import SiteData
@@ -49,15 +50,10 @@ class Site:
         if self.y.ndim != 1:
             raise FedmiError(f"site {self.name}: cases are scored with one label per sample, "
                              f"but its labels have shape {self.y.shape}")
-        codes, inverse = np.unique(self.cases, return_inverse=True)
-        low = np.full(len(codes), np.iinfo(np.int64).max)
-        high = np.full(len(codes), np.iinfo(np.int64).min)
-        np.minimum.at(low, inverse, self.y.astype(np.int64))
-        np.maximum.at(high, inverse, self.y.astype(np.int64))
-        if (low != high).any():
-            bad = codes[np.flatnonzero(low != high)[:3]]
-            raise FedmiError(f"site {self.name}: case(s) {', '.join(map(str, bad))} hold samples of different "
-                             "labels; a case is scored with one label")
+        try:
+            mean_by_case(self.cases, self.y, np.zeros(len(self.y)))
+        except FedmiError as e:
+            raise FedmiError(f"site {self.name}: {e}") from None
 
     @property
     def n(self) -> int:

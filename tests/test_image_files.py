@@ -15,10 +15,12 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from fedmi.client.evaluation import evaluate_site
 from fedmi.data import load_federation
 from fedmi.errors import FedmiError
 from fedmi.experiments.config import parse_config
 from fedmi.experiments.federated_run import run_federated
+from fedmi.models import build_model
 
 RNG = np.random.default_rng(0)
 
@@ -64,6 +66,27 @@ def test_a_run_config_pointing_at_png_folders_trains_and_evaluates(tmp_path):
     final = run.result.history[-1]["test"]
     assert set(final) == {"A", "B"} and all(m["auc"] is not None for m in final.values())
     assert "skipped_files" not in json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_a_patient_column_keeps_each_patients_images_together_and_can_make_patients_the_scored_cases(tmp_path):
+    a = _png_site(tmp_path / "a", 20, 80)
+    # Ten patients of two images each; a patient's images share its label (img k has label k % 2).
+    rows = ["file,label,patient"] + [f"img{i:02d}.png,{'tumour' if i % 2 else 'normal'},p{i % 10}" for i in range(20)]
+    (a / "labels.csv").write_text("\n".join(rows) + "\n")
+    folders = [{"name": "A", "path": str(a), "labels": "labels.csv"}]
+    fed = _images(folders, positive_label="tumour", score="patient", size=[16, 16])
+    site = fed.sites[0]
+    assert sorted(set(site.groups)) == [f"p{k}" for k in range(10)] and site.cases is site.groups
+    for seed in range(3):
+        data = fed.split_site("A", seed, 0.3)
+        test_patients = set(data.test_cases)
+        assert len(data.y_test) == 2 * len(test_patients)  # both images of each test patient, none of the rest
+        model = build_model("cnn", fed.input_shape, 0, 1)
+        assert evaluate_site(model, fed.task, model.state_dict(), data)["n"] == len(test_patients)
+    assert _images(folders, positive_label="tumour").sites[0].cases is None  # scored per image by default
+    (a / "labels.csv").write_text("file,label\n" + "".join(f"img{i:02d}.png,{i % 2}\n" for i in range(20)))
+    with pytest.raises(FedmiError, match="score: patient needs a patient column in labels.csv"):
+        _images(folders, score="patient")
 
 
 def test_png_segmentation_with_masks(tmp_path):

@@ -20,7 +20,9 @@ What a folder holds, by format:
   nifti  .nii or .nii.gz files, one image or volume each, with the spacing of their header.
 
 Classification labels come from a CSV in the folder (`labels`, columns `file` and `label`; `file`
-is a file's or a series folder's name). Segmentation masks are files of the same name in a
+is a file's or a series folder's name). An optional `patient` column keeps each patient's images
+on one side of every train/test split (slices of one scan must not straddle it); with `score:
+patient` a patient's test images are also scored as one case, by their mean probability. Segmentation masks are files of the same name in a
 subfolder (`masks`); a mask's non-zero voxels are the foreground (class 1), or its values are the
 classes with `num_classes` > 2.
 
@@ -246,9 +248,13 @@ class ImageFilesOptions(DatasetOptions):
     num_classes: int = Field(2, ge=2, le=255, json_schema_extra={"cli": False})
     on_error: Literal["stop", "skip"] = Field("stop", json_schema_extra={"cli": False})
     positive_label: str | None = Field(None, description=POSITIVE_LABEL_HELP)
+    score: Literal["image", "patient"] = Field(
+        "image", json_schema_extra={"cli": False},
+        description="classification: score each test image, or each patient (the labels CSV's patient column)")
 
 
-def _read_labels(folder: SiteFolder, root: Path) -> dict[str, str]:
+def _read_labels(folder: SiteFolder, root: Path) -> tuple[dict[str, str], dict[str, str] | None]:
+    """{file: label} and, where the CSV has a `patient` column, {file: patient}."""
     path = root / folder.labels
     if not path.is_file():
         raise FedmiError(f"site {folder.name}: no labels file at {path}")
@@ -257,13 +263,18 @@ def _read_labels(folder: SiteFolder, root: Path) -> dict[str, str]:
         missing = [c for c in ("file", "label") if c not in (reader.fieldnames or [])]
         if missing:
             raise FedmiError(f"{path}: no column '{missing[0]}' (columns: {', '.join(reader.fieldnames or [])})")
-        labels = {}
+        has_patients = "patient" in (reader.fieldnames or [])
+        labels, patients = {}, {}
         for line, row in enumerate(reader, start=2):
             name, value = (row["file"] or "").strip(), (row["label"] or "").strip()
             if not name or not value:
                 raise FedmiError(f"{path}, line {line}: empty file or label")
             labels[name] = value
-    return labels
+            if has_patients:
+                patients[name] = (row["patient"] or "").strip()
+                if not patients[name]:
+                    raise FedmiError(f"{path}, line {line}: empty patient")
+    return labels, patients if has_patients else None
 
 
 def _classes(values: list[str], positive_label: str | None, where: str) -> tuple[list[str], dict[str, int]]:
@@ -312,7 +323,7 @@ def _load_entry(path: Path, folder: SiteFolder, root: Path, options: ImageFilesO
 def load_image_files(options: ImageFilesOptions) -> Federation:
     """The federation of `options.folders` (see the module's description)."""
     skipped: list[tuple[str, str]] = []
-    raw: list[tuple[str, list[np.ndarray], list]] = []  # site, images, labels or masks
+    raw: list[tuple[str, list[np.ndarray], list, np.ndarray | None]] = []  # site, images, labels or masks, patients
 
     def problem(path: Path, reason: str) -> None:
         if options.on_error == "stop":
@@ -327,13 +338,15 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
             raise FedmiError(f"site {folder.name}: classification needs `labels` (a CSV with columns file, label)")
         if options.task == "segmentation" and folder.masks is None:
             raise FedmiError(f"site {folder.name}: segmentation needs `masks` (the subfolder of masks)")
-        labels = _read_labels(folder, root) if folder.labels else {}
+        labels, patient_of = _read_labels(folder, root) if folder.labels else ({}, None)
+        if options.score == "patient" and patient_of is None:
+            raise FedmiError(f"site {folder.name}: score: patient needs a patient column in {folder.labels}")
         entries = _entries(root, folder.format)
         present = {p.name for p in entries}
         for name in labels:
             if name not in present:
                 problem(root / name, f"is named in {folder.labels} but is not a {folder.format} entry of the folder")
-        images, targets = [], []
+        images, targets, patients = [], [], []
         for path in entries:
             try:
                 image, target = _load_entry(path, folder, root, options, labels)
@@ -342,12 +355,13 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
                 continue
             images.append(image)
             targets.append(target)
+            patients.append(patient_of[path.name] if patient_of is not None else None)
         if not images:
             raise FedmiError(f"site {folder.name}: no readable {folder.format} images in {root}"
                              + (f" ({len(skipped)} skipped)" if skipped else ""))
-        raw.append((folder.name, images, targets))
+        raw.append((folder.name, images, targets, np.array(patients) if patient_of is not None else None))
 
-    shapes = {img.shape for _, images, _ in raw for img in images}
+    shapes = {img.shape for _, images, _, _ in raw for img in images}
     if len(shapes) > 1:
         raise FedmiError(f"the images differ in shape ({', '.join(str(s) for s in sorted(shapes)[:4])}); "
                          "give `size` to resize them all alike")
@@ -355,14 +369,15 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
         task = SegmentationTask(num_classes=options.num_classes)
         label_names = ("background", "foreground") if options.num_classes == 2 else \
             tuple(f"class {k}" for k in range(options.num_classes))
-        sites = [Site(name, np.stack(images), np.stack(targets)) for name, images, targets in raw]
+        sites = [Site(name, np.stack(images), np.stack(targets)) for name, images, targets, _ in raw]
     else:
-        values = [v for _, _, targets in raw for v in targets]
+        values = [v for _, _, targets, _ in raw for v in targets]
         names, index = _classes(values, options.positive_label, "images")
         task = BinaryTask() if len(names) == 2 else MulticlassTask(num_classes=max(2, len(names)))
         label_names = tuple(names)
-        sites = [Site(name, np.stack(images), np.array([index[t] for t in targets], dtype=np.int64))
-                 for name, images, targets in raw]
+        sites = [Site(name, np.stack(images), np.array([index[t] for t in targets], dtype=np.int64), groups=patients,
+                      cases=patients if options.score == "patient" else None)
+                 for name, images, targets, patients in raw]
     formats = sorted({f.format for f in options.folders})
     return Federation("images", sites, kind="image", task=task, label_names=label_names, skipped=skipped,
                       description=f"{len(sites)} sites of {'/'.join(formats)} files, {options.task}"

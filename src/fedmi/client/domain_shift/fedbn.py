@@ -17,6 +17,8 @@ round, or a new site, starts from the server's copy.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedmi.client.sgd import FedAvg
 from fedmi.core import params as P
 from fedmi.core.local import SiteContext, State, register_method
@@ -48,9 +50,9 @@ class FedBN(FedAvg):
         update, kept = super().final(state, ctx)
         local = self.local_names(ctx)
         values = {**state["params"], **state["buffers"]}
-        for k in local:
-            update.delta[k] = update.delta[k].new_zeros(update.delta[k].shape)  # the server keeps its copy
-        return update, {**(kept or {}), "local": {k: values[k].detach() for k in local}}
+        # A zero delta for the kept entries: the server keeps its copy.
+        delta = P.Params((k, v.new_zeros(v.shape) if k in local else v) for k, v in update.delta.items())
+        return replace(update, delta=delta), {**(kept or {}), "local": {k: values[k].detach() for k in local}}
 
     def evaluation_params(self, global_params: P.ParamsT, site_state: State | None) -> P.ParamsT:
         local = (site_state or {}).get("local")

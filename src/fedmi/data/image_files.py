@@ -22,9 +22,9 @@ What a folder holds, by format:
 Classification labels come from a CSV in the folder (`labels`, columns `file` and `label`; `file`
 is a file's or a series folder's name). An optional `patient` column keeps each patient's images
 on one side of every train/test split (slices of one scan must not straddle it); with `score:
-patient` a patient's test images are also scored as one case, by their mean probability. Segmentation masks are files of the same name in a
-subfolder (`masks`); a mask's non-zero voxels are the foreground (class 1), or its values are the
-classes with `num_classes` > 2.
+patient` a patient's test images are also scored as one case, by their mean probability.
+Segmentation masks are files of the same name in a subfolder (`masks`); a mask's non-zero voxels
+are the foreground (class 1), or its values are the classes with `num_classes` > 2.
 
 Each image passes through MONAI transforms, in this order: resampling to `spacing` (where given;
 images that carry a spacing), resizing to `size` (area averaging; masks nearest-neighbour) and

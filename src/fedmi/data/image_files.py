@@ -355,7 +355,8 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
                 continue
             images.append(image)
             targets.append(target)
-            patients.append(patient_of[path.name] if patient_of is not None else None)
+            if patient_of is not None:
+                patients.append(patient_of[path.name])
         if not images:
             raise FedmiError(f"site {folder.name}: no readable {folder.format} images in {root}"
                              + (f" ({len(skipped)} skipped)" if skipped else ""))

@@ -18,6 +18,7 @@ from typing import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedmi.client import METHODS
 from fedmi.experiments.config import RunConfig, parse_config
 from fedmi.core.runner import RunResult
 from fedmi.apps.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, site_names
@@ -33,6 +34,8 @@ def run_on_grid(grid: Grid, cfg: RunConfig, out: Path | None, resume: bool = Fal
                 enrolled: set[int] | None = None) -> RunResult:
     task = {"seed": cfg.seed, "test_fraction": cfg.data.test_fraction, "model": cfg.model,
             "model_options": cfg.model_options}
+    if METHODS.get(cfg.trainer.name).needs_label_distribution:  # sites declare their label counts only when asked
+        task["share_label_counts"] = True
     if simulation:  # virtual nodes take their site from the run's data section
         task["data"] = cfg.data.model_dump()
     runtime = GridRuntime(grid, task, cfg.deployment, enrolled=enrolled)

@@ -151,6 +151,8 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
         info = ConfigRecord({"name": site.name, "num-train": site.num_train,
                              "input-shape": [int(d) for d in site.x_train.shape[1:]],
                              "task": codec.task_json(site_task)})
+        if task.get("share_label_counts") and site.info.label_counts is not None:  # the run's method needs them
+            info["label-counts"] = list(site.info.label_counts)
         if "partition-id" in context.node_config and "data-config" not in context.node_config:
             info["partition"] = int(context.node_config["partition-id"])  # its position in the simulated federation
         return Message(RecordDict({"site": info}), reply_to=msg)
@@ -159,7 +161,10 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         task, config, params, site, site_task, model, key = request(msg, context)
         method = method_from_spec(task["trainer"]) if "trainer" in task else _stock_method(config)
-        round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]))
+        extras = codec.record_params(msg.content[codec.SERVER_EXTRAS], "the server's broadcast") \
+            if codec.SERVER_EXTRAS in msg.content.array_records else {}
+        round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]),
+                               int(task.get("num_sites", 0)), extras)
         update, kept = train_site(method, model, site_task, site, params, _kept_state(context), round_info, key)
         _keep_state(context, kept)
         if "trainer" in task:

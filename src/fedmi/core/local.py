@@ -76,6 +76,9 @@ class SiteContext:
       param_names / buffer_names: which entries of a state dict are trained and which are buffers.
       site, num_train: the site's name and training-set size (in `init` and `final` only).
       train_loss: the mean data loss over the round's batches (set by the runtime before `final`).
+      start_loss: the data loss of the round's first batch, taken at the global parameters (an
+        estimate of F_k(w_t), q-FFL's; exact with full-batch steps; set before `final`).
+      local_steps: the optimiser steps the site took this round (set before `final`; FedNova's tau_k).
       batch_norm_names: the entries of batch-norm layers (their weights, biases and statistics).
     """
 
@@ -88,6 +91,8 @@ class SiteContext:
     site: str = ""
     num_train: int = 0
     train_loss: float | None = None
+    start_loss: float | None = None
+    local_steps: int = 0
     batch_norm_names: tuple[str, ...] = ()
 
     def data_loss(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
@@ -100,10 +105,13 @@ class SiteContext:
 
     def update(self, delta: P.ParamsT, metrics: Mapping[str, float] | None = None,
                extras: Mapping[str, torch.Tensor] | None = None) -> Update:
-        """This site's `Update`, with the round's training loss among its metrics."""
+        """This site's `Update`, with the round's training losses and step count among its metrics."""
         m = dict(metrics or {})
-        if self.train_loss is not None:
-            m.setdefault("train_loss", self.train_loss)
+        for name in ("train_loss", "start_loss"):
+            if getattr(self, name) is not None:
+                m.setdefault(name, getattr(self, name))
+        if self.local_steps:
+            m.setdefault("local_steps", self.local_steps)
         return Update(self.site, OrderedDict(delta), self.num_train, metrics=m, extras=dict(extras or {}))
 
 
@@ -116,6 +124,8 @@ class LocalMethod:
         elementwise terms (as plain or momentum SGD, a proximal term, control-variate corrections).
         Runtimes may then apply them to many sites' stacked tensors directly, without vmap's
         overhead. Leave it False when in doubt: the result is the same, only slower.
+      needs_label_distribution: True if the method reads the federation's label distribution
+        (`ctx.round.extras["label_distribution"]`, built from the sites' declared label counts).
     Attributes:
       schedule: the local batch size and steps or epochs (`LocalSchedule`).
 
@@ -142,6 +152,7 @@ class LocalMethod:
 
     name: ClassVar[str] = ""
     elementwise: ClassVar[bool] = False
+    needs_label_distribution: ClassVar[bool] = False
     schedule: LocalSchedule = LocalSchedule()
 
     def init(self, global_params: P.ParamsT, site_state: State | None, ctx: SiteContext) -> State:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+import torch
 
 from fedmi.core import params as P
 from fedmi.core.local import LocalMethod
@@ -43,6 +44,8 @@ class Aggregator(Protocol):
 
     # Optional: `min_updates() -> int`, the fewest updates a round needs (Krum: 2f + 3); the runner
     # refuses, before round 1, a federation that could never give that many.
+    # Optional: `broadcast(state) -> dict[str, Tensor]`, what the sites receive with the parameters
+    # (SCAFFOLD's server control variate), as `RoundInfo.extras`.
 
 
 class Selector(Protocol):
@@ -149,10 +152,26 @@ class Runner:
             raise FedmiError(f"aggregation {self.aggregator} needs at least {needed} updates a round, "
                              f"the federation has {sites} sites")
 
+    def _broadcast(self, state: ServerState, infos: Sequence[SiteInfo]) -> dict[str, torch.Tensor]:
+        """What every site receives with the parameters: the aggregation's broadcast and, for a method
+        that asks for it (FedSLD), the federation's label distribution from the sites' label counts."""
+        extras = dict(self.aggregator.broadcast(state.aggregation)) if hasattr(self.aggregator, "broadcast") else {}
+        if self.method.needs_label_distribution:
+            counts = [i.label_counts for i in infos]
+            if not infos or any(c is None for c in counts):
+                missing = ", ".join(i.name for i in infos if i.label_counts is None)
+                raise FedmiError(f"method {self.method.name} needs every site's label counts (class labels, one a "
+                                 f"sample); none from: {missing}")
+            total = torch.zeros(max(len(c) for c in counts), dtype=torch.float64)
+            for c in counts:
+                total[: len(c)] += torch.tensor(c, dtype=torch.float64)
+            extras["label_distribution"] = (total / total.sum()).float()
+        return extras
+
     def run_round(self, state: ServerState, infos: Sequence[SiteInfo]) -> ServerState:
         """`state` advanced by one round (its record logged, checkpointed and appended to its history)."""
         r = state.round
-        info = RoundInfo(r, self.rounds, self.seed)
+        info = RoundInfo(r, self.rounds, self.seed, len(infos), self._broadcast(state, infos))
         chosen = [s.name for s in infos] if self.selector is None else self.selector.select(infos, info,
                                                                                             state.selection)
         if len(chosen) < self.min_sites:

@@ -19,9 +19,22 @@ from fedmi.core.params import Params
 
 @dataclass(frozen=True)
 class RoundInfo:
+    """The round a site works in, and what the server broadcasts with the parameters.
+
+    Attributes:
+      round: the round, 0-based.
+      num_rounds: the rounds of the run.
+      seed: the run's seed.
+      num_sites: sites in the federation (0: not known; SCAFFOLD's |S|/N).
+      extras: declared tensors the server sends to every site with the global parameters (SCAFFOLD's
+        server control variate, the federation's label distribution); never site data.
+    """
+
     round: int  # 0-based
     num_rounds: int
     seed: int
+    num_sites: int = 0
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -72,10 +85,12 @@ class Rejected:
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """What the server may know about a site before training: its name and size."""
+    """What the server may know about a site before training: its name, its size and, for
+    classification, how many training examples each class has (FedSLD's shared label distribution)."""
 
     name: str
     num_train: int
+    label_counts: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -102,4 +117,12 @@ class SiteData:
 
     @property
     def info(self) -> SiteInfo:
-        return SiteInfo(self.name, self.num_train)
+        return SiteInfo(self.name, self.num_train, label_counts(self.y_train))
+
+
+def label_counts(y: torch.Tensor) -> tuple[int, ...] | None:
+    """Examples per class of integer class labels (one per sample); None for other labels (masks,
+    several labels a sample, continuous targets)."""
+    if y.dim() != 1 or y.numel() == 0 or y.is_floating_point() and not bool((y == y.round()).all()) or bool((y < 0).any()):
+        return None
+    return tuple(int(c) for c in torch.bincount(y.long()).tolist())

@@ -121,7 +121,7 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
     if batches is None:
         batches = site_batches(method.schedule, site.num_train, key, round_info.seed, round_info.round)
     state = method.init(params, site_state, ctx)
-    total, count = 0.0, 0
+    total, count, start = 0.0, 0, None
     for step, idx in enumerate(batches):
         n = idx.shape[0]
         x, y = site.x_train[idx], site.y_train[idx]
@@ -136,9 +136,10 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
         grads = gradients(loss, leaves)
         total += float(data_loss.detach()) * n
         count += n
+        start = float(data_loss.detach()) if start is None else start
         with torch.no_grad():
             state = method.step(state, grads, ctx)
-    ctx.train_loss = total / max(count, 1)
+    ctx.train_loss, ctx.start_loss, ctx.local_steps = total / max(count, 1), start, len(batches)
     with torch.no_grad():
         return method.final(state, ctx)
 

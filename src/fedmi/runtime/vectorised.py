@@ -226,6 +226,8 @@ class VectorisedRuntime:
         with torch.no_grad():
             for j, ctx in enumerate(ctxs):
                 ctx.train_loss = float(loss_sum[j] / totals[j])
+                ctx.start_loss = float(data_losses[0][j]) if data_losses else None
+                ctx.local_steps = int(plan.steps[j])
                 update, kept = method.final(tree_index(state, j), ctx)
                 if not dry_run:
                     self.site_states.put(ctx.site, kept)

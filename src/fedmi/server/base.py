@@ -8,8 +8,11 @@ written `clip | weighted_mean | server_sgd(lr=1.0)`. Every step has its own stat
 - `UpdateTransform`: the round's list of updates -> a new list (clipping, noise, filtering).
 - `Reducer`: many updates -> one delta. A streaming reducer folds each update into an O(model)
   accumulator as it arrives (`start` / `fold` / `finish`); one that needs every update at once sets
-  `needs_all_updates` and overrides `reduce`.
+  `needs_all_updates` and overrides `reduce`. One with state or round-dependent behaviour overrides
+  `finish_round` / `reduce_round`.
 - `ServerOptimizer`: (params, delta) -> new params (SGD, and adaptive ones such as Adam).
+
+Any step may `broadcast` tensors from its state to the sites with the next round's parameters.
 
 Steps register themselves in `STEPS` under the name pipeline texts use.
 """
@@ -17,6 +20,8 @@ Steps register themselves in `STEPS` under the name pipeline texts use.
 from __future__ import annotations
 
 from typing import Any, ClassVar, Sequence
+
+import torch
 
 from fedmi.core import params as P
 from fedmi.core.registry import Registry
@@ -41,6 +46,16 @@ class Step:
           Any nest of dicts, lists, tuples, tensors, numbers and strings (it is checkpointed).
         """
         return None
+
+    def broadcast(self, state: Any) -> dict[str, torch.Tensor]:
+        """Tensors every site receives with the next round's parameters (`RoundInfo.extras`).
+
+        Args:
+          state: this step's state.
+        Returns:
+          Name -> tensor (default: nothing). SCAFFOLD's server control variate, say.
+        """
+        return {}
 
     def min_updates(self) -> int:
         """The fewest updates a round needs for this step to be defined (Krum: 2f + 3).
@@ -113,6 +128,17 @@ class Reducer(Step):
         for u in updates:
             acc = self.fold(acc, u)
         return self.finish(acc, like)
+
+    # A reducer with state of its own (SCAFFOLD's control variate) or one that depends on the round
+    # (a widening frequency band) overrides these; they default to the stateless forms above.
+    def finish_round(self, acc: Any, like: P.ParamsT, state: Any, round_info: RoundInfo) -> tuple[P.Params, Any]:
+        """(the round's delta, this step's new state) from a streaming accumulator."""
+        return self.finish(acc, like), state
+
+    def reduce_round(self, updates: Sequence[Update], like: P.ParamsT, state: Any, round_info: RoundInfo
+                     ) -> tuple[P.Params, Any]:
+        """(the round's delta, this step's new state) from all the round's updates."""
+        return self.reduce(updates, like), state
 
 
 class ServerOptimizer(Step):

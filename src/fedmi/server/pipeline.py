@@ -68,6 +68,13 @@ class AggregationPipeline:
         """The pipeline's state: one entry per step (transforms, reducer, optimiser)."""
         return tuple(s.init(params) for s in self._all_steps())
 
+    def broadcast(self, state: tuple) -> dict:
+        """What the sites receive with the parameters: every step's `broadcast`, merged."""
+        out: dict = {}
+        for step, step_state in zip(self._all_steps(), state):
+            out.update(step.broadcast(step_state))
+        return out
+
     def begin_round(self, state: tuple, params: P.ParamsT, round_info: RoundInfo) -> "RoundAggregation":
         """Open a round: `add` each accepted update as it arrives, then `finish`."""
         return RoundAggregation(self, state, params, round_info)
@@ -108,16 +115,17 @@ class RoundAggregation:
 
     def finish(self) -> tuple[P.Params, tuple]:
         """The new global parameters and pipeline state (the parameters unchanged if nothing came)."""
-        delta = None
+        delta, r = None, len(self._transforms)  # the reducer's entry in the state
         if self._buffer is not None:
             updates, self._buffer = self._buffer, None
             for i, t in enumerate(self._transforms):
                 updates, self._state[i] = t.transform(updates, self._state[i], self._info)
             if updates:
-                delta = self._reducer.reduce(updates, self._params)
+                delta, self._state[r] = self._reducer.reduce_round(updates, self._params, self._state[r], self._info)
             del updates  # the round's buffer goes before the optimiser allocates
         elif self.count:
-            delta, self._acc = self._reducer.finish(self._acc, self._params), None
+            delta, self._state[r] = self._reducer.finish_round(self._acc, self._params, self._state[r], self._info)
+            self._acc = None
         if delta is None:
             return P.clone(self._params), tuple(self._state)
         new_params, self._state[-1] = self._optimizer.step(self._params, delta, self._state[-1])

@@ -30,6 +30,9 @@ from fedmi.errors import FedmiError
 TASK = "fedmi.task"
 
 
+SERVER_EXTRAS = "server-extras"  # the round's `RoundInfo.extras`, sent with the parameters
+
+
 def params_record(p: P.ParamsT) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, v.detach().contiguous()) for k, v in p.items()))
 

@@ -44,6 +44,7 @@ class _Site:
     key: int = 0
     partition: int | None = None  # a simulated site's position in its federation
     task: Task | None = None  # None: a plain Flower client, which does not say
+    label_counts: tuple[int, ...] | None = None  # only when the run asks for them (FedSLD)
 
 
 class GridRuntime:
@@ -123,6 +124,7 @@ class GridRuntime:
                 site = _Site(str(info["name"]), node_id, int(info["num-train"]),
                              tuple(int(d) for d in info["input-shape"]),
                              partition=int(info["partition"]) if "partition" in info else None,
+                             label_counts=tuple(int(c) for c in info["label-counts"]) if "label-counts" in info else None,
                              task=codec.task_from_json(info["task"]) if "task" in info else None)
             except (KeyError, TypeError, ValueError, FedmiError):
                 log.warning("node %d answered its introduction with a malformed reply; it is left out", node_id)
@@ -145,7 +147,7 @@ class GridRuntime:
         return tuple(self.deployment.input_shape)
 
     def site_infos(self) -> list[SiteInfo]:
-        return [SiteInfo(s.name, s.num_train) for s in sorted(self._sites.values(), key=lambda s: s.key)]
+        return [SiteInfo(s.name, s.num_train, s.label_counts) for s in sorted(self._sites.values(), key=lambda s: s.key)]
 
     def _site(self, name: str) -> _Site:
         if name not in self._sites:
@@ -174,13 +176,16 @@ class GridRuntime:
             yield node, None
 
     def _request(self, kind: str, params: P.ParamsT, sites: Sequence[str], task: dict,
-                 server_round: int) -> list[Message]:
+                 server_round: int, extras: dict | None = None) -> list[Message]:
         arrays = codec.params_record(params)
+        broadcast = codec.params_record(extras) if extras else None
         out = []
         for name in sites:
             site = self._site(name)
             content = RecordDict({"arrays": arrays, "config": codec.task_config(
                 server_round, {**self.request, **task, "site_index": site.key})})
+            if broadcast is not None:
+                content[codec.SERVER_EXTRAS] = broadcast
             out.append(Message(content, dst_node_id=site.node_id, message_type=kind, group_id=str(server_round)))
         return out
 
@@ -190,9 +195,10 @@ class GridRuntime:
     def train(self, method: LocalMethod, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update | Rejected]:
         r = round_info.round + 1
-        task = {"trainer": method.spec(), "round": round_info.round, "num_rounds": round_info.num_rounds}
+        task = {"trainer": method.spec(), "round": round_info.round, "num_rounds": round_info.num_rounds,
+                "num_sites": round_info.num_sites}
         limit = self.max_message_bytes(params)
-        messages = self._request(MessageType.TRAIN, params, sites, task, r)
+        messages = self._request(MessageType.TRAIN, params, sites, task, r, dict(round_info.extras))
         for node_id, reply in self._exchange(messages, self.deployment.round_timeout, "train"):
             name = self._name(node_id)
             if reply is None:

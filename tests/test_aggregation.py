@@ -134,7 +134,7 @@ def test_median_matches_torch_median(monkeypatch, block_elements):
 
     from fedmi.server import robust
 
-    monkeypatch.setattr(robust, "column_blocks", partial(robust.column_blocks, max_elements=block_elements))
+    monkeypatch.setattr(robust.blocks, "column_blocks", partial(robust.blocks.column_blocks, max_elements=block_elements))
     updates = _random_updates(9, {"w": (300,), "b": (4, 5)}, seed=3)
     like = OrderedDict(w=torch.zeros(300), b=torch.zeros(4, 5))
     got = median().reduce(updates, like)

@@ -87,14 +87,15 @@ def _method(method: str | LocalMethod, options: dict[str, Any]) -> LocalMethod:
     raise FedmiError(f"method must be a method name or a LocalMethod, got {type(method).__name__}")
 
 
-def _aggregator(aggregator: str | Step | AggregationPipeline | None, server_lr: float) -> AggregationPipeline:
+def _aggregator(aggregator: str | Step | AggregationPipeline | None, server_lr: float,
+                method: LocalMethod) -> AggregationPipeline:
     if isinstance(aggregator, AggregationPipeline):
         aggregator.parts()  # its shape is checked now, not in round 1
         return aggregator
     if isinstance(aggregator, Step):
         return AggregationPipeline([aggregator])
     if aggregator is None or isinstance(aggregator, str):
-        return make_aggregator(aggregator, server_lr)
+        return make_aggregator(aggregator, server_lr, method)
     raise FedmiError(f"aggregator must be a pipeline text, a step or a pipeline, got {type(aggregator).__name__}")
 
 
@@ -113,7 +114,8 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
       model_options: a named model's own arguments (``{"channels": [8, 16, 32], "strides": [2, 2]}``).
       method: a local method name ("fedavg", "fedprox", "fedsgd", ...) or a `LocalMethod` object.
       aggregator: a pipeline text ("median", "weighted_mean | server_sgd(lr=0.5)"), a step or a
-        pipeline; default: the sample-weighted mean and a server step of `server_lr`.
+        pipeline; default: the method's own reducer (SCAFFOLD's) or the sample-weighted mean, and a
+        server step of `server_lr`.
       runtime: "auto", "sequential", "vectorised" or "processes".
       rounds, seed: the run's length and seed (splits, initial weights, batches, selection).
       test_fraction: each site's held-out share (a dataset's fixed split, if it has one, wins).
@@ -130,7 +132,7 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
     sites = federation.split(seed, test_fraction)
     net = _model(model, federation, seed, model_options)
     local = _method(method, method_options)
-    pipeline = _aggregator(aggregator, server_lr)
+    pipeline = _aggregator(aggregator, server_lr, local)
     init = P.clone(net.state_dict())
     backend = make_runtime(runtime, net, sites, federation.task, workers)
     try:

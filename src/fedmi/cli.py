@@ -152,6 +152,11 @@ def table2(
     local_epochs: Optional[int] = _option(None, help="FedAvg's and FedBN's local passes per round instead "
                                                      "(default 1 for images)"),
     fedsgd_lr: float = _option(1.0, help="FedSGD's server step size"),
+    method_options: Optional[str] = _option(None, help="per setting, its step's (or local method's) options as "
+                                                       "YAML, e.g. '{fedadam: {lr: 0.01}, qffl: {q: 2}}'"),
+    validation: bool = _option(False, "--validation", help="train and score on each site's training data only, "
+                                                           "part held out for validation: choose settings here, "
+                                                           "never on the test split"),
     standardize: bool = _option(False, "--standardize", help="z-score features per site with the site's own "
                                                                "training statistics (default: tabular data only)"),
     no_standardize: bool = _option(False, "--no-standardize", help="never z-score features"),
@@ -167,7 +172,8 @@ def table2(
     verbose: bool = _option(False, "--verbose", "-v", help="log every round and every decision"),
     **dataset_options,
 ) -> None:
-    """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx; also FedBN) and report it.
+    """Run the survey's Table II protocol (Cross, Single, Mix, FedAvg, FedSGD, FedProx) and report it; --methods
+    takes every federated setting fedmi has (fedmi methods lists them).
 
     The dataset options below come from the datasets themselves; each applies to the datasets named after it."""
     _setup_logging(verbose)
@@ -209,7 +215,9 @@ def table2(
         cfg = Table2Config(
             methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
             epochs=epochs, seed=seed, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-            fedsgd_lr=fedsgd_lr, runtime=runtime, **training_defaults(fed, given_options),
+            fedsgd_lr=fedsgd_lr, runtime=runtime, validation=validation,
+            method_options=_yaml_mapping(method_options, "--method-options") or {},
+            **training_defaults(fed, given_options),
         )
         target = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"
         mode = "overwrite" if overwrite else "new"
@@ -442,6 +450,25 @@ def status(
                      f"{r.get('elapsed', 0):.0f}")
     out_console.print(sites)
     out_console.print(runs)
+
+
+@app.command()
+def methods() -> None:
+    """List the federated settings `fedmi table2 --methods` takes, the local methods and the aggregation steps."""
+    from fedmi.client import METHODS
+    from fedmi.experiments.table2 import FEDERATED_SETTINGS
+    from fedmi.server import STEPS
+
+    table = Table(title="Federated settings (fedmi table2 --methods)")
+    for col in ("Setting", "Row", "Local method", "Aggregation", "Sites a round"):
+        table.add_column(col)
+    for name, setting in FEDERATED_SETTINGS.items():
+        table.add_row(name, setting.label, setting.trainer,
+                      (setting.pipeline or "weighted_mean | server_sgd").replace("({options})", ""),
+                      "one, in cycles" if setting.cyclic else "all")
+    out_console.print(table)
+    out_console.print("local methods (trainer: name in a config): " + ", ".join(METHODS), highlight=False)
+    out_console.print("aggregation steps (aggregator: 'a | b' in a config): " + ", ".join(STEPS), highlight=False)
 
 
 @app.command()

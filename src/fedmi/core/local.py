@@ -124,6 +124,8 @@ class LocalMethod:
         elementwise terms (as plain or momentum SGD, a proximal term, control-variate corrections).
         Runtimes may then apply them to many sites' stacked tensors directly, without vmap's
         overhead. Leave it False when in doubt: the result is the same, only slower.
+      default_aggregator: the reducer a run uses with this method when its config names none
+        (SCAFFOLD's "scaffold"); None: FedAvg's weighted mean.
       needs_label_distribution: True if the method reads the federation's label distribution
         (`ctx.round.extras["label_distribution"]`, built from the sites' declared label counts).
     Attributes:
@@ -153,6 +155,7 @@ class LocalMethod:
     name: ClassVar[str] = ""
     elementwise: ClassVar[bool] = False
     needs_label_distribution: ClassVar[bool] = False
+    default_aggregator: ClassVar[str | None] = None
     schedule: LocalSchedule = LocalSchedule()
 
     def init(self, global_params: P.ParamsT, site_state: State | None, ctx: SiteContext) -> State:
@@ -266,6 +269,11 @@ class SiteStates:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             self.states[meta["site"]] = decode(json.loads(meta["state"]), tensors)
+
+
+def personalised(method: LocalMethod) -> bool:
+    """Whether sites evaluate with models of their own (site state substituted into the global model)."""
+    return type(method).evaluation_params is not LocalMethod.evaluation_params
 
 
 # Every local method registers itself here where it is defined (`fedmi.client` imports them all).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -194,6 +194,18 @@ class Federation:
                                  "standardised (its values overflow); rescale it, or use --no-standardize")
             out.append(z.astype(np.float32))
         return out[0], out[1]
+
+    def training_only(self) -> "Federation":
+        """The federation restricted to its sites' training data, without a fixed split or common test set:
+        its random splits hold out a validation part of each site's training data, so that settings can
+        be chosen there and the test split stays unseen."""
+        sites = []
+        for s in self.sites:
+            keep = ~s.test_mask if s.test_mask is not None else np.ones(len(s.y), dtype=bool)
+            sites.append(Site(s.name, s.x[keep], s.y[keep], None,
+                              None if s.groups is None else s.groups[keep], None if s.cases is None else s.cases[keep]))
+        return replace(self, name=f"{self.name} (training data only)", sites=sites, common_test=None,
+                       description=f"{self.description}; training data only, part of it held out for validation")
 
     def common_test_site(self) -> SiteData | None:
         """The common test set as an evaluation-only site (no training data), or None."""

@@ -115,6 +115,7 @@ class RunConfig(Settings):
     server_lr: float = Field(1.0, gt=0)  # used when aggregator is not given
     rounds: int = Field(50, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)  # of the sites selected each round
+    selection: Literal["fraction", "cyclic"] = "fraction"  # cyclic: one site a round, in reshuffled cycles
     seed: int = Field(0, ge=0, le=MAX_SEED)
     evaluate_every: int = Field(1, ge=0)
     max_update_norm: float | None = Field(None, gt=0)

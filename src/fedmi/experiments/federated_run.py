@@ -115,7 +115,8 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     if model is None:
         model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs, cfg.model_options)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
-    aggregator = make_aggregator(cfg.aggregator, cfg.server_lr)
+    method = make_method(cfg.trainer.name, **cfg.trainer.options())
+    aggregator = make_aggregator(cfg.aggregator, cfg.server_lr, method)
     checkpoint = None if out is None else out / CHECKPOINT
     site_states: SiteStates | None = getattr(runtime, "site_states", None)  # simulated sites keep theirs here
     start = None
@@ -144,11 +145,11 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     try:
         runner = Runner(
             runtime=runtime,
-            method=make_method(cfg.trainer.name, **cfg.trainer.options()),
+            method=method,
             aggregator=aggregator,
             rounds=cfg.rounds,
             seed=cfg.seed,
-            selector=make_selector(cfg.fraction),
+            selector=make_selector(cfg.fraction, cyclic=cfg.selection == "cyclic"),
             evaluate_every=cfg.evaluate_every,
             max_update_norm=cfg.max_update_norm,
             min_sites=cfg.min_sites,

@@ -33,7 +33,7 @@ import torch
 from fedmi.client import make_method
 from fedmi.client.evaluation import evaluate_site
 from fedmi.core import params as P
-from fedmi.core.local import LocalMethod
+from fedmi.core.local import LocalMethod, personalised
 from fedmi.core.metrics import summarize
 from fedmi.core.rng import Stream, check_seed, derive_seed, repeat_seed
 from fedmi.core.runner import Runner, check_update
@@ -45,14 +45,59 @@ from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, to_json
 from fedmi.models import MODELS, build_model
 from fedmi.runtime import make_runtime, runtime_names
 from fedmi.runtime.sequential import train_site
-from fedmi.server import make_aggregator
+from fedmi.server import make_aggregator, make_selector
 
 CENTRALISED = ("cross", "single", "mix")
-FEDERATED = ("fedavg", "fedsgd", "fedprox", "fedbn")
+
+
+@dataclass(frozen=True)
+class FederatedSetting:
+    """One federated row of the table: a local method, an aggregation pipeline and a selection.
+
+    `pipeline` is a pipeline text whose `{options}` the setting's `method_options` fill (its
+    characteristic step's arguments); `options_go_to` says whether those options go to that step
+    ("step") or to the local method ("trainer").
+    """
+
+    label: str
+    trainer: str = "fedavg"
+    pipeline: str | None = None  # None: FedAvg's weighted mean and a server step of 1
+    options_go_to: str = "step"
+    cyclic: bool = False
+
+
+FEDERATED_SETTINGS: dict[str, FederatedSetting] = {
+    "fedavg": FederatedSetting("FedAvg"),
+    "fedsgd": FederatedSetting("FedSGD", "fedsgd"),
+    "fedprox": FederatedSetting("FedProx", "fedprox", options_go_to="trainer"),
+    "fedbn": FederatedSetting("FedBN", "fedbn", options_go_to="trainer"),
+    # Server end (survey §V) and server optimisers
+    "cyclic": FederatedSetting("Cyclic", cyclic=True),
+    "fedadam": FederatedSetting("FedAdam", pipeline="weighted_mean | fedadam({options})"),
+    "fedyogi": FederatedSetting("FedYogi", pipeline="weighted_mean | fedyogi({options})"),
+    "fedadagrad": FederatedSetting("FedAdagrad", pipeline="weighted_mean | fedadagrad({options})"),
+    "scaffold": FederatedSetting("SCAFFOLD", "scaffold", "scaffold({options})"),
+    "fednova": FederatedSetting("FedNova", pipeline="fednova({options})"),
+    "loss_weighted": FederatedSetting("Loss-weighted", pipeline="loss_weighted({options})"),
+    "pfa": FederatedSetting("PFA", "pfa", options_go_to="trainer"),
+    "qffl": FederatedSetting("q-FFL", pipeline="qffl({options})"),
+    "guided": FederatedSetting("Guided", pipeline="guided({options})"),
+    "fedsld": FederatedSetting("FedSLD", "fedsld", options_go_to="trainer"),
+    # Corrupted sites (survey §V-C)
+    "median": FederatedSetting("Median", pipeline="median({options})"),
+    "trimmed_mean": FederatedSetting("Trimmed mean", pipeline="trimmed_mean({options})"),
+    "krum": FederatedSetting("Krum", pipeline="krum({options})"),
+    "multi_krum": FederatedSetting("Multi-Krum", pipeline="multi_krum({options})"),
+    "geometric_median": FederatedSetting("Geometric median", pipeline="geometric_median({options})"),
+    "norm_bound": FederatedSetting("Norm bound", pipeline="norm_bound({options}) | weighted_mean"),
+    "dos": FederatedSetting("DOS", pipeline="dos({options})"),
+}
+FEDERATED = tuple(FEDERATED_SETTINGS)
 METHODS = (*CENTRALISED, *FEDERATED)
 SURVEY_METHODS = ("cross", "single", "mix", "fedavg", "fedsgd", "fedprox")  # the survey's Table II, the default
-LABELS = {"single": "Single", "mix": "Mix", "fedavg": "FedAvg", "fedsgd": "FedSGD", "fedprox": "FedProx",
-          "fedbn": "FedBN"}
+LABELS = {"single": "Single", "mix": "Mix", **{k: v.label for k, v in FEDERATED_SETTINGS.items()}}
+# Options a setting gets unless `method_options` says otherwise (norm_bound needs a bound to exist).
+DEFAULT_METHOD_OPTIONS = {"norm_bound": {"factor": 1.0}}
 
 
 @dataclass
@@ -77,6 +122,10 @@ class Table2Config:
     fedsgd_lr: float = 1.0
     evaluate_every: int = 1
     runtime: str = "auto"
+    # Per setting, its characteristic step's options ({"fedadam": {"lr": 0.01}, "qffl": {"q": 2}}) or,
+    # for a setting that is a local method (fedprox, pfa, ...), the method's own options.
+    method_options: dict[str, dict] = field(default_factory=dict)
+    validation: bool = False  # train and score on the sites' training data only (choosing settings)
 
     def __post_init__(self) -> None:
         if self.runtime not in runtime_names():
@@ -100,6 +149,14 @@ class Table2Config:
         if self.local_epochs is not None and self.local_epochs < 1:
             raise FedmiError(f"local_epochs must be at least 1, got {self.local_epochs}")
         _method("fedavg", self)  # the optimiser's options are checked where they are defined
+        for name in self.methods:  # each setting's trainer and pipeline build (their checks run now)
+            if name in FEDERATED_SETTINGS:
+                _method(name, self)
+                _aggregator(name, self)
+        stray = [m for m in self.method_options if m not in FEDERATED_SETTINGS]
+        if stray:
+            raise FedmiError(f"method_options name '{stray[0]}', which is not a federated setting; "
+                             f"settings: {', '.join(FEDERATED_SETTINGS)}")
 
 
 @dataclass
@@ -221,13 +278,31 @@ def _optimiser(cfg: Table2Config) -> dict:
     return {**options, "momentum": cfg.momentum} if cfg.momentum else options
 
 
+def _setting_options(method: str, cfg: Table2Config) -> dict:
+    return {**DEFAULT_METHOD_OPTIONS.get(method, {}), **cfg.method_options.get(method, {})}
+
+
 def _method(method: str, cfg: Table2Config) -> LocalMethod:
-    if method == "fedsgd":
+    """The local method of a federated setting, with the protocol's optimiser and local budget."""
+    setting = FEDERATED_SETTINGS[method]
+    if setting.trainer == "fedsgd":
         return make_method("fedsgd")
-    if method == "fedprox":
-        return make_method("fedprox", mu=cfg.mu, **_optimiser(cfg))
+    own = _setting_options(method, cfg) if setting.options_go_to == "trainer" else {}
+    if setting.trainer == "fedprox":
+        return make_method("fedprox", **{"mu": cfg.mu, **_optimiser(cfg), **own})
     budget = {"local_epochs": cfg.local_epochs} if cfg.local_epochs else {"local_steps": cfg.local_steps}
-    return make_method(method, **budget, **_optimiser(cfg))
+    return make_method(setting.trainer, **{**budget, **_optimiser(cfg), **own})
+
+
+def _aggregator(method: str, cfg: Table2Config):
+    """The aggregation pipeline of a federated setting."""
+    setting = FEDERATED_SETTINGS[method]
+    if setting.pipeline is None:
+        return make_aggregator(None, cfg.fedsgd_lr if method == "fedsgd" else 1.0)
+    options = _setting_options(method, cfg) if setting.options_go_to == "step" else {}
+    if method == "qffl":  # q-FFL's Lipschitz estimate is the sites' 1 / lr (Li et al. 2020)
+        options = {"lipschitz": 1.0 / cfg.lr, **options}
+    return make_aggregator(setting.pipeline.format(options=", ".join(f"{k}={v!r}" for k, v in options.items())))
 
 
 def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] | None = None,
@@ -250,6 +325,8 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
         parameters of a federated setting, else None)}.
     """
     completed = completed or {}
+    if cfg.validation:  # the test split stays unseen: each repeat holds out part of the training data instead
+        fed = fed.training_only()
     names = fed.site_names
     if len(names) < 2 and any(m in cfg.methods for m in ("cross", *FEDERATED)):
         raise FedmiError(f"dataset {fed.name} has one site; Cross and the federated settings need two or more")
@@ -324,12 +401,14 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 score("Mix", pooled, names)
             else:
                 runtime = make_runtime(cfg.runtime, model, list(sites.values()), fed.task)
+                local_method = _method(method, cfg)
                 runner = Runner(
                     runtime=runtime,
-                    method=_method(method, cfg),
-                    aggregator=make_aggregator(None, cfg.fedsgd_lr if method == "fedsgd" else 1.0),
+                    method=local_method,
+                    aggregator=_aggregator(method, cfg),
                     rounds=cfg.rounds,
                     seed=seed,
+                    selector=make_selector(cyclic=FEDERATED_SETTINGS[method].cyclic),
                     evaluate_every=cfg.evaluate_every,
                     sink=log_round,
                     tags={"method": method, "repeat": rep},
@@ -342,7 +421,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 # the last round's record already holds every site's evaluation of the final model
                 for b, metrics in result.history[-1]["test"].items():
                     record(LABELS[method], b, metrics)
-                if common is not None and method != "fedbn":  # FedBN has no one model: each site keeps its BN
+                if common is not None and not personalised(local_method):  # no one model to score there
                     record(LABELS[method], common.name, evaluate_site(model, fed.task, result.params, common))
             if on_unit is not None:
                 on_unit({"repeat": rep, "method": method, "scores": list(scores), "history": history[rounds_before:],

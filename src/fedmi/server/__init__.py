@@ -7,17 +7,29 @@ from fedmi.core.registry import import_submodules
 from fedmi.server.base import STEPS, Reducer, ServerOptimizer, Step, UpdateTransform
 from fedmi.server.pipeline import AggregationPipeline, RoundAggregation, make_aggregator, parse_pipeline
 from fedmi.server.reducers import Mean, WeightedMean
-from fedmi.server.robust import CoordinateMedian, Krum
-from fedmi.server.optimizers import ServerSGD
+from fedmi.server.robust import (DOS, CoordinateMedian, GeometricMedian, Krum, MultiKrum, NormBound,
+                                 TrimmedMean)
+from fedmi.server.optimizers import AdaptiveServerOptimizer, FedAdagrad, FedAdam, FedYogi, ServerSGD
 from fedmi.server.selection import AllSites, FractionSelector, Selector, make_selector
+from fedmi.server.weight_aggregation.loss_weighted import LossWeighted
+from fedmi.server.domain_shift.guided import Guided
+from fedmi.server.domain_shift.qffl import QFFL
 
 import_submodules(__name__)
 
 # The names pipelines are written with in code: `weighted_mean() | server_sgd(0.5)`.
 weighted_mean, mean, median, krum, server_sgd = WeightedMean, Mean, CoordinateMedian, Krum, ServerSGD
+trimmed_mean, multi_krum, geometric_median, norm_bound, dos = TrimmedMean, MultiKrum, GeometricMedian, NormBound, DOS
+fedadagrad, fedadam, fedyogi = FedAdagrad, FedAdam, FedYogi
+loss_weighted, qffl, guided = LossWeighted, QFFL, Guided
 
 __all__ = [
-    "STEPS", "AggregationPipeline", "AllSites", "CoordinateMedian", "FractionSelector", "Krum", "Mean", "Reducer",
-    "RoundAggregation", "Selector", "ServerOptimizer", "ServerSGD", "Step", "UpdateTransform", "WeightedMean",
-    "krum", "make_aggregator", "make_selector", "mean", "median", "parse_pipeline", "server_sgd", "weighted_mean",
+    "STEPS", "AdaptiveServerOptimizer", "AggregationPipeline", "AllSites", "CoordinateMedian", "FedAdagrad", "FedAdam",
+    "FedYogi", "FractionSelector", "Guided", "Krum", "LossWeighted", "Mean", "QFFL", "Reducer", "RoundAggregation",
+    "Selector", "ServerOptimizer", "ServerSGD", "Step", "UpdateTransform", "WeightedMean",
+    "fedadagrad", "fedadam", "fedyogi", "guided", "krum", "loss_weighted", "make_aggregator", "make_selector", "mean",
+    "median", "parse_pipeline", "qffl", "server_sgd", "weighted_mean",
+    # survey §V-C, robust aggregation
+    "DOS", "GeometricMedian", "MultiKrum", "NormBound", "TrimmedMean",
+    "dos", "geometric_median", "multi_krum", "norm_bound", "trimmed_mean",
 ]

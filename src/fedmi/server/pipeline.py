@@ -162,13 +162,17 @@ def parse_pipeline(text: str) -> AggregationPipeline:
     return pipeline
 
 
-def make_aggregator(text: str | None = None, server_lr: float = 1.0) -> AggregationPipeline:
+def make_aggregator(text: str | None = None, server_lr: float = 1.0, method: object = None) -> AggregationPipeline:
     """A pipeline text, or (None, or a method name such as "fedavg") the default aggregation.
 
-    The default is FedAvg's: the sample-weighted mean of the sites' deltas and a server step of
-    `server_lr` (1 for FedAvg and FedProx, FedSGD's learning rate for FedSGD). FedAvg, FedProx and
-    FedSGD differ in what a delta is (local progress, or the negative gradient), not in this.
+    The default is the local method's own reducer where it declares one (`default_aggregator`:
+    SCAFFOLD's control variates need the `scaffold` step), else FedAvg's sample-weighted mean, with a
+    server step of `server_lr` (1 for FedAvg and FedProx, FedSGD's learning rate for FedSGD). FedAvg,
+    FedProx and FedSGD differ in what a delta is (local progress, or the negative gradient), not in this.
     """
+    own = getattr(method, "default_aggregator", None)
+    if text is None and own:
+        return parse_pipeline(own) | ServerSGD(server_lr)
     if text is None or text in ("fedavg", "fedprox", "fedsgd"):
         from fedmi.server.reducers import WeightedMean
 

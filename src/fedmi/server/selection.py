@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedmi.core.rng import Stream, numpy_generator
 from fedmi.core.runner import Selector
 from fedmi.core.types import RoundInfo, SiteInfo
 from fedmi.errors import FedmiError
@@ -38,5 +39,28 @@ class FractionSelector:
         return [sites[i].name for i in sorted(chosen)]
 
 
-def make_selector(fraction: float = 1.0) -> Selector:
+@dataclass
+class CyclicSelector:
+    """Cyclic weight transfer (Chang et al. 2018, "Distributed deep learning networks among
+    institutions for medical imaging"; FLamby's Cyclic): one site a round, so the model travels from
+    site to site; every full cycle visits each site once, in an order reshuffled every cycle.
+
+    The order of cycle c is drawn from the run's seed and c alone (not from the server's selection
+    generator), so a resumed run visits the same sites. With the server taking the one update whole
+    (`weighted_mean`), round t trains the model the previous round's site handed on.
+    """
+
+    shuffle: bool = True  # False: the federation's order every cycle
+
+    def select(self, sites: Sequence[SiteInfo], round_info: RoundInfo, rng: np.random.Generator) -> list[str]:
+        cycle, position = divmod(round_info.round, len(sites))
+        order = numpy_generator(Stream.SELECTION, round_info.seed, 1, cycle).permutation(len(sites)) \
+            if self.shuffle else np.arange(len(sites))
+        return [sites[int(order[position])].name]
+
+
+def make_selector(fraction: float = 1.0, cyclic: bool = False) -> Selector:
+    """Every site each round (fraction 1), a random fraction of them, or one site a round in cycles."""
+    if cyclic:
+        return CyclicSelector()
     return AllSites() if fraction >= 1.0 else FractionSelector(fraction)

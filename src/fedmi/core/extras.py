@@ -1,0 +1,10 @@
+"""Names of the declared extras that travel between the server and the sites.
+
+Extras are tensors a method declares, beside the parameters: the server's broadcast
+(`RoundInfo.extras`) and a site's `Update.extras`. A client method and the server step that reads
+what it sends agree on these names; neither imports the other (they sit on the same layer).
+"""
+
+SCAFFOLD_SERVER_CONTROL = "scaffold.c/"  # + parameter name: the server's control variate c (broadcast)
+SCAFFOLD_CONTROL_DELTA = "scaffold.dc/"  # + parameter name: a site's change of its control variate c_i
+LABEL_DISTRIBUTION = "label_distribution"  # the federation's share of each class (broadcast, FedSLD)

@@ -1,0 +1,69 @@
+"""Norm bounding: scale down every update longer than a bound before the reducer.
+
+Sun, Kairouz, Suresh and McMahan, "Can You Really Backdoor Federated Learning?" (arXiv:1911.07963,
+2019), the norm-thresholding defence: a backdoor rides on large updates, and the server averages
+delta_k / max(1, ||delta_k|| / M), each update clipped to the norm M, which blunts it at little cost
+to the main task.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+from fedmi.core.types import RoundInfo, Update
+from fedmi.errors import FedmiError, check_number
+from fedmi.server.base import STEPS, UpdateTransform
+
+
+@STEPS.register()
+@dataclass
+class NormBound(UpdateTransform):
+    """delta_k <- delta_k * min(1, M / ||delta_k||) for every update (Sun et al. 2019, norm thresholding).
+
+    M is `max_norm`, or with `factor` the round's own scale, M = factor * median_k ||delta_k||
+    (the mean of the two middle norms for an even count); exactly one of the two is given.
+    ||.|| is the L2 norm over the update's floating-point entries, which are the ones scaled:
+    integer entries (batch norm's step counter) are counts, not directions, and pass unchanged.
+    """
+
+    name: ClassVar[str] = "norm_bound"
+
+    max_norm: float | None = None
+    factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.max_norm is None) == (self.factor is None):
+            raise FedmiError("norm_bound needs exactly one of max_norm (a fixed bound) and factor (times the "
+                             f"round's median norm), got max_norm={self.max_norm!r}, factor={self.factor!r}")
+        if self.max_norm is not None:
+            check_number("norm_bound max_norm", self.max_norm, 0, low_open=True)
+        else:
+            check_number("norm_bound factor", self.factor, 0, low_open=True)
+
+    @staticmethod
+    def norm(update: Update) -> float:
+        """||delta|| over the floating-point entries, accumulated in float64."""
+        total = sum(float((v.double() ** 2).sum()) for v in update.delta.values() if v.is_floating_point())
+        return total ** 0.5
+
+    def bound(self, norms: list[float]) -> float:
+        """M for a round whose updates have these norms."""
+        return self.max_norm if self.max_norm is not None else self.factor * statistics.median(norms)
+
+    def transform(self, updates: list[Update], state: Any, round_info: RoundInfo) -> tuple[list[Update], Any]:
+        if not updates:
+            return updates, state
+        norms = [self.norm(u) for u in updates]
+        bound = self.bound(norms)
+        out = []
+        for u, norm in zip(updates, norms):
+            if norm <= bound:  # within the bound (a zero update included): passed on as it came
+                out.append(u)
+                continue
+            s = bound / norm
+            delta = OrderedDict((k, v * s if v.is_floating_point() else v) for k, v in u.delta.items())
+            out.append(replace(u, delta=delta))
+        return out, state

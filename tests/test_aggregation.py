@@ -49,12 +49,18 @@ def test_parse_pipeline_text():
     ("median_of_means", "unknown step"),
     ("weighted_mean | server_sgd(lr=)", "cannot read"),
     ("weighted_mean | server_sgd(rate=1)", "server_sgd"),
-    ("server_sgd(lr=1)", "exactly one reducer"),
-    ("weighted_mean | mean", "exactly one reducer"),
+    ("weighted_mean | mean", "at most one reducer"),
+    ("server_sgd | server_sgd", "at most one reducer and at most one server optimiser"),
 ])
 def test_bad_pipelines_are_clear_errors(text, message):
     with pytest.raises(FedmiError, match=message):
         parse_pipeline(text)
+
+
+def test_a_pipeline_without_a_reducer_averages_as_fedavg():
+    pipe = parse_pipeline("server_sgd(lr=0.5)")
+    transforms, reducer, optimiser = pipe.parts()
+    assert not transforms and reducer.name == "weighted_mean" and optimiser.lr == 0.5
 
 
 def test_update_boundary_rejects_data_shaped_extras():

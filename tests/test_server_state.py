@@ -76,3 +76,44 @@ def test_a_state_of_another_pipeline_is_refused():
     params = P.Params(w=torch.zeros(2))
     with pytest.raises(FedmiError, match="state has 1 entries"):
         make_aggregator("median").begin_round((None,), params, None)
+
+
+SURVEY_METHODS = [  # (local method, its options, pipeline): every step's and site's state must survive a stop
+    ("scaffold", {"lr": 0.1}, "scaffold"),
+    ("fedavg", {}, "fedadam(lr=0.05)"), ("fedavg", {}, "fedyogi(lr=0.05)"), ("fedavg", {}, "fedadagrad(lr=0.05)"),
+    ("fedavg", {}, "fednova"), ("fedavg", {}, "qffl(q=1.0, lipschitz=10.0)"), ("fedavg", {}, "loss_weighted"),
+    ("fedavg", {}, "guided"), ("fedavg", {}, "trimmed_mean(beta=0.34)"), ("fedavg", {}, "multi_krum(f=0)"),
+    ("fedavg", {}, "geometric_median"), ("fedavg", {}, "norm_bound(factor=1.0) | mean"), ("fedavg", {}, "dos"),
+    ("pfa", {"band_start": 0.5}, "weighted_mean"), ("fedsld", {}, "weighted_mean | fedadam(lr=0.05)"),
+]
+
+
+@pytest.mark.parametrize("trainer, options, aggregator", SURVEY_METHODS)
+def test_survey_methods_resume_to_the_identical_model(runtimes, trainer, options, aggregator, tmp_path):
+    model, made = runtimes
+    init = P.clone(model.state_dict())
+    runtime = made["sequential"]
+
+    def runner(rounds, checkpoint=None):
+        method = make_method(trainer, **{"lr": 0.1, "batch_size": 8, "local_steps": 3, **options})
+        return Runner(runtime, method, make_aggregator(aggregator), rounds=rounds, seed=5,
+                      selector=FractionSelector(0.5), evaluate_every=2, checkpoint=checkpoint)
+
+    runtime.site_states.states.clear()
+    whole = runner(4).run(init)
+    runtime.site_states.states.clear()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(r):
+        if r == 2:
+            raise Stop  # an interruption: schedules over the run's 4 rounds (PFA's band) stay as they were
+
+    with pytest.raises(Stop):
+        runner(4, tmp_path / "state.safetensors").run(init, on_round=stop_after_two)
+    runtime.site_states.save(tmp_path / "sites")
+    runtime.site_states.states.clear()
+    runtime.site_states.load(tmp_path / "sites")
+    resumed = runner(4).run(init, resume=ServerState.load(tmp_path / "state.safetensors"))
+    assert P.allclose(resumed.params, whole.params, rtol=0, atol=0)

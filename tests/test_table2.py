@@ -184,3 +184,56 @@ def test_training_defaults_follow_the_kind_of_data_and_give_way_to_what_is_given
     cnn = training_defaults(images, {**none, "model": "cnn", "optimizer": "sgd"})
     assert cnn["model_options"] == {} and cnn["lr"] == 0.05 and cnn["lr_milestones"] == []
     assert training_defaults(images, {**none, "local_steps": 5})["local_epochs"] is None
+
+
+def test_every_federated_setting_runs_from_methods_on_embedded_data():
+    from fedmi.experiments.table2 import FEDERATED_SETTINGS
+
+    fed = load_federation("heart-disease").subdivide(6, seed=0)  # Krum's f=1 needs 5 sites
+    methods = [m for m in FEDERATED_SETTINGS if m != "fedbn"]  # FedBN: its own tests, with batch norm
+    cfg = Table2Config(methods=methods, repeats=1, rounds=2, epochs=2, runtime="sequential",
+                       method_options={"scaffold": {"lr": 0.05}, "qffl": {"q": 2.0}})
+    r = run_table2(fed, cfg)
+    for m in methods:
+        label = FEDERATED_SETTINGS[m].label
+        assert all(r.results[label][s]["acc"]["mean"] is not None for s in fed.site_names), m
+    cyclic = [rec for rec in r.history if rec["method"] == "cyclic"]
+    assert [len(rec["sites"]) for rec in cyclic] == [1, 1]
+
+
+def test_method_options_reach_the_step_or_the_method_and_bad_ones_are_named():
+    from fedmi.experiments.table2 import _aggregator, _method
+
+    cfg = Table2Config(methods=["fedadam", "pfa", "qffl"], lr=0.1,
+                       method_options={"fedadam": {"lr": 0.3}, "pfa": {"band_start": 0.25}})
+    assert _aggregator("fedadam", cfg).parts()[2].lr == 0.3
+    assert _method("pfa", cfg).band_start == 0.25
+    assert _aggregator("qffl", cfg).parts()[1].lipschitz == pytest.approx(10.0)  # 1 / the local lr
+    with pytest.raises(FedmiError, match="fedadam"):
+        Table2Config(methods=["fedadam"], method_options={"fedadam": {"rate": 0.3}})
+    with pytest.raises(FedmiError, match="not a federated setting"):
+        Table2Config(methods=["fedavg"], method_options={"fedfoo": {}})
+
+
+def test_validation_holds_out_training_data_and_never_sees_the_test_split():
+    fed = load_federation("heart-disease-flamby")
+    train_only = fed.training_only()
+    assert not train_only.has_fixed_split and train_only.common_test is None
+    for full, part in zip(fed.sites, train_only.sites):
+        assert part.n == int((~full.test_mask).sum())
+        assert np.array_equal(part.x, full.x[~full.test_mask])
+    r = run_table2(fed, Table2Config(methods=["fedavg"], repeats=1, rounds=2, validation=True))
+    held_out = {s: r.test_n[s] for s in fed.site_names}
+    assert all(held_out[s.name] < int((~s.test_mask).sum()) for s in fed.sites)
+
+
+def test_site_means_average_the_sites_within_each_repeat(small_federation):
+    from fedmi.experiments.report import SITE_MEAN, markdown_table, site_means
+
+    r = run_table2(small_federation, Table2Config(methods=["cross", "fedavg"], repeats=2, rounds=2))
+    means = site_means(r)
+    assert "FedAvg" in means and not any(k.endswith("-tr") for k in means)  # Cross has no own site
+    for rep in range(2):
+        by_hand = np.mean([r.results["FedAvg"][s]["acc"]["values"][rep] for s in small_federation.site_names])
+        assert means["FedAvg"]["acc"]["values"][rep] == pytest.approx(by_hand)
+    assert SITE_MEAN in markdown_table(r)

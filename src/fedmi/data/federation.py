@@ -195,6 +195,38 @@ class Federation:
             out.append(z.astype(np.float32))
         return out[0], out[1]
 
+    def subdivide(self, num_sites: int, seed: int) -> "Federation":
+        """The federation with each site divided into parts, `num_sites` in all (at least one a site,
+        otherwise in proportion to size), so that a protocol can mark a fraction of many sites while
+        each part keeps its hospital's data. A site's samples are dealt to its parts class by class in
+        a random order, so each part keeps its site's class balance; fixed test masks go with them."""
+        if num_sites < len(self.sites):
+            raise FedmiError(f"cannot divide the {len(self.sites)} sites of {self.name} into {num_sites}")
+        if num_sites == len(self.sites):
+            return self
+        sizes = np.array([s.n for s in self.sites], dtype=float)
+        parts = np.ones(len(sizes), dtype=int)
+        for _ in range(num_sites - len(sizes)):  # each extra part to the site with the most samples a part
+            parts[int(np.argmax(sizes / parts))] += 1
+        rng = numpy_generator(Stream.SIMULATION, seed, len(self.sites), num_sites)
+        sites = []
+        for site, k in zip(self.sites, parts):
+            if site.n < 2 * k:
+                raise FedmiError(f"site {site.name} has {site.n} samples, too few for {k} parts of two or more")
+            order = rng.permutation(site.n)
+            if site.y.ndim == 1:  # class by class: every part gets its share of each class
+                order = order[np.argsort(site.y[order], kind="stable")]
+            owner = np.empty(site.n, dtype=int)
+            owner[order] = np.arange(site.n) % k
+            for j in range(k):
+                rows = owner == j
+                sites.append(Site(f"{site.name}-{j + 1}", site.x[rows], site.y[rows],
+                                  None if site.test_mask is None else site.test_mask[rows],
+                                  None if site.groups is None else site.groups[rows],
+                                  None if site.cases is None else site.cases[rows]))
+        return replace(self, name=self.name, sites=sites,
+                       description=f"{self.description}; each site divided into parts, {num_sites} sites in all")
+
     def training_only(self) -> "Federation":
         """The federation restricted to its sites' training data, without a fixed split or common test set:
         its random splits hold out a validation part of each site's training data, so that settings can

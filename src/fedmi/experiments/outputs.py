@@ -30,7 +30,9 @@ CHECKPOINT = "checkpoint.safetensors"  # the server's resumable state, rewritten
 RUN_CONFIG = "config.yaml"  # the run's settings, kept in its folder for --resume
 TABLE2_SETTINGS = "table2.json"  # a protocol's settings, likewise
 UNITS = "units.jsonl"  # a protocol's finished units of work (a setting in a repeat), one per line
-RUN_MARKERS = (RUN_CONFIG, CHECKPOINT, TABLE2_SETTINGS, UNITS, "metrics.jsonl", "summary.json", "results.json")
+ROBUSTNESS = "robustness.json"  # the corrupted-site protocol's results
+RUN_MARKERS = (RUN_CONFIG, CHECKPOINT, TABLE2_SETTINGS, UNITS, "metrics.jsonl", "summary.json", "results.json",
+               ROBUSTNESS)
 
 Mode = Literal["new", "overwrite", "resume"]
 

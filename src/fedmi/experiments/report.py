@@ -16,7 +16,7 @@ from rich.table import Table  # noqa: E402
 from fedmi.core import params as P  # noqa: E402
 from fedmi.experiments.outputs import to_json  # noqa: E402
 from fedmi.experiments.table2 import LABELS, Table2Result  # noqa: E402
-from fedmi.core.metrics import format_summary  # noqa: E402
+from fedmi.core.metrics import format_summary, summarize  # noqa: E402
 from fedmi.data.federation import COMMON_TEST  # noqa: E402
 
 NOT_PRIVATE = "†"
@@ -41,6 +41,36 @@ def _table_rows(result: Table2Result) -> Iterable[tuple[str, str, list[str]]]:
                 yield cell, label, ["–"] * len(result.task.table_metrics)
             else:
                 yield cell, label, [format_summary(per_site[m]) for m in result.task.table_metrics]
+
+
+SITE_MEAN = "Mean over sites"
+
+
+def site_means(result: Table2Result) -> dict[str, dict[str, dict]]:
+    """Per row and metric, the mean over the sites' own test splits in each repeat, summarised over
+    repeats (FLamby's benchmark metric: the average of the per-site test metrics). A repeat in which
+    a site's metric is undefined has no mean. Cross rows (no own site) and the common test set are left out."""
+    own = [s for s in result.sites if s != COMMON_TEST]
+    out: dict[str, dict[str, dict]] = {}
+    for row in result.rows:
+        by_site = result.results[row["label"]]
+        if row["method"] == "cross" or any(s not in by_site for s in own):
+            continue
+        out[row["label"]] = {}
+        for m in result.task.table_metrics:
+            per_repeat = zip(*(by_site[s][m]["values"] for s in own))
+            out[row["label"]][m] = summarize(
+                [None if any(v is None for v in vals) else sum(vals) / len(vals) for vals in per_repeat])
+    return out
+
+
+def _site_mean_rows(result: Table2Result) -> Iterable[tuple[str, str, list[str]]]:
+    if len([s for s in result.sites if s != COMMON_TEST]) < 2:
+        return
+    for i, (label, metrics) in enumerate(site_means(result).items()):
+        private = next(r for r in result.rows if r["label"] == label)["privacy_preserving"]
+        yield ("" if i else SITE_MEAN), label + ("" if private else f" {NOT_PRIVATE}"), \
+            [format_summary(metrics[m]) for m in result.task.table_metrics]
 
 
 def positive_class(task_name: str, label_names: Sequence[str]) -> str:
@@ -90,7 +120,7 @@ def rich_table(result: Table2Result) -> Table:
     table = Table(title=_title(result), caption=_caption(result) + "\n" + FOOTNOTE, show_lines=False)
     for col in ("Site", "Method", *(m.upper() for m in result.task.table_metrics)):
         table.add_column(col, justify="left" if col in ("Site", "Method") else "right")
-    for i, (cell, label, cells) in enumerate(_table_rows(result)):
+    for i, (cell, label, cells) in enumerate([*_table_rows(result), *_site_mean_rows(result)]):
         if i and cell:
             table.add_section()
         table.add_row(cell, label, *cells)
@@ -101,7 +131,7 @@ def markdown_table(result: Table2Result) -> str:
     lines = [f"# {_title(result)}", "", result.description, "",
              "| Site | Method | " + " | ".join(m.upper() for m in result.task.table_metrics) + " |",
              "|---|---|" + "---:|" * len(result.task.table_metrics)]
-    for cell, label, cells in _table_rows(result):
+    for cell, label, cells in [*_table_rows(result), *_site_mean_rows(result)]:
         lines.append(f"| {cell} | {label} | " + " | ".join(cells) + " |")
     notes = table_notes(result)
     lines += ["", _caption(result), "", FOOTNOTE, "", *(f"- {n}" for n in notes), *([""] if notes else [])]
@@ -235,7 +265,7 @@ def write_table2_report(result: Table2Result, out: Path, models: bool = True) ->
     kept each as its setting finished) the final models; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "table.md", out / f"{result.task.primary}_by_site.png"]
-    written[0].write_text(to_json(result.to_json(), indent=2) + "\n")
+    written[0].write_text(to_json({**result.to_json(), "site_means": site_means(result)}, indent=2) + "\n")
     written[1].write_text(markdown_table(result))
     plot_by_site(result, written[2])
     if result.history:

@@ -76,7 +76,7 @@ FEDERATED_SETTINGS: dict[str, FederatedSetting] = {
     "fedadam": FederatedSetting("FedAdam", pipeline="weighted_mean | fedadam({options})"),
     "fedyogi": FederatedSetting("FedYogi", pipeline="weighted_mean | fedyogi({options})"),
     "fedadagrad": FederatedSetting("FedAdagrad", pipeline="weighted_mean | fedadagrad({options})"),
-    "scaffold": FederatedSetting("SCAFFOLD", "scaffold", "scaffold({options})"),
+    "scaffold": FederatedSetting("SCAFFOLD", "scaffold", "scaffold", options_go_to="trainer"),
     "fednova": FederatedSetting("FedNova", pipeline="fednova({options})"),
     "loss_weighted": FederatedSetting("Loss-weighted", pipeline="loss_weighted({options})"),
     "pfa": FederatedSetting("PFA", "pfa", options_go_to="trainer"),

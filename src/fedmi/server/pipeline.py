@@ -1,7 +1,8 @@
 """The aggregation pipeline: update transforms, one reducer, one server optimiser, each with its own state.
 
 `weighted_mean() | server_sgd(lr=1.0)` in code, `"weighted_mean | server_sgd(lr=1.0)"` in a config.
-A missing optimiser means server_sgd(lr=1.0), i.e. w <- w + delta. The pipeline's state is a
+A missing optimiser means server_sgd(lr=1.0), i.e. w <- w + delta; a missing reducer means
+weighted_mean (so "fedadam(lr=0.01)" alone is FedAdam over FedAvg's mean). The pipeline's state is a
 tuple with one entry per step (transforms, reducer, optimiser), so each step reads and writes
 only its own.
 
@@ -46,9 +47,13 @@ class AggregationPipeline:
                 optimisers.append(s)
             else:
                 raise FedmiError(f"aggregation: {s!r} is not an aggregation step")
-        if len(reducers) != 1 or len(optimisers) > 1:
-            raise FedmiError("aggregation: a pipeline needs exactly one reducer and at most one server optimiser, "
-                             f"got {self}")
+        if len(reducers) > 1 or len(optimisers) > 1 or not (reducers or optimisers):
+            raise FedmiError("aggregation: a pipeline needs at most one reducer and at most one server optimiser, "
+                             f"and one of the two; got {self}")
+        if not reducers:
+            from fedmi.server.reducers import WeightedMean
+
+            reducers = [WeightedMean()]
         return transforms, reducers[0], optimisers[0] if optimisers else ServerSGD(1.0)
 
     def _all_steps(self) -> list[Step]:

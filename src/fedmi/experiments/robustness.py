@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from fedmi.client import make_method
 from fedmi.client.corrupted import UPDATE_CORRUPTIONS, CorruptedUpdates

@@ -117,8 +117,8 @@ def test_subdivide_keeps_each_hospitals_data_and_class_balance():
 def test_protocol_marks_nested_sites_and_runs_every_kind():
     fed = load_federation("heart-disease", 0).subdivide(10, seed=0)
     assert [corrupted_count(f, 10) for f in (0, 0.1, 0.3, 0.01)] == [0, 1, 3, 1]
-    cfg = RobustnessConfig(aggregators=["weighted_mean", "median"], kinds=["label_flip", "sign_flip", "nan"],
-                           repeats=1, rounds=2)
+    cfg = RobustnessConfig(aggregators=["weighted_mean", "median", "krum(f=3)"],
+                           kinds=["label_flip", "sign_flip", "nan"], repeats=1, rounds=2)
     result = run_robustness(fed, cfg)
     marked = {k: set(v) for k, v in result.corrupted.items()}
     assert marked["repeat 0, fraction 0.1"] < marked["repeat 0, fraction 0.3"]
@@ -127,10 +127,15 @@ def test_protocol_marks_nested_sites_and_runs_every_kind():
         assert set(result.scores[agg]) == {"clean", "label_flip", "sign_flip", "nan"}
         assert result.scores[agg]["sign_flip"]["0.3"]["n"] == 1
     assert result.rejected["median / nan / 0.3"] == 3 * 2  # three sites, two rounds
+    # Krum with f=3 needs 9 updates: with three refused it cannot run, and says so instead of stopping the protocol.
+    assert "needs at least 9 updates" in result.failed["krum(f=3) / nan / 0.3"]
+    assert result.scores["krum(f=3)"]["nan"]["0.3"]["mean"] is None
+    assert result.scores["krum(f=3)"]["sign_flip"]["0.3"]["mean"] is not None
     table = markdown_table(result)
     assert "| `median` |" in table and "sign_flip 30%" in table
     best = best_aggregators(result)
     assert set(best) == {"label_flip", "sign_flip", "nan"}
+    assert "could not be made" in table
 
 
 def test_robustness_config_refuses_bad_fields():

@@ -98,10 +98,11 @@ class RobustnessResult:
     scores: dict[str, dict[str, dict[str, dict]]]
     corrupted: dict[str, list[str]]  # "repeat r, fraction f" -> the sites marked
     rejected: dict[str, int] = field(default_factory=dict)  # "aggregator / kind / fraction" -> updates refused
+    failed: dict[str, str] = field(default_factory=dict)  # "aggregator / kind / fraction" -> why it could not run
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "sites": self.sites, "config": asdict(self.config), "metric": self.metric,
-                "scores": self.scores, "corrupted": self.corrupted, "rejected": self.rejected}
+                "scores": self.scores, "corrupted": self.corrupted, "rejected": self.rejected, "failed": self.failed}
 
 
 def _corrupt_data(kind: str, sites: list[SiteData], marked: set[str], strength: float, num_classes: int,
@@ -124,6 +125,7 @@ def run_robustness(fed: Federation, cfg: RobustnessConfig,
     values: dict[str, dict[str, dict[str, list]]] = {a: {} for a in cfg.aggregators}
     corrupted: dict[str, list[str]] = {}
     rejected: dict[str, int] = {}
+    failed: dict[str, str] = {}
     num_classes = max(2, fed.task.num_outputs)
     for rep in range(cfg.repeats):
         seed = repeat_seed(cfg.seed, rep)
@@ -144,26 +146,30 @@ def run_robustness(fed: Federation, cfg: RobustnessConfig,
                 elif kind in UPDATE_CORRUPTIONS:
                     method = CorruptedUpdates(method, kind, sorted(marked), cfg.strength.get(kind))
                 for text in cfg.aggregators:
+                    key = f"{fraction:g}"
+                    tag = f"{text} / {kind} / {key}"
                     runtime = make_runtime(cfg.runtime, model, train_sites, fed.task)
                     try:
                         result = Runner(runtime, method, make_aggregator(text, 1.0, method), rounds=cfg.rounds,
                                         seed=seed, evaluate_every=0).run(init)
+                    except FedmiError as e:  # this aggregator cannot run here (Krum with too few updates left)
+                        failed.setdefault(tag, str(e))
+                        values[text].setdefault(kind, {}).setdefault(key, []).append(None)
+                        continue
                     finally:
                         runtime.close()
                     final = result.history[-1]["test"]
                     defined = [v for n in names if (v := final[n].get(metric)) is not None]
                     score = float(np.mean(defined)) if defined else None  # a one-class test split has no AUC
-                    key = f"{fraction:g}"
                     values[text].setdefault(kind, {}).setdefault(key, []).append(score)
                     refused = sum(len(r["rejected"]) for r in result.history)
                     if refused:
-                        tag = f"{text} / {kind} / {key}"
                         rejected[tag] = rejected.get(tag, 0) + refused
                     if advance is not None:
                         advance(f"repeat {rep + 1}: {kind} {fraction:g}, {text}")
     scores = {a: {k: {f: summarize(v) for f, v in by_f.items()} for k, by_f in by_kind.items()}
               for a, by_kind in values.items()}
-    return RobustnessResult(fed.name, fed.site_names, cfg, metric, scores, corrupted, rejected)
+    return RobustnessResult(fed.name, fed.site_names, cfg, metric, scores, corrupted, rejected, failed)
 
 
 def work_units(fed: Federation, cfg: RobustnessConfig) -> int:
@@ -213,6 +219,9 @@ def markdown_table(result: RobustnessResult) -> str:
         for kind, b in best.items():
             lines.append(f"- {kind}: `{b['aggregator']}` {b['score']:.3f}, drop {b['drop']:+.3f} "
                          f"({'within' if b['within_budget'] else 'beyond'} 0.02)")
+    if result.failed:
+        lines += ["", "Runs that could not be made (n/a above):", ""]
+        lines += [f"- {tag}: {why}" for tag, why in result.failed.items()]
     if result.rejected:
         lines += ["", "Updates refused by the server's checks (non-finite or malformed; never folded in):", ""]
         lines += [f"- {tag}: {n}" for tag, n in result.rejected.items()]

@@ -138,6 +138,15 @@ def test_protocol_marks_nested_sites_and_runs_every_kind():
     assert "could not be made" in table
 
 
+def test_a_clean_only_protocol_still_draws_its_heat_map(tmp_path):
+    from fedmi.experiments.robustness import write_robustness_report
+
+    fed = load_federation("heart-disease")
+    result = run_robustness(fed, RobustnessConfig(aggregators=["mean"], fractions=[0.0], repeats=1, rounds=1))
+    files = write_robustness_report(result, tmp_path)
+    assert all(f.is_file() for f in files) and result.scores["mean"]["clean"]["0"]["n"] == 1
+
+
 def test_robustness_config_refuses_bad_fields():
     with pytest.raises(FedmiError, match="unknown corruption 'bitrot'"):
         RobustnessConfig(kinds=["bitrot"])

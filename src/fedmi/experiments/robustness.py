@@ -240,6 +240,8 @@ def plot_heatmap(result: RobustnessResult, path: Path) -> None:
     reference = "weighted_mean" if "weighted_mean" in result.scores else result.config.aggregators[0]
     clean = result.scores[reference].get("clean", {}).get("0", {}).get("mean")
     aggs, kinds = list(result.scores), result.config.kinds
+    if not fractions:  # only the clean federation: one panel of its scores
+        fractions, kinds = ["0"], ["clean"]
     fig, axes = plt.subplots(1, max(1, len(fractions)), figsize=(1.3 * len(kinds) * max(1, len(fractions)) + 3,
                                                                  0.45 * len(aggs) + 2), squeeze=False)
     for panel, (ax, f) in enumerate(zip(axes[0], fractions)):
@@ -257,7 +259,7 @@ def plot_heatmap(result: RobustnessResult, path: Path) -> None:
                         fontsize=8)
         ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right")
         ax.set_yticks(range(len(aggs)), aggs if panel == 0 else [""] * len(aggs))
-        ax.set_title(f"{float(f):.0%} of sites corrupted")
+        ax.set_title("clean federation" if f == "0" else f"{float(f):.0%} of sites corrupted")
     fig.colorbar(image, ax=axes[0].tolist(), label=f"{result.metric.upper()} drop vs clean {reference}")
     fig.suptitle(f"Corrupted sites: {result.dataset} ({result.metric.upper()}, mean of {result.config.repeats} "
                  "repeats; colour: drop)", y=1.03)

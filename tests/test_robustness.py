@@ -136,6 +136,13 @@ def test_protocol_marks_nested_sites_and_runs_every_kind():
     best = best_aggregators(result)
     assert set(best) == {"label_flip", "sign_flip", "nan"}
     assert "could not be made" in table
+    from fedmi.experiments.robustness import worst_drops
+
+    worst = worst_drops(result)
+    assert worst["krum(f=3)"] is None  # a kind it could not run at
+    clean = result.scores["weighted_mean"]["clean"]["0"]["mean"]
+    assert worst["median"] == pytest.approx(max(clean - result.scores["median"][k]["0.3"]["mean"]
+                                                 for k in ("label_flip", "sign_flip", "nan")))
 
 
 def test_a_clean_only_protocol_still_draws_its_heat_map(tmp_path):

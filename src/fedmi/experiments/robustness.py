@@ -202,6 +202,20 @@ def best_aggregators(result: RobustnessResult, budget: float = 0.02) -> dict[str
     return out
 
 
+def worst_drops(result: RobustnessResult) -> dict[str, float | None]:
+    """Per aggregator, its largest drop over the kinds at the largest fraction, against the clean
+    federation with the weighted mean (None where a kind has no score): the aggregator with the
+    smallest one holds up best whatever the corruption."""
+    largest = f"{max(result.config.fractions):g}"
+    reference = "weighted_mean" if "weighted_mean" in result.scores else result.config.aggregators[0]
+    clean = result.scores[reference].get("clean", {}).get("0", {}).get("mean")
+    out: dict[str, float | None] = {}
+    for agg, by_kind in result.scores.items():
+        means = [by_kind.get(k, {}).get(largest, {}).get("mean") for k in result.config.kinds]
+        out[agg] = None if clean is None or any(m is None for m in means) else max(clean - m for m in means)
+    return out
+
+
 def markdown_table(result: RobustnessResult) -> str:
     cols = _columns(result)
     head = " | ".join("clean" if k == "clean" else f"{k} {float(f):.0%}" for k, f in cols)
@@ -219,6 +233,11 @@ def markdown_table(result: RobustnessResult) -> str:
         for kind, b in best.items():
             lines.append(f"- {kind}: `{b['aggregator']}` {b['score']:.3f}, drop {b['drop']:+.3f} "
                          f"({'within' if b['within_budget'] else 'beyond'} 0.02)")
+    worst = {a: d for a, d in worst_drops(result).items() if d is not None}
+    if worst and max(result.config.fractions) > 0:
+        lines += ["", f"Largest drop over every kind at {max(result.config.fractions):.0%}, per aggregator "
+                  "(smallest first):", ""]
+        lines += [f"- `{a}`: {d:+.3f}" for a, d in sorted(worst.items(), key=lambda kv: kv[1])]
     if result.failed:
         lines += ["", "Runs that could not be made (n/a above):", ""]
         lines += [f"- {tag}: {why}" for tag, why in result.failed.items()]
@@ -270,7 +289,8 @@ def plot_heatmap(result: RobustnessResult, path: Path) -> None:
 def write_robustness_report(result: RobustnessResult, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = [out / ROBUSTNESS, out / "table.md", out / "heatmap.png"]
-    files[0].write_text(json.dumps({**result.to_json(), "best": best_aggregators(result)}, indent=2) + "\n")
+    files[0].write_text(json.dumps({**result.to_json(), "best": best_aggregators(result),
+                                    "worst_drops": worst_drops(result)}, indent=2) + "\n")
     files[1].write_text(markdown_table(result))
     plot_heatmap(result, files[2])
     return files

@@ -223,11 +223,12 @@ class VectorisedRuntime:
         # As the sequential loop: the mean of the steps' losses, each weighted by its batch size.
         loss_sum = (torch.stack(data_losses).double() * count).sum(0)
         totals = count.sum(0).double().clamp_min(1)
+        mean_losses = (loss_sum / totals).tolist()  # one conversion for the bucket, not one per site
+        start_losses = data_losses[0].tolist() if data_losses else [None] * len(ctxs)
+        step_counts = plan.steps.tolist()
         with torch.no_grad():
             for j, ctx in enumerate(ctxs):
-                ctx.train_loss = float(loss_sum[j] / totals[j])
-                ctx.start_loss = float(data_losses[0][j]) if data_losses else None
-                ctx.local_steps = int(plan.steps[j])
+                ctx.train_loss, ctx.start_loss, ctx.local_steps = mean_losses[j], start_losses[j], step_counts[j]
                 update, kept = method.final(tree_index(state, j), ctx)
                 if not dry_run:
                     self.site_states.put(ctx.site, kept)

@@ -129,5 +129,5 @@ def test_fednova_normalises_unequal_steps_by_hand():
 def test_fednova_needs_the_sites_step_counts():
     nova = parse_pipeline("fednova")
     like = P.Params(w=torch.zeros(2))
-    with pytest.raises(FedmiError, match="site a does not say how many local steps"):
+    with pytest.raises(FedmiError, match="site a has no .local_steps. metric"):
         nova.aggregate(nova.init(like), like, [_update("a", [1.0, 0.0], 10)], RoundInfo(0, 1, 0))

@@ -19,6 +19,7 @@ Steps register themselves in `STEPS` under the name pipeline texts use.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from fedmi.core import params as P
 from fedmi.core.registry import Registry
 from fedmi.core.types import RoundInfo, Update
+from fedmi.errors import FedmiError
 
 
 class Step:
@@ -154,6 +156,28 @@ class ServerOptimizer(Step):
     def step(self, params: P.ParamsT, delta: P.ParamsT, state: Any) -> tuple[P.Params, Any]:
         """Args: global parameters, the reducer's delta, this step's state. Returns: (new params, new state)."""
         raise NotImplementedError
+
+
+def site_metric(update: Update, name: str, step: str, what: str = "") -> float:
+    """A finite scalar the step needs from a site's metrics (its training loss, its step count).
+
+    Args:
+      update: the site's update.
+      name: the metric's key ("train_loss", "start_loss", "local_steps").
+      step: the step's name, for the message.
+      what: what the metric is, for the message.
+    Returns:
+      The metric as a float.
+    Raises:
+      FedmiError naming the site when the metric is missing or not finite.
+    """
+    value = update.metrics.get(name)
+    if value is None:
+        raise FedmiError(f"{step}: the update from site {update.site} has no '{name}' metric" +
+                         (f" ({what})" if what else ""))
+    if not math.isfinite(value):
+        raise FedmiError(f"{step}: the update from site {update.site} has {name} {value!r}")
+    return float(value)
 
 
 STEPS: Registry[type[Step]] = Registry("aggregation step")

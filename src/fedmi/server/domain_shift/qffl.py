@@ -4,14 +4,13 @@ Resource Allocation in Federated Learning" (ICLR 2020), the method the survey's 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from fedmi.core import params as P
 from fedmi.core.types import Update
 from fedmi.errors import FedmiError, check_number
-from fedmi.server.base import STEPS, Reducer
+from fedmi.server.base import STEPS, Reducer, site_metric
 from fedmi.server.reducers import RunningSum
 
 LOSS_FLOOR = 1e-10  # F_k^(q-1) with q < 1 needs F_k > 0
@@ -71,13 +70,9 @@ class QFFL(Reducer):
         return _QFFLSum(like)
 
     def fold(self, acc: _QFFLSum, update: Update) -> _QFFLSum:
-        loss = update.metrics.get("start_loss")
-        if loss is None:
-            raise FedmiError(f"qffl: the update from site {update.site} has no 'start_loss' metric "
-                             "(its loss at the global parameters)")
-        if not (math.isfinite(loss) and loss >= 0):
-            raise FedmiError(f"qffl: the update from site {update.site} has start_loss {loss!r}; "
-                             "it must be finite and >= 0")
+        loss = site_metric(update, "start_loss", self.name, "its loss at the global parameters")
+        if loss < 0:
+            raise FedmiError(f"qffl: the update from site {update.site} has start_loss {loss!r}; it must be >= 0")
         f, n = max(float(loss), LOSS_FLOOR), float(update.num_examples)
         sq_norm = sum(float((v.double() ** 2).sum()) for v in update.delta.values() if v.is_floating_point())
         f_q = f ** self.q

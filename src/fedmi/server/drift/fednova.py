@@ -21,7 +21,7 @@ from typing import ClassVar
 from fedmi.core import params as P
 from fedmi.core.types import Update
 from fedmi.errors import FedmiError, check_number
-from fedmi.server.base import STEPS, Reducer
+from fedmi.server.base import STEPS, Reducer, site_metric
 from fedmi.server.reducers import RunningSum
 
 
@@ -53,10 +53,9 @@ class FedNova(Reducer):
         return {"sum": RunningSum(like), "examples": 0.0, "tau": 0.0}
 
     def fold(self, acc: dict, update: Update) -> dict:
-        steps = update.metrics.get("local_steps")
-        if not steps or steps < 1:
-            raise FedmiError(f"fednova aggregation: the update from site {update.site} does not say how many "
-                             "local steps it took (its 'local_steps' metric)")
+        steps = site_metric(update, "local_steps", "fednova aggregation", "how many local steps it took")
+        if steps < 1:
+            raise FedmiError(f"fednova aggregation: the update from site {update.site} took {steps:g} local steps")
         a = effective_steps(int(steps), self.momentum)
         n = float(update.num_examples)
         acc["sum"].add(n / a, update.delta)  # sum_k n_k delta_k / a_k

@@ -9,8 +9,8 @@ from typing import ClassVar
 
 from fedmi.core import params as P
 from fedmi.core.types import Update
-from fedmi.errors import FedmiError, check_number
-from fedmi.server.base import STEPS, Reducer
+from fedmi.errors import check_number
+from fedmi.server.base import STEPS, Reducer, site_metric
 from fedmi.server.reducers import RunningSum
 
 
@@ -65,12 +65,8 @@ class LossWeighted(Reducer):
         return _ShiftedSum(like)
 
     def fold(self, acc: _ShiftedSum, update: Update) -> _ShiftedSum:
-        loss = update.metrics.get("train_loss")
-        if loss is None:
-            raise FedmiError(f"loss_weighted: the update from site {update.site} has no 'train_loss' metric")
-        if not math.isfinite(loss):
-            raise FedmiError(f"loss_weighted: the update from site {update.site} has train_loss {loss!r}")
-        return acc.add(float(update.num_examples), float(loss), self.temperature, update.delta)
+        loss = site_metric(update, "train_loss", self.name, "its mean training loss this round")
+        return acc.add(float(update.num_examples), loss, self.temperature, update.delta)
 
     def finish(self, acc: _ShiftedSum, like: P.ParamsT) -> P.Params:
         return acc.sum.mean()

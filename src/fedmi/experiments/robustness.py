@@ -216,6 +216,11 @@ def worst_drops(result: RobustnessResult) -> dict[str, float | None]:
     return out
 
 
+def _cell(text: str) -> str:
+    """A pipeline text inside a Markdown table cell (its `|` would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def markdown_table(result: RobustnessResult) -> str:
     cols = _columns(result)
     head = " | ".join("clean" if k == "clean" else f"{k} {float(f):.0%}" for k, f in cols)
@@ -226,7 +231,7 @@ def markdown_table(result: RobustnessResult) -> str:
              f"| Aggregation | {head} |", "|---|" + "---:|" * len(cols)]
     for agg, by_kind in result.scores.items():
         cells = [format_summary(by_kind[k][f]) if k in by_kind and f in by_kind[k] else "–" for k, f in cols]
-        lines.append(f"| `{agg}` | " + " | ".join(cells) + " |")
+        lines.append(f"| `{_cell(agg)}` | " + " | ".join(cells) + " |")
     best = best_aggregators(result)
     if best:
         lines += ["", "Best aggregator at the largest fraction, against the clean federation with the weighted mean:", ""]

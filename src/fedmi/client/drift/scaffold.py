@@ -41,7 +41,8 @@ class Scaffold(FedAvg):
         super().__init__(**kwargs)
         if self.optimizer != "sgd" or self.momentum:
             raise FedmiError("scaffold: its control variates are defined for SGD without momentum "
-                             f"(got optimizer={self.optimizer}, momentum={self.momentum})")
+                             f"(got optimizer={self.optimizer}, momentum={self.momentum}); in fedmi table2: "
+                             "--method-options '{scaffold: {optimizer: sgd, lr: 0.01}}'")
 
     def init(self, global_params, site_state, ctx: SiteContext) -> State:
         state = super().init(global_params, site_state, ctx)

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fedmi.data import load_federation
 from fedmi.data.federation import Federation
@@ -237,3 +238,40 @@ def test_site_means_average_the_sites_within_each_repeat(small_federation):
         by_hand = np.mean([r.results["FedAvg"][s]["acc"]["values"][rep] for s in small_federation.site_names])
         assert means["FedAvg"]["acc"]["values"][rep] == pytest.approx(by_hand)
     assert SITE_MEAN in markdown_table(r)
+
+
+def test_val_fraction_chooses_each_model_on_held_out_training_data(small_federation):
+    from fedmi.core.runner import Runner, ValidationSelection
+    from fedmi.client import make_method
+    from fedmi.core import params as P
+    from fedmi.models import build_model
+    from fedmi.runtime.sequential import SequentialRuntime
+    from fedmi.server import make_aggregator
+
+    from dataclasses import replace
+
+    raw = replace(small_federation, standardize=False)  # z-scoring follows the training rows, which differ
+    plain = {s.name: s for s in raw.split(3, 0.2)}
+    held = {s.name: s for s in raw.split(3, 0.2, val_fraction=0.25)}
+    for name, site in held.items():  # the test split is the same; training and validation split the rest
+        assert torch.equal(site.x_test, plain[name].x_test)
+        assert site.num_train + len(site.y_val) == plain[name].num_train
+        assert abs(len(site.y_val) - 0.25 * plain[name].num_train) <= 1  # rounded class by class
+    model = build_model("logistic", (6,), 0)
+    runner = Runner(SequentialRuntime(model, list(held.values())), make_method("fedavg", lr=0.5, local_steps=5),
+                    make_aggregator(None), rounds=6, seed=1, selection=ValidationSelection("auc"))
+    result = runner.run(P.clone(model.state_dict()))
+    scores = [r["val_score"] for r in result.history]
+    assert result.best_round == 1 + scores.index(max(scores))
+    # The chosen model is the global model after that round, never one scored on the test split.
+    from fedmi.client.evaluation import evaluate_site
+
+    chosen = [evaluate_site(model, raw.task, result.best_params, s, "val")["auc"] for s in held.values()]
+    assert np.mean(chosen) == pytest.approx(max(scores))
+    assert all("val_score" in r for r in result.history)
+    r = run_table2(small_federation, Table2Config(methods=["mix", "fedavg"], repeats=1, rounds=4, epochs=4,
+                                                  val_fraction=0.25))
+    assert "best validation AUC" in markdown_table(r)
+    with pytest.raises(FedmiError, match="personalised"):
+        Table2Config(methods=["fedbn"], val_fraction=0.2)
+

@@ -71,11 +71,38 @@ class _Report:
     train_loss: float | None
 
 
+@dataclass(frozen=True)
+class ValidationSelection:
+    """Keep the global model of the round whose validation metric, averaged over the sites, is best
+    (MedMNIST's "the epoch with the best validation AUC"), scored on the sites' validation splits
+    (`SiteData.x_val`), never their test splits.
+
+    Attributes:
+      metric: the metric to compare ("auc").
+      higher_is_better: whether a larger value is better.
+    """
+
+    metric: str
+    higher_is_better: bool = True
+
+    def score(self, evaluations: dict[str, dict]) -> float | None:
+        """The mean over sites of the metric, where defined."""
+        values = [m[self.metric] for m in evaluations.values() if m.get(self.metric) is not None]
+        return sum(values) / len(values) if values else None
+
+    def better(self, score: float | None, best: float | None) -> bool:
+        if score is None:
+            return False
+        return best is None or (score > best if self.higher_is_better else score < best)
+
+
 @dataclass
 class RunResult:
     params: P.Params
     history: list[dict] = field(default_factory=list)
     state: ServerState | None = None
+    best_params: P.Params | None = None  # with a ValidationSelection: the chosen round's global model
+    best_round: int | None = None
 
 
 def check_update(update: Update, reference: P.ParamsT, max_norm: float | None) -> None:
@@ -110,6 +137,7 @@ class Runner:
     before_checkpoint: Callable[[int], None] | None = None  # called with the round just before it is written
     sink: Callable[[dict], None] | None = None  # receives one record per round
     tags: dict = field(default_factory=dict)  # added to every record (method, repeat, ...)
+    selection: ValidationSelection | None = None  # keep the round that scores best on validation splits
 
     def initial_state(self, params: P.ParamsT) -> ServerState:
         return ServerState.initial(params, self.aggregator.init(params), self.seed)
@@ -135,13 +163,21 @@ class Runner:
             P.check_compatible(resume.params, params, "checkpoint")
             state = resume
             log.info("resuming after round %d of %d", state.round, self.rounds)
+        if self.selection is not None and (self.checkpoint is not None or resume is not None):
+            raise FedmiError("choosing a round on validation splits keeps its model in memory only: "
+                             "it cannot be combined with checkpoints or resume")
         infos = self.runtime.site_infos()
         self._check_feasible(len(infos))
+        best, best_params, best_round = None, None, None
         while state.round < self.rounds:
             state = self.run_round(state, infos)
+            if self.selection is not None:
+                score = state.history[-1]["val_score"]
+                if self.selection.better(score, best):
+                    best, best_params, best_round = score, P.clone(state.params), state.round
             if on_round is not None:
                 on_round(state.round)
-        return RunResult(state.params, state.history, state)
+        return RunResult(state.params, state.history, state, best_params, best_round)
 
     def _check_feasible(self, sites: int) -> None:
         """Fail before round 1 on settings no round could meet."""
@@ -258,6 +294,8 @@ class Runner:
         record: dict = {**self.tags, "round": r + 1, "sites": [a.site for a in accepted], "rejected": rejected}
         if n and all(a.train_loss is not None for a in accepted):
             record["train_loss"] = sum(a.num_examples * a.train_loss for a in accepted) / n
+        if self.selection is not None:  # every round: the choice is among all of them
+            record["val_score"] = self.selection.score(self.runtime.evaluate(params, self.method, split="val"))
         last = r + 1 == self.rounds
         if last or (self.evaluate_every and (r + 1) % self.evaluate_every == 0):
             record["test"] = self.runtime.evaluate(params, self.method)

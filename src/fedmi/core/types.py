@@ -101,6 +101,8 @@ class SiteData:
     `augment(x, y, generator) -> (x, y)` (`fedmi.data.augment.Augment`).
     `test_cases`, where given, names the case (a tumour, a patient) of each test sample: evaluation
     then scores cases, each by the mean of its samples' scores (`fedmi.client.evaluation`).
+    `x_val`, `y_val`, where given, are a validation part of the site's data, never trained on: a
+    protocol chooses among rounds (or epochs) by its metrics there, not by the test split's.
     """
 
     name: str
@@ -110,6 +112,8 @@ class SiteData:
     y_test: torch.Tensor
     augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
     test_cases: np.ndarray | None = None
+    x_val: torch.Tensor | None = None  # a validation part held out of the training data (model selection)
+    y_val: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:

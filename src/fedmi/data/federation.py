@@ -249,15 +249,18 @@ class Federation:
                         torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32),
                         torch.as_tensor(y, dtype=self.task.target_dtype))
 
-    def split(self, seed: int, test_fraction: float = 0.2) -> list[SiteData]:
-        """Each site's stratified train/test split for one repeat (or its fixed split).
+    def split(self, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.0) -> list[SiteData]:
+        """Each site's stratified train/test split for one repeat (or its fixed split), and with
+        `val_fraction` > 0 a validation part held out of the training split, stratified likewise.
 
         Tabular features are z-scored per site with the site's own training statistics: a
         purely local step, so no statistics leave the site.
         """
-        return [self.split_site(site.name, seed, test_fraction, key=i) for i, site in enumerate(self.sites)]
+        return [self.split_site(site.name, seed, test_fraction, key=i, val_fraction=val_fraction)
+                for i, site in enumerate(self.sites)]
 
-    def split_site(self, name: str, seed: int, test_fraction: float = 0.2, key: int | None = None) -> SiteData:
+    def split_site(self, name: str, seed: int, test_fraction: float = 0.2, key: int | None = None,
+                   val_fraction: float = 0.0) -> SiteData:
         """One site's split; `key` (default: its position here) keys the split's random stream.
 
         A deployed site holds only itself, so the server sends it the key it has in the whole
@@ -276,19 +279,31 @@ class Federation:
             rng = numpy_generator(Stream.SPLIT, seed, key)
             test = stratified_test_mask(strata, test_fraction, rng) if site.groups is None else \
                 grouped_test_mask(site.groups, strata, test_fraction, rng)
-        x_tr, x_te = site.x[~test], site.x[test]
+        val = np.zeros(site.n, dtype=bool)
+        if val_fraction > 0:  # from the training part, with a stream of its own: the test split is unchanged
+            train_rows = np.flatnonzero(~test)
+            rng = numpy_generator(Stream.SPLIT, seed, key, 1)
+            strata = site.y[train_rows] if self.task.name in ("binary", "multiclass") else np.zeros(len(train_rows))
+            held = stratified_test_mask(strata, val_fraction, rng) if site.groups is None else \
+                grouped_test_mask(site.groups[train_rows], strata, val_fraction, rng)
+            val[train_rows[held]] = True
+        train = ~test & ~val
+        x_tr, x_te, x_va = site.x[train], site.x[test], site.x[val]
         if self.standardize and len(x_tr):
-            x_tr, x_te = self._z_scored(site.name, x_tr, x_te)
+            x_tr, x_rest = self._z_scored(site.name, x_tr, np.concatenate([x_te, x_va]))
+            x_te, x_va = x_rest[: len(x_te)], x_rest[len(x_te):]
         if self.augment is not None:
             self.augment.check(self.input_shape)
         data = SiteData(
             name=site.name,
             x_train=torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32),
-            y_train=torch.as_tensor(site.y[~test], dtype=self.task.target_dtype),
+            y_train=torch.as_tensor(site.y[train], dtype=self.task.target_dtype),
             x_test=torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32),
             y_test=torch.as_tensor(site.y[test], dtype=self.task.target_dtype),
             augment=self.augment,
             test_cases=None if site.cases is None else site.cases[test],
+            x_val=torch.as_tensor(np.ascontiguousarray(x_va), dtype=torch.float32) if val_fraction > 0 else None,
+            y_val=torch.as_tensor(site.y[val], dtype=self.task.target_dtype) if val_fraction > 0 else None,
         )
         if data.num_train == 0:
             raise FedmiError(f"site {site.name}: its training split is empty")

@@ -91,7 +91,10 @@ def _caption(result: Table2Result) -> str:
         split = f"one {ratio}"
     else:
         split = f"mean±std over {cfg.repeats} repeats of a {ratio}"
-    return (f"{split}; model {cfg.model}; {cfg.rounds} rounds. "
+    chosen = (f"; each model from the round (centralised: the pass) with the best validation "
+              f"{result.task.primary.upper()}, on {cfg.val_fraction:.0%} of each site's training data held out"
+              if cfg.val_fraction else "")
+    return (f"{split}; model {cfg.model}; {cfg.rounds} rounds{chosen}. "
             "n/a: undefined (a test split with one class); (k/n): defined in k of n repeats.")
 
 

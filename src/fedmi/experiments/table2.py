@@ -36,7 +36,7 @@ from fedmi.core import params as P
 from fedmi.core.local import LocalMethod, personalised
 from fedmi.core.metrics import summarize
 from fedmi.core.rng import Stream, check_seed, derive_seed, repeat_seed
-from fedmi.core.runner import Runner, check_update
+from fedmi.core.runner import Runner, ValidationSelection, check_update
 from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
@@ -126,6 +126,9 @@ class Table2Config:
     # for a setting that is a local method (fedprox, pfa, ...), the method's own options.
     method_options: dict[str, dict] = field(default_factory=dict)
     validation: bool = False  # train and score on the sites' training data only (choosing settings)
+    # > 0: hold this share of each site's training split out as validation data, and report each
+    # setting's model from the round (centralised: the epoch) that scores best there (MedMNIST's rule)
+    val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.runtime not in runtime_names():
@@ -153,6 +156,10 @@ class Table2Config:
             if name in FEDERATED_SETTINGS:
                 _method(name, self)
                 _aggregator(name, self)
+        check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
+        if self.val_fraction and any(m in FEDERATED_SETTINGS and personalised(_method(m, self)) for m in self.methods):
+            raise FedmiError("val_fraction: choosing a round on validation data needs one global model; "
+                             "personalised settings (fedbn, pfa) keep site state and cannot be chosen that way")
         stray = [m for m in self.method_options if m not in FEDERATED_SETTINGS]
         if stray:
             raise FedmiError(f"method_options name '{stray[0]}', which is not a federated setting; "
@@ -251,24 +258,38 @@ def _rows(cfg: Table2Config, sites: list[str]) -> list[dict]:
 
 
 def _pooled(sites: list[SiteData]) -> SiteData:
+    val = sites[0].y_val is not None
     return SiteData(
         name="pooled",
         x_train=torch.cat([s.x_train for s in sites]), y_train=torch.cat([s.y_train for s in sites]),
         x_test=torch.empty(0), y_test=torch.empty(0), augment=sites[0].augment,
+        x_val=torch.cat([s.x_val for s in sites]) if val else None,
+        y_val=torch.cat([s.y_val for s in sites]) if val else None,
     )
 
 
 def fit_centralised(model: torch.nn.Module, task: Task, init: P.ParamsT, data: SiteData, cfg: Table2Config,
                     seed: int) -> P.Params:
     """Train on one dataset with the sites' own local optimiser for `cfg.epochs` passes (batches keyed
-    by `seed`): a one-site federation of `epochs` rounds of one pass, whose server takes the update whole."""
+    by `seed`): a one-site federation of `epochs` rounds of one pass, whose server takes the update whole.
+    With `cfg.val_fraction`, the parameters of the pass that scores best on `data`'s validation part."""
     method = make_method("fedavg", local_epochs=1, local_steps=None, **_optimiser(cfg))
+    select = _selection(task, cfg)
     params, kept = P.clone(init), None
+    best, best_params = None, None
     for epoch in range(cfg.epochs):
         update, kept = train_site(method, model, task, data, params, kept, RoundInfo(epoch, cfg.epochs, seed), 0)
         check_update(update, params, max_norm=None)  # the server's own check: NaN/Inf means training diverged
         params = P.add(params, update.delta)
-    return params
+        if select is not None:
+            score = select.score({data.name: evaluate_site(model, task, params, data, "val")})
+            if select.better(score, best):
+                best, best_params = score, P.clone(params)
+    return params if best_params is None else best_params
+
+
+def _selection(task: Task, cfg: Table2Config) -> ValidationSelection | None:
+    return ValidationSelection(task.primary, task.higher_is_better) if cfg.val_fraction > 0 else None
 
 
 def _optimiser(cfg: Table2Config) -> dict:
@@ -348,7 +369,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
 
     for rep in range(repeats):
         seed = repeat_seed(cfg.seed, rep)
-        sites = {s.name: s for s in fed.split(seed, cfg.test_fraction)}
+        sites = {s.name: s for s in fed.split(seed, cfg.test_fraction, cfg.val_fraction)}
         model = build_model(cfg.model, fed.input_shape, seed, fed.task.num_outputs, cfg.model_options)
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
         site_fits: dict[str, P.Params] = {}  # one fit per site serves both Cross and Single
@@ -409,20 +430,24 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                     rounds=cfg.rounds,
                     seed=seed,
                     selector=make_selector(cyclic=FEDERATED_SETTINGS[method].cyclic),
+                    selection=_selection(fed.task, cfg),
                     evaluate_every=cfg.evaluate_every,
                     sink=log_round,
                     tags={"method": method, "repeat": rep},
                 )
                 try:
                     result = runner.run(init, on_round)
+                    # the last round's record already holds every site's evaluation of the final model
+                    chosen = result.params if result.best_params is None else result.best_params
+                    tested = result.history[-1]["test"] if result.best_params is None else \
+                        runtime.evaluate(chosen, local_method)
                 finally:
                     runtime.close()
-                models[model_name(method, rep)] = result.params
-                # the last round's record already holds every site's evaluation of the final model
-                for b, metrics in result.history[-1]["test"].items():
+                models[model_name(method, rep)] = chosen
+                for b, metrics in tested.items():
                     record(LABELS[method], b, metrics)
                 if common is not None and not personalised(local_method):  # no one model to score there
-                    record(LABELS[method], common.name, evaluate_site(model, fed.task, result.params, common))
+                    record(LABELS[method], common.name, evaluate_site(model, fed.task, chosen, common))
             if on_unit is not None:
                 on_unit({"repeat": rep, "method": method, "scores": list(scores), "history": history[rounds_before:],
                          "model": models.get(model_name(method, rep))})

@@ -154,6 +154,7 @@ def table2(
     fedsgd_lr: float = _option(1.0, help="FedSGD's server step size"),
     method_options: Optional[str] = _option(None, help="per setting, its step's (or local method's) options as "
                                                        "YAML, e.g. '{fedadam: {lr: 0.01}, qffl: {q: 2}}'"),
+    test_fraction: float = _option(0.2, help="each site's share held out as its own test split (random splits)"),
     val_fraction: float = _option(0.0, help="hold this share of each site's training data out for validation and "
                                             "report each setting's model from its best round there (MedMNIST's rule)"),
     validation: bool = _option(False, "--validation", help="train and score on each site's training data only, "
@@ -218,6 +219,7 @@ def table2(
             methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
             epochs=epochs, seed=seed, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
             fedsgd_lr=fedsgd_lr, runtime=runtime, validation=validation, val_fraction=val_fraction,
+            test_fraction=test_fraction,
             method_options=_yaml_mapping(method_options, "--method-options") or {},
             **training_defaults(fed, given_options),
         )

@@ -10,7 +10,7 @@ from fedmi.server.reducers import Mean, WeightedMean
 from fedmi.server.robust import (DOS, CoordinateMedian, GeometricMedian, Krum, MultiKrum, NormBound,
                                  TrimmedMean)
 from fedmi.server.optimizers import AdaptiveServerOptimizer, FedAdagrad, FedAdam, FedYogi, ServerSGD
-from fedmi.server.selection import AllSites, FractionSelector, Selector, make_selector
+from fedmi.server.selection import AllSites, CyclicSelector, FractionSelector, Selector, make_selector
 from fedmi.server.weight_aggregation.loss_weighted import LossWeighted
 from fedmi.server.domain_shift.guided import Guided
 from fedmi.server.domain_shift.qffl import QFFL

@@ -24,7 +24,7 @@ fedadagrad, fedadam, fedyogi = FedAdagrad, FedAdam, FedYogi
 loss_weighted, qffl, guided = LossWeighted, QFFL, Guided
 
 __all__ = [
-    "STEPS", "AdaptiveServerOptimizer", "AggregationPipeline", "AllSites", "CoordinateMedian", "FedAdagrad", "FedAdam",
+    "STEPS", "AdaptiveServerOptimizer", "AggregationPipeline", "AllSites", "CoordinateMedian", "CyclicSelector", "FedAdagrad", "FedAdam",
     "FedYogi", "FractionSelector", "Guided", "Krum", "LossWeighted", "Mean", "QFFL", "Reducer", "RoundAggregation",
     "Selector", "ServerOptimizer", "ServerSGD", "Step", "UpdateTransform", "WeightedMean",
     "fedadagrad", "fedadam", "fedyogi", "guided", "krum", "loss_weighted", "make_aggregator", "make_selector", "mean",

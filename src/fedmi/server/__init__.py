@@ -14,6 +14,8 @@ from fedmi.server.selection import AllSites, CyclicSelector, FractionSelector, S
 from fedmi.server.weight_aggregation.loss_weighted import LossWeighted
 from fedmi.server.domain_shift.guided import Guided
 from fedmi.server.domain_shift.qffl import QFFL
+from fedmi.server.drift.fednova import FedNova
+from fedmi.server.drift.scaffold import Scaffold
 
 import_submodules(__name__)
 
@@ -22,14 +24,19 @@ weighted_mean, mean, median, krum, server_sgd = WeightedMean, Mean, CoordinateMe
 trimmed_mean, multi_krum, geometric_median, norm_bound, dos = TrimmedMean, MultiKrum, GeometricMedian, NormBound, DOS
 fedadagrad, fedadam, fedyogi = FedAdagrad, FedAdam, FedYogi
 loss_weighted, qffl, guided = LossWeighted, QFFL, Guided
+scaffold, fednova = Scaffold, FedNova
 
 __all__ = [
-    "STEPS", "AdaptiveServerOptimizer", "AggregationPipeline", "AllSites", "CoordinateMedian", "CyclicSelector", "FedAdagrad", "FedAdam",
-    "FedYogi", "FractionSelector", "Guided", "Krum", "LossWeighted", "Mean", "QFFL", "Reducer", "RoundAggregation",
-    "Selector", "ServerOptimizer", "ServerSGD", "Step", "UpdateTransform", "WeightedMean",
-    "fedadagrad", "fedadam", "fedyogi", "guided", "krum", "loss_weighted", "make_aggregator", "make_selector", "mean",
-    "median", "parse_pipeline", "qffl", "server_sgd", "weighted_mean",
+    "STEPS", "AggregationPipeline", "RoundAggregation", "Reducer", "ServerOptimizer", "Step", "UpdateTransform",
+    "make_aggregator", "parse_pipeline",
+    # selection
+    "AllSites", "CyclicSelector", "FractionSelector", "Selector", "make_selector",
+    # means and server optimisers
+    "Mean", "WeightedMean", "ServerSGD", "AdaptiveServerOptimizer", "FedAdagrad", "FedAdam", "FedYogi",
+    "mean", "weighted_mean", "server_sgd", "fedadagrad", "fedadam", "fedyogi",
+    # survey §V-A and §V-B, drift correction
+    "LossWeighted", "QFFL", "Guided", "Scaffold", "FedNova", "loss_weighted", "qffl", "guided", "scaffold", "fednova",
     # survey §V-C, robust aggregation
-    "DOS", "GeometricMedian", "MultiKrum", "NormBound", "TrimmedMean",
-    "dos", "geometric_median", "multi_krum", "norm_bound", "trimmed_mean",
+    "CoordinateMedian", "Krum", "DOS", "GeometricMedian", "MultiKrum", "NormBound", "TrimmedMean",
+    "median", "krum", "dos", "geometric_median", "multi_krum", "norm_bound", "trimmed_mean",
 ]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedmi.core import params as P
+from fedmi.core.extras import LABEL_DISTRIBUTION
 from fedmi.core.local import LocalMethod
 from fedmi.core.runtime import Runtime
 from fedmi.core.server_state import ServerState
@@ -201,7 +202,7 @@ class Runner:
             total = torch.zeros(max(len(c) for c in counts), dtype=torch.float64)
             for c in counts:
                 total[: len(c)] += torch.tensor(c, dtype=torch.float64)
-            extras["label_distribution"] = (total / total.sum()).float()
+            extras[LABEL_DISTRIBUTION] = (total / total.sum()).float()
         return extras
 
     def run_round(self, state: ServerState, infos: Sequence[SiteInfo]) -> ServerState:

@@ -127,6 +127,8 @@ class SiteData:
 def label_counts(y: torch.Tensor) -> tuple[int, ...] | None:
     """Examples per class of integer class labels (one per sample); None for other labels (masks,
     several labels a sample, continuous targets)."""
-    if y.dim() != 1 or y.numel() == 0 or y.is_floating_point() and not bool((y == y.round()).all()) or bool((y < 0).any()):
+    if y.dim() != 1 or y.numel() == 0 or bool((y < 0).any()):
+        return None
+    if y.is_floating_point() and not bool((y == y.round()).all()):  # binary labels are stored as 0.0 / 1.0
         return None
     return tuple(int(c) for c in torch.bincount(y.long()).tolist())

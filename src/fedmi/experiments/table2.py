@@ -152,14 +152,13 @@ class Table2Config:
         if self.local_epochs is not None and self.local_epochs < 1:
             raise FedmiError(f"local_epochs must be at least 1, got {self.local_epochs}")
         _method("fedavg", self)  # the optimiser's options are checked where they are defined
+        check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
         for name in self.methods:  # each setting's trainer and pipeline build (their checks run now)
             if name in FEDERATED_SETTINGS:
-                _method(name, self)
                 _aggregator(name, self)
-        check_number("val_fraction", self.val_fraction, 0, 1, high_open=True)
-        if self.val_fraction and any(m in FEDERATED_SETTINGS and personalised(_method(m, self)) for m in self.methods):
-            raise FedmiError("val_fraction: choosing a round on validation data needs one global model; "
-                             "personalised settings (fedbn, pfa) keep site state and cannot be chosen that way")
+                if personalised(_method(name, self)) and self.val_fraction:
+                    raise FedmiError(f"val_fraction: choosing a round on validation data needs one global model; "
+                                     f"{name} keeps site state (a personalised setting) and cannot be chosen that way")
         stray = [m for m in self.method_options if m not in FEDERATED_SETTINGS]
         if stray:
             raise FedmiError(f"method_options name '{stray[0]}', which is not a federated setting; "

@@ -498,7 +498,8 @@ def robustness(
     default_trainer = {"name": "fedavg", "optimizer": "adam", "lr": 0.001, "local_epochs": 1} if image else \
         {"name": "fedavg", "lr": 0.05, "local_steps": 10}
     cfg = RobustnessConfig(
-        aggregators=[a.strip() for a in aggregators.split(";") if a.strip()] if aggregators else list(DEFAULT_AGGREGATORS),
+        aggregators=[a.strip() for a in aggregators.split(";") if a.strip()] if aggregators
+        else list(DEFAULT_AGGREGATORS),
         kinds=[k.strip() for k in kinds.split(",") if k.strip()], fractions=_numbers(fractions, "--fractions"),
         strength={k: float(v) for k, v in (_yaml_mapping(strength, "--strength") or {}).items()},
         repeats=repeats, rounds=rounds, seed=seed, model=model or ("cnn" if image else "logistic"),

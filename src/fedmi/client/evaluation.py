@@ -32,7 +32,8 @@ def evaluate_site(model: nn.Module, task: Task, params: P.ParamsT, site: SiteDat
     """
     if split == "val" and site.y_val is None:
         raise FedmiError(f"site {site.name} holds no validation split (split the federation with val_fraction > 0)")
-    x, y = {"test": (site.x_test, site.y_test), "val": (site.x_val, site.y_val)}.get(split, (site.x_train, site.y_train))
+    splits = {"test": (site.x_test, site.y_test), "val": (site.x_val, site.y_val)}
+    x, y = splits.get(split, (site.x_train, site.y_train))
     if len(y) == 0:
         return {**{m: None for m in task.metric_names}, "loss": None, "n": 0, "one_class": None}
     model.load_state_dict(params)

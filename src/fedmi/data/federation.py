@@ -224,7 +224,7 @@ class Federation:
                                   None if site.test_mask is None else site.test_mask[rows],
                                   None if site.groups is None else site.groups[rows],
                                   None if site.cases is None else site.cases[rows]))
-        return replace(self, name=self.name, sites=sites,
+        return replace(self, sites=sites,
                        description=f"{self.description}; each site divided into parts, {num_sites} sites in all")
 
     def training_only(self) -> "Federation":

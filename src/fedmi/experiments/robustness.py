@@ -234,7 +234,8 @@ def markdown_table(result: RobustnessResult) -> str:
         lines.append(f"| `{_cell(agg)}` | " + " | ".join(cells) + " |")
     best = best_aggregators(result)
     if best:
-        lines += ["", "Best aggregator at the largest fraction, against the clean federation with the weighted mean:", ""]
+        lines += ["", "Best aggregator at the largest fraction, against the clean federation with the weighted "
+                  "mean:", ""]
         for kind, b in best.items():
             lines.append(f"- {kind}: `{b['aggregator']}` {b['score']:.3f}, drop {b['drop']:+.3f} "
                          f"({'within' if b['within_budget'] else 'beyond'} 0.02)")

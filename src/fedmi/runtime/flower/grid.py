@@ -124,7 +124,8 @@ class GridRuntime:
                 site = _Site(str(info["name"]), node_id, int(info["num-train"]),
                              tuple(int(d) for d in info["input-shape"]),
                              partition=int(info["partition"]) if "partition" in info else None,
-                             label_counts=tuple(int(c) for c in info["label-counts"]) if "label-counts" in info else None,
+                             label_counts=tuple(int(c) for c in info["label-counts"])
+                             if "label-counts" in info else None,
                              task=codec.task_from_json(info["task"]) if "task" in info else None)
             except (KeyError, TypeError, ValueError, FedmiError):
                 log.warning("node %d answered its introduction with a malformed reply; it is left out", node_id)

@@ -487,7 +487,7 @@ def robustness(
     from fedmi.experiments.federated_run import federation_for
     from fedmi.experiments.outputs import ROBUSTNESS, output_folder
     from fedmi.experiments.robustness import (DEFAULT_AGGREGATORS, RobustnessConfig, best_aggregators,
-                                              run_robustness, work_units, write_robustness_report)
+                                              run_robustness, table_columns, work_units, write_robustness_report)
 
     data = validated(DataConfig, {"dataset": dataset, **(_yaml_mapping(data_options, "--data-options") or {})},
                      "fedmi robustness", prefix="option ")
@@ -521,8 +521,7 @@ def robustness(
         write_robustness_report(result, path)
     table = Table(title=f"Corrupted sites: {fed.name} ({result.metric.upper()}, mean over sites)")
     table.add_column("Aggregation")
-    columns = [("clean", "0")] if 0 in cfg.fractions else []
-    columns += [(k, f"{f:g}") for k in cfg.kinds for f in cfg.fractions if f > 0]
+    columns = table_columns(result)
     for kind, frac in columns:
         table.add_column("clean" if kind == "clean" else f"{kind} {float(frac):.0%}", justify="right")
     from fedmi.core.metrics import format_summary

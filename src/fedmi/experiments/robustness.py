@@ -178,7 +178,15 @@ def work_units(fed: Federation, cfg: RobustnessConfig) -> int:
     return cfg.repeats * len(cfg.aggregators) * (clean + corrupted * len(cfg.kinds))
 
 
-def _columns(result: RobustnessResult) -> list[tuple[str, str]]:
+def clean_reference(result: RobustnessResult) -> tuple[str, float | None]:
+    """(the aggregator drops are measured against, its clean score): the sample-weighted mean if it
+    was run, else the first aggregator; the score is None without a clean (fraction 0) run."""
+    reference = "weighted_mean" if "weighted_mean" in result.scores else result.config.aggregators[0]
+    return reference, result.scores[reference].get("clean", {}).get("0", {}).get("mean")
+
+
+def table_columns(result: RobustnessResult) -> list[tuple[str, str]]:
+    """(kind, fraction) of each score column: the clean federation, then each kind at each fraction."""
     cols = [("clean", "0")] if any(f == 0 for f in result.config.fractions) else []
     return cols + [(k, f"{f:g}") for k in result.config.kinds for f in result.config.fractions if f > 0]
 
@@ -188,8 +196,7 @@ def best_aggregators(result: RobustnessResult, budget: float = 0.02) -> dict[str
     clean federation with the sample-weighted mean (else the first aggregator), and whether the drop
     is within `budget`."""
     largest = f"{max(result.config.fractions):g}"
-    reference = "weighted_mean" if "weighted_mean" in result.scores else result.config.aggregators[0]
-    clean = result.scores[reference].get("clean", {}).get("0", {}).get("mean")
+    _, clean = clean_reference(result)
     out = {}
     for kind in result.config.kinds:
         candidates = [(s[kind][largest]["mean"], a) for a, s in result.scores.items()
@@ -207,8 +214,7 @@ def worst_drops(result: RobustnessResult) -> dict[str, float | None]:
     federation with the weighted mean (None where a kind has no score): the aggregator with the
     smallest one holds up best whatever the corruption."""
     largest = f"{max(result.config.fractions):g}"
-    reference = "weighted_mean" if "weighted_mean" in result.scores else result.config.aggregators[0]
-    clean = result.scores[reference].get("clean", {}).get("0", {}).get("mean")
+    _, clean = clean_reference(result)
     out: dict[str, float | None] = {}
     for agg, by_kind in result.scores.items():
         means = [by_kind.get(k, {}).get(largest, {}).get("mean") for k in result.config.kinds]
@@ -222,7 +228,7 @@ def _cell(text: str) -> str:
 
 
 def markdown_table(result: RobustnessResult) -> str:
-    cols = _columns(result)
+    cols = table_columns(result)
     head = " | ".join("clean" if k == "clean" else f"{k} {float(f):.0%}" for k, f in cols)
     lines = [f"# Corrupted sites: {result.dataset}", "",
              f"Mean over the {len(result.sites)} sites' test splits (where defined) of the final global model's "
@@ -262,8 +268,7 @@ def plot_heatmap(result: RobustnessResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fractions = [f"{f:g}" for f in result.config.fractions if f > 0]
-    reference = "weighted_mean" if "weighted_mean" in result.scores else result.config.aggregators[0]
-    clean = result.scores[reference].get("clean", {}).get("0", {}).get("mean")
+    reference, clean = clean_reference(result)
     aggs, kinds = list(result.scores), result.config.kinds
     if not fractions:  # only the clean federation: one panel of its scores
         fractions, kinds = ["0"], ["clean"]

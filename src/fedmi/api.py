@@ -23,6 +23,7 @@ from torch import nn
 
 from fedmi.client import make_method
 from fedmi.core import params as P
+from fedmi.core.device import resolve_device
 from fedmi.core.local import LocalMethod
 from fedmi.core.runner import Runner, Selector
 from fedmi.data.federation import Federation
@@ -40,7 +41,7 @@ class Result:
       params: the final global parameters (and buffers).
       history: one record per round: "round", "sites", "rejected", "train_loss", "seconds" and, on
         evaluated rounds, "test": {site: {metric: value}}.
-      model: the model with the final parameters loaded.
+      model: the model with the final parameters loaded, on the CPU (whichever device trained it).
       federation: the federation it ran on.
     """
 
@@ -103,7 +104,7 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
         model_options: dict[str, Any] | None = None,
         aggregator: str | Step | AggregationPipeline | None = None, runtime: str = "auto", rounds: int = 20,
         seed: int = 0, test_fraction: float = 0.2, fraction: float = 1.0, selector: Selector | None = None,
-        server_lr: float = 1.0, evaluate_every: int = 1, workers: int | None = None,
+        server_lr: float = 1.0, evaluate_every: int = 1, workers: int | None = None, device: str = "cpu",
         on_round: Callable[[int], None] | None = None, **method_options: Any) -> Result:
     """Train one model across the federation's sites and evaluate it at each site.
 
@@ -122,6 +123,8 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
       fraction / selector: the share of sites drawn each round, or a `Selector` object.
       evaluate_every: evaluate every k rounds (0: only after the last).
       workers: worker processes for runtime "processes".
+      device: where the sites compute: "cpu", "cuda", "cuda:N", "mps" or "auto" (CUDA if present;
+        off the CPU, runtime "sequential" or "auto").
       on_round: called with the number of completed rounds after each round.
       **method_options: options of a method given by name (lr, batch_size, local_steps, mu, ...).
     Returns:
@@ -129,7 +132,7 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
     """
     if not isinstance(federation, Federation):
         raise FedmiError(f"federation must be a fedmi Federation, got {type(federation).__name__}")
-    sites = federation.split(seed, test_fraction)
+    sites = [s.to(resolve_device(device)) for s in federation.split(seed, test_fraction)]
     net = _model(model, federation, seed, model_options)
     local = _method(method, method_options)
     pipeline = _aggregator(aggregator, server_lr, local)
@@ -142,6 +145,6 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
     finally:
         backend.close()
     with torch.no_grad():
-        net.load_state_dict(result.params)
+        net.cpu().load_state_dict(result.params)
     net.eval()
     return Result(result.params, result.history, net, federation, local)

@@ -167,6 +167,7 @@ def table2(
                                                "'{flip: [0, 1], rotate90: true, intensity: 0.1}'"),
     seed: int = _option(0, help="seed of splits, initial weights and batch order (0 to 2^63-1)"),
     runtime: str = _option("auto", help="auto, sequential, vectorised or processes (how sites are simulated)"),
+    device: str = _option("cpu", help="where the sites compute: cpu, cuda, cuda:N, mps or auto (CUDA if present)"),
     out: Optional[Path] = _option(None, help="output folder (default runs/table2-DATASET)"),
     resume: Optional[Path] = _option(None, help="continue the interrupted protocol in this folder, with the "
                                                      "settings it was started with"),
@@ -218,7 +219,7 @@ def table2(
         cfg = Table2Config(
             methods=[m.strip().lower() for m in methods.split(",") if m.strip()], repeats=repeats, rounds=rounds,
             epochs=epochs, seed=seed, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-            fedsgd_lr=fedsgd_lr, runtime=runtime, validation=validation, val_fraction=val_fraction,
+            fedsgd_lr=fedsgd_lr, runtime=runtime, device=device, validation=validation, val_fraction=val_fraction,
             test_fraction=test_fraction,
             method_options=_yaml_mapping(method_options, "--method-options") or {},
             **training_defaults(fed, given_options),
@@ -258,6 +259,7 @@ def run(
     runtime: Optional[str] = _option(None, help="override the config's runtime: auto, sequential, vectorised, "
                                                      "processes or flower-sim"),
     workers: Optional[int] = _option(None, help="processes: worker processes; flower-sim: concurrent clients"),
+    device: Optional[str] = _option(None, help="override the config's device: cpu, cuda, cuda:N, mps or auto"),
     verbose: bool = _option(False, "--verbose", "-v", help="log every round and every decision"),
 ) -> None:
     """One federated training run described by a YAML config; `--resume RUN_DIR` continues an interrupted one."""
@@ -276,7 +278,7 @@ def run(
         cfg = load_config(config)
         target = out or Path(cfg.out or Path("runs") / config.stem)
         mode = "overwrite" if overwrite else "new"
-    overrides = {k: v for k, v in (("runtime", runtime), ("workers", workers)) if v is not None}
+    overrides = {k: v for k, v in (("runtime", runtime), ("workers", workers), ("device", device)) if v is not None}
     if overrides:
         cfg = validated(RunConfig, {**cfg.model_dump(), **overrides}, "fedmi run", prefix="option --")
     name = config.stem if config else target.name

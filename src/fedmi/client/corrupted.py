@@ -97,7 +97,7 @@ class CorruptedUpdates(LocalMethod):
             elif self.kind == "scaled":
                 out[k] = self.scale * v
             elif self.kind == "gaussian":
-                out[k] = torch.randn(v.shape, generator=generator, dtype=v.dtype) * self.scale
+                out[k] = torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device) * self.scale
             else:
                 out[k] = torch.full_like(v, float("nan") if self.kind == "nan" else float("inf"))
         return out

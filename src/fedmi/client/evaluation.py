@@ -36,14 +36,14 @@ def evaluate_site(model: nn.Module, task: Task, params: P.ParamsT, site: SiteDat
     x, y = splits.get(split, (site.x_train, site.y_train))
     if len(y) == 0:
         return {**{m: None for m in task.metric_names}, "loss": None, "n": 0, "one_class": None}
-    model.load_state_dict(params)
+    model.to(x.device).load_state_dict(params)  # the site computes where its data is
     outputs = model_outputs(model, x)
     scores = task.scores(outputs)
     if not torch.isfinite(scores).all():
         raise FedmiError(f"site {site.name}: the model predicts NaN or infinite values: training diverged "
                          "(lower the learning rate)")
     loss = float(task.per_sample_loss(outputs, y).mean())
-    target, scored = y.numpy(), scores.numpy()
+    target, scored = y.cpu().numpy(), scores.cpu().numpy()
     if split == "test" and site.test_cases is not None:
         target, scored = mean_by_case(site.test_cases, target, scored)
     out: dict = task.metrics(target, scored)

@@ -101,7 +101,8 @@ class FedAvg(LocalMethod):
     def _optimizer_state(self, params: dict[str, torch.Tensor]) -> State:
         zeros = lambda: {k: torch.zeros_like(v) for k, v in params.items()}  # noqa: E731
         if self.optimizer == "adam":
-            return {"exp_avg": zeros(), "exp_avg_sq": zeros(), "step": torch.zeros(())}
+            device = next(iter(params.values())).device
+            return {"exp_avg": zeros(), "exp_avg_sq": zeros(), "step": torch.zeros((), device=device)}
         return {"momentum": zeros()} if self.momentum else {}
 
     def init(self, global_params, site_state, ctx: SiteContext) -> State:

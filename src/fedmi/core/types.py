@@ -8,7 +8,7 @@ nothing resembling a dataset can be smuggled across the boundary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import numpy as np
@@ -118,6 +118,15 @@ class SiteData:
     @property
     def num_train(self) -> int:
         return int(self.y_train.shape[0])
+
+    def to(self, device: torch.device | str) -> "SiteData":
+        """The same site with its tensors on `device`, where its training and evaluation then run
+        (`fedmi.core.device`); itself if they are there already."""
+        if self.x_train.device == torch.device(device):
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, x_train=move(self.x_train), y_train=move(self.y_train), x_test=move(self.x_test),
+                       y_test=move(self.y_test), x_val=move(self.x_val), y_val=move(self.y_val))
 
     @property
     def info(self) -> SiteInfo:

@@ -10,7 +10,8 @@ node), and evaluation never sees them. Each sample draws its own:
   intensity  x -> (1 + a) x + b, a and b uniform in [-intensity, intensity]
   noise      + N(0, noise^2) per pixel
 
-The segmentation mask of a sample takes the same flips and rotations as its image.
+The segmentation mask of a sample takes the same flips and rotations as its image. The draws are
+made on the CPU's generator and moved to the images' device, so a site draws the same on any device.
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ class Augment:
         spatial = x.dim() - 2
         moves_y = y.dim() == x.dim() - 1  # a segmentation mask: it moves with its image
         for axis in self.flip:
-            chosen = torch.rand(n, generator=generator) < 0.5
+            chosen = (torch.rand(n, generator=generator) < 0.5).to(x.device)
             x = torch.where(chosen.view(n, *([1] * (x.dim() - 1))), x.flip(2 + axis), x)
             if moves_y:
                 y = torch.where(chosen.view(n, *([1] * (y.dim() - 1))), y.flip(1 + axis), y)
         if self.rotate90:
-            turns = torch.randint(0, 4, (n,), generator=generator)
+            turns = torch.randint(0, 4, (n,), generator=generator).to(x.device)
             x, y = x.clone(), y.clone() if moves_y else y
             for k in (1, 2, 3):
                 chosen = turns == k
@@ -65,9 +66,9 @@ class Augment:
                         y[chosen] = torch.rot90(y[chosen], k, dims=(spatial - 1, spatial))
         if self.intensity:
             shape = (n, *([1] * (x.dim() - 1)))
-            gain = 1 + (torch.rand(shape, generator=generator) * 2 - 1) * self.intensity
-            offset = (torch.rand(shape, generator=generator) * 2 - 1) * self.intensity
+            gain = 1 + (torch.rand(shape, generator=generator).to(x.device) * 2 - 1) * self.intensity
+            offset = (torch.rand(shape, generator=generator).to(x.device) * 2 - 1) * self.intensity
             x = x * gain + offset
         if self.noise:
-            x = x + torch.randn(x.shape, generator=generator) * self.noise
+            x = x + torch.randn(x.shape, generator=generator).to(x.device) * self.noise
         return x, y

@@ -123,6 +123,7 @@ class RunConfig(Settings):
     max_retries: int = Field(2, ge=0)  # ... at most this many times
     runtime: str = "auto"  # auto, a registered runtime (sequential, vectorised, processes) or flower-sim
     workers: int | None = Field(None, ge=1, le=1024)  # processes: worker processes; flower-sim: concurrent clients
+    device: str = "cpu"  # where simulated sites compute: cpu, cuda, cuda:N, mps or auto (fedmi.core.device)
     deployment: DeploymentConfig = DeploymentConfig()
     out: str | None = None
     trackers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)  # also write metrics there
@@ -142,6 +143,27 @@ class RunConfig(Settings):
         if name not in (*runtime_names(), "flower-sim"):
             raise ValueError(f"unknown runtime '{name}'; choose one of {', '.join(runtime_names())}, flower-sim")
         return name
+
+    @field_validator("device")
+    @classmethod
+    def _device_usable(cls, name: str) -> str:
+        from fedmi.core.device import resolve_device
+
+        try:
+            resolve_device(name)
+        except FedmiError as e:
+            raise ValueError(str(e)) from None
+        return name
+
+    @model_validator(mode="after")
+    def _device_on_the_runtime(self) -> "RunConfig":
+        from fedmi.core.device import check_device_runtime
+
+        try:
+            check_device_runtime(self.device, self.runtime)
+        except FedmiError as e:
+            raise ValueError(str(e)) from None
+        return self
 
     @field_validator("aggregator")
     @classmethod

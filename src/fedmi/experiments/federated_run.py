@@ -19,6 +19,7 @@ from fedmi.experiments.trackers import make_trackers
 from fedmi.core import params as P
 from fedmi.core.local import SiteStates
 from fedmi.core.runner import Runner, RunResult
+from fedmi.core.device import resolve_device
 from fedmi.core.runtime import Runtime
 from fedmi.core.server_state import ServerState
 from fedmi.core.tasks import Task
@@ -94,7 +95,8 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
         if unknown:
             raise FedmiError(f"dataset {fed.name} has no site {', '.join(unknown)}; its sites: {', '.join(by_name)}")
         fed.sites = [by_name[n] for n in sites]
-    sites = fed.split(cfg.seed, cfg.data.test_fraction)
+    device = resolve_device(cfg.device)
+    sites = [s.to(device) for s in fed.split(cfg.seed, cfg.data.test_fraction)]
     model = build_model(cfg.model, fed.input_shape, cfg.seed, fed.task.num_outputs, cfg.model_options)
     runtime = make_runtime(cfg.runtime, model, sites, fed.task, cfg.workers)
     try:

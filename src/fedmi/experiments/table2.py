@@ -33,6 +33,7 @@ import torch
 from fedmi.client import make_method
 from fedmi.client.evaluation import evaluate_site
 from fedmi.core import params as P
+from fedmi.core.device import check_device_runtime, resolve_device
 from fedmi.core.local import LocalMethod, personalised
 from fedmi.core.metrics import summarize
 from fedmi.core.rng import Stream, check_seed, derive_seed, repeat_seed
@@ -122,6 +123,7 @@ class Table2Config:
     fedsgd_lr: float = 1.0
     evaluate_every: int = 1
     runtime: str = "auto"
+    device: str = "cpu"  # where the sites (and centralised training) compute: cpu, cuda, cuda:N, mps, auto
     # Per setting, its characteristic step's options ({"fedadam": {"lr": 0.01}, "qffl": {"q": 2}}) or,
     # for a setting that is a local method (fedprox, pfa, ...), the method's own options.
     method_options: dict[str, dict] = field(default_factory=dict)
@@ -133,6 +135,7 @@ class Table2Config:
     def __post_init__(self) -> None:
         if self.runtime not in runtime_names():
             raise FedmiError(f"unknown runtime '{self.runtime}'; choose one of {', '.join(runtime_names())}")
+        check_device_runtime(self.device, self.runtime)
         if self.model not in MODELS:
             raise FedmiError(f"unknown model '{self.model}'; choose one of {', '.join(MODELS)}")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -366,9 +369,12 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
         if sink is not None:
             sink(rec)
 
+    device = resolve_device(cfg.device)
+    if common is not None:
+        common = common.to(device)
     for rep in range(repeats):
         seed = repeat_seed(cfg.seed, rep)
-        sites = {s.name: s for s in fed.split(seed, cfg.test_fraction, cfg.val_fraction)}
+        sites = {s.name: s.to(device) for s in fed.split(seed, cfg.test_fraction, cfg.val_fraction)}
         model = build_model(cfg.model, fed.input_shape, seed, fed.task.num_outputs, cfg.model_options)
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
         site_fits: dict[str, P.Params] = {}  # one fit per site serves both Cross and Single

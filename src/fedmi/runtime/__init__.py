@@ -4,8 +4,8 @@
 - vectorised: many sites' copies of the model at once (stacked tensors, vmap); a method or model
   it cannot batch runs sequentially, with a one-line notice;
 - processes: sites spread over worker processes sharing the data read-only (heavy models);
-- auto: vectorised for models with `stacked_forward`, processes for the others where forking is
-  safe, else sequential (`choose_runtime`).
+- auto: sequential for sites on an accelerator; else vectorised for models with `stacked_forward`,
+  processes for the others where forking is safe, else sequential (`choose_runtime`).
 Flower's runtimes (deployment and simulation) are `fedmi.runtime.flower.grid` with the apps in
 `fedmi.apps`.
 """
@@ -20,6 +20,7 @@ from typing import Sequence
 
 from torch import nn
 
+from fedmi.core.device import CPU
 from fedmi.core.registry import import_submodules
 from fedmi.core.runtime import RUNTIMES, Runtime
 from fedmi.core.tasks import Task
@@ -66,15 +67,20 @@ def make_runtime(kind: str, model: nn.Module, sites: Sequence[SiteData], task: T
     Args:
       kind: the runtime's name, or "auto" (`choose_runtime`).
       model: the model's code (its weights are replaced by each round's parameters).
-      sites: the sites' data, in the order that keys their random streams.
+      sites: the sites' data, in the order that keys their random streams. Sites whose data is on
+        an accelerator (`SiteData.to`) run on the sequential runtime, the one that computes there.
       task: loss, scores and metrics of the labels (default: binary).
       workers: worker processes, for runtimes that have them.
     """
+    device = sites[0].x_train.device if sites else CPU
     if kind == "auto":
-        kind = choose_runtime(model)
+        kind = choose_runtime(model) if device == CPU else "sequential"
         log.info("runtime auto: %s for %s", kind, type(model).__name__)
     if kind not in RUNTIMES:
         raise FedmiError(f"unknown runtime '{kind}'; choose one of {', '.join(runtime_names())}")
+    if device != CPU and kind != "sequential":
+        raise FedmiError(f"runtime '{kind}' runs its sites on the CPU; the sites' data is on {device}: "
+                         "use runtime sequential (or auto) there")
     return RUNTIMES.get(kind)(model, sites, task, workers)
 
 

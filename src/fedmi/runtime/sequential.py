@@ -9,6 +9,7 @@ init / objective + step per batch / final, and differentiates the objective with
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from fedmi.client.evaluation import evaluate_site
 from fedmi.core import params as P
 from fedmi.core.batches import plan_batches, site_batches
+from fedmi.core.device import CPU, move
 from fedmi.core.rng import Stream, torch_generator
 from fedmi.core.local import Batch, LocalMethod, SiteContext, SiteStates, State
 from fedmi.core.runtime import RUNTIMES
@@ -114,7 +116,14 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
       round_info: the round.
       key: the site's key in the random streams (its position in the federation).
       batches: the site's batches if already planned (with other sites'); else planned here.
+    Returns:
+      The update and the kept state on the CPU, whichever device the site's data is on (the
+      site computes there: what arrives is moved to it, see `fedmi.core.device`).
     """
+    device = site.x_train.device
+    if device != CPU:
+        params, site_state = move(params, device), move(site_state, device)
+        round_info = replace(round_info, extras=move(dict(round_info.extras), device))
     model.train()
     params = channels_last(params)
     ctx = site_context(model, task, params, round_info, site.name, site.num_train)
@@ -141,7 +150,11 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
             state = method.step(state, grads, ctx)
     ctx.train_loss, ctx.start_loss, ctx.local_steps = total / max(count, 1), start, len(batches)
     with torch.no_grad():
-        return method.final(state, ctx)
+        update, kept = method.final(state, ctx)
+    if device != CPU:
+        update = replace(update, delta=move(update.delta, CPU), extras=move(update.extras, CPU))
+        kept = move(kept, CPU)
+    return update, kept
 
 
 class SitesByName:

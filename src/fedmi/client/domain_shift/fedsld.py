@@ -50,7 +50,7 @@ class FedSLD(FedAvg):
         per_sample = ctx.task.per_sample_loss(outputs, batch.y)
         weight = batch.weight if batch.weight is not None else torch.full_like(per_sample, 1.0 / per_sample.shape[0])
         # vmap-safe one-hot: (samples, classes)
-        onehot = (batch.y.long().unsqueeze(-1) == torch.arange(pi.shape[0])).to(per_sample.dtype)
+        onehot = (batch.y.long().unsqueeze(-1) == torch.arange(pi.shape[0], device=pi.device)).to(per_sample.dtype)
         share = weight @ onehot  # each class's share of the batch (0 if absent)
         class_loss = (per_sample * weight) @ onehot  # share_c * mean loss of class c
         pi_present = pi.to(per_sample.dtype) * (share > 0)

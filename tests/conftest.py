@@ -29,3 +29,15 @@ def small_federation() -> Federation:
         y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.5, size=n) > k * 0.3).astype(np.int64)
         sites.append(Site(f"site-{k}", x, y))
     return Federation("toy", sites, kind="tabular")
+
+
+def tree_leaves(obj):
+    """The leaves of nested dicts, lists and tuples (a state, a message), depth first."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from tree_leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tree_leaves(v)
+    else:
+        yield obj

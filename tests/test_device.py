@@ -22,6 +22,7 @@ from fedmi.experiments.federated_run import run_federated
 from fedmi.experiments.table2 import Table2Config, run_table2
 from fedmi.models import build_model
 from fedmi.runtime import SequentialRuntime, make_runtime
+from tests.conftest import tree_leaves
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -125,7 +126,7 @@ def test_a_method_gives_the_cpus_model_on_the_gpu(trainer):
     assert all(v.device == CPU for v in gpu.result.params.values())
     assert P.allclose(gpu.result.params, cpu.result.params, rtol=1e-4, atol=1e-5), trainer
     for state in gpu.site_states.states.values():
-        assert all(t.device == CPU for t in _tensors(state))
+        assert all(t.device == CPU for t in tree_leaves(state) if isinstance(t, torch.Tensor))
 
 
 @needs_cuda
@@ -154,14 +155,3 @@ def test_the_protocols_centralised_and_federated_settings_run_on_the_gpu():
         for site, metrics in by_site.items():
             assert results["cuda"].results[label][site]["dice"]["mean"] == \
                 pytest.approx(metrics["dice"]["mean"], abs=1e-3), (label, site)
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)

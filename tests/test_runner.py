@@ -10,6 +10,7 @@ from fedmi.core import params as P
 from fedmi.core.runner import Runner
 from fedmi.core.types import SiteData, SiteInfo, Update
 from fedmi.models import build_model
+from tests.conftest import tree_leaves
 from fedmi.runtime.sequential import SequentialRuntime
 from fedmi.server import make_aggregator
 from fedmi.server.selection import FractionSelector
@@ -41,17 +42,6 @@ class SpyRuntime:
         return out
 
 
-def _leaves(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _leaves(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _leaves(v)
-    else:
-        yield obj
-
-
 def test_server_receives_only_updates_infos_and_scalar_metrics(three_sites):
     model = build_model("logistic", (5,), 0)
     spy = SpyRuntime(SequentialRuntime(model, three_sites))
@@ -61,7 +51,7 @@ def test_server_receives_only_updates_infos_and_scalar_metrics(three_sites):
     assert not any(isinstance(o, SiteData) for o in spy.crossed)
     for o in spy.crossed:
         if isinstance(o, dict):  # evaluation results: numbers only
-            assert all(v is None or isinstance(v, (int, float)) for v in _leaves(o))
+            assert all(v is None or isinstance(v, (int, float)) for v in tree_leaves(o))
         if isinstance(o, Update):
             assert P.num_parameters(o.delta) == 6 and not o.extras
 

@@ -264,23 +264,21 @@ def run(
 ) -> None:
     """One federated training run described by a YAML config; `--resume RUN_DIR` continues an interrupted one."""
     _setup_logging(verbose)
-    from fedmi.experiments.config import RunConfig, load_config, validated
+    from fedmi.experiments.config import load_config
     from fedmi.experiments.federated_run import run_federated
     from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, check_output, output_folder
     if (config is None) == (resume is None):
         raise FedmiError("fedmi run: give a config file to start a run, or --resume RUN_DIR to continue one")
     if resume is not None and (out is not None or overwrite):
         raise FedmiError("fedmi run: --resume continues the run in its own folder; --out and --overwrite do not apply")
+    overrides = {k: v for k, v in (("runtime", runtime), ("workers", workers), ("device", device)) if v is not None}
     if resume is not None:
         check_output(resume, "resume", "fedmi run --resume")
-        cfg, target, mode = load_config(resume / RUN_CONFIG), resume, "resume"
+        cfg, target, mode = load_config(resume / RUN_CONFIG, overrides), resume, "resume"
     else:
-        cfg = load_config(config)
+        cfg = load_config(config, overrides)
         target = out or Path(cfg.out or Path("runs") / config.stem)
         mode = "overwrite" if overwrite else "new"
-    overrides = {k: v for k, v in (("runtime", runtime), ("workers", workers), ("device", device)) if v is not None}
-    if overrides:
-        cfg = validated(RunConfig, {**cfg.model_dump(), **overrides}, "fedmi run", prefix="option --")
     name = config.stem if config else target.name
     with output_folder(target, mode, "fedmi run --resume {}") as folder, _progress() as progress:
         continuing = mode == "resume" and (folder / CHECKPOINT).is_file()

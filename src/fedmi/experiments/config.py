@@ -189,8 +189,11 @@ def parse_config(raw: object, source: str) -> RunConfig:
     return validated(RunConfig, raw, source)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    return load_yaml_model(RunConfig, path, "config")
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The run config in a YAML file; `overrides` (top-level fields, e.g. the command line's
+    `--device cpu`) replace the file's before it is checked, so they can mend a field this machine
+    would refuse (a run made on a GPU, resumed without one)."""
+    return load_yaml_model(RunConfig, path, "config", overrides)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
@@ -263,7 +266,7 @@ def parse_yaml(text: str, source: str) -> object:
         loader.dispose()
 
 
-def load_yaml_model(model: type[M], path: str | Path, what: str) -> M:
+def load_yaml_model(model: type[M], path: str | Path, what: str, overrides: dict[str, Any] | None = None) -> M:
     path = Path(path)
     if not path.is_file():
         raise FedmiError(f"no {what} file at {path}")
@@ -274,4 +277,4 @@ def load_yaml_model(model: type[M], path: str | Path, what: str) -> M:
     raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise FedmiError(f"{path}: a {what} must be a mapping of fields, got {type(raw).__name__}")
-    return validated(model, raw, str(path))
+    return validated(model, {**raw, **(overrides or {})}, str(path))

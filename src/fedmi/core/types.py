@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from fedmi.core.device import move
 from fedmi.core.params import Params
 
 
@@ -124,9 +125,8 @@ class SiteData:
         (`fedmi.core.device`); itself if they are there already."""
         if self.x_train.device == torch.device(device):
             return self
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, x_train=move(self.x_train), y_train=move(self.y_train), x_test=move(self.x_test),
-                       y_test=move(self.y_test), x_val=move(self.x_val), y_val=move(self.y_val))
+        tensors = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")  # move leaves None as it is
+        return replace(self, **move({k: getattr(self, k) for k in tensors}, device))
 
     @property
     def info(self) -> SiteInfo:

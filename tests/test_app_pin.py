@@ -7,7 +7,7 @@ import pytest
 from flwr.cli.build import build_fab_from_files
 
 from fedmi.deploy.app_pin import APP_COMPONENTS, check_app_bundle, launch, write_launchers
-from fedmi.deploy.flower import APP_PYPROJECT
+from fedmi.deploy.runs import APP_PYPROJECT
 from fedmi.errors import FedmiError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Flower's bundle builder uses old pathspec

@@ -158,7 +158,8 @@ def test_a_node_claiming_a_taken_name_is_refused(caplog):
 def test_a_node_not_enrolled_with_fedmi_is_refused_and_never_sent_the_model(caplog):
     grid = _grid()
     with caplog.at_level(logging.ERROR, logger="fedmi"):
-        result = run_on_grid(grid, _cfg(rounds=1), None, simulation=True, enrolled={100, 101, 102})
+        result = run_on_grid(grid, _cfg(rounds=1), None, simulation=True,
+                             enrolled={100: "Cleveland", 101: "Hungary", 102: "Switzerland"})
     assert "node 103 was not enrolled with fedmi" in caplog.text
     assert result.history[0]["sites"] == HEART_SITES[:3]
     assert all(m.metadata.dst_node_id != 103 for m in grid.sent)  # not even asked who it is

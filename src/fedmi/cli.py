@@ -320,12 +320,16 @@ def _print_final(title: str, metrics: Sequence[str], final: dict[str, dict], tas
 _CONNECTION_HELP = "the server's HOST:PORT"
 
 
-def _connection(server: str, ca: Optional[Path], insecure: bool):
-    from fedmi.deploy.flower import Connection
+def _connection(server: str, ca: Optional[Path], insecure: bool, state: Optional[Path] = None):
+    """`state`: the server's state folder, for the operator's commands (its token opens the Control API)."""
+    from fedmi.deploy.connection import Connection
 
     if insecure == (ca is not None):
         raise FedmiError("give the CA certificate (--ca ca.pem) for TLS, or --insecure (loopback only)")
-    return Connection(server, None if insecure else ca)
+    return Connection(server, None if insecure else ca, state)
+
+
+_STATE_HELP = "the server's state folder (as `fedmi server --state`): its operator token opens the server"
 
 
 @app.command()
@@ -341,6 +345,7 @@ def certs(
 
     make_certificates(out, site, host, days)
     out_console.print(f"wrote {out}/: ca.pem, server.pem + server.key (server only; valid for {', '.join(host)}), "
+                      f"operator.key (server only: signs each run) + operator.pub (to every site with ca.pem), "
                       f"sites/NAME.key (that site only) + sites/NAME.pub (enrol at the server) for {', '.join(site)}. "
                       "Keep ca.key offline.")
 
@@ -357,7 +362,7 @@ def server(
 ) -> None:
     """Start the coordinating server (Flower SuperLink) with TLS and site authentication; Ctrl-C stops it."""
     _setup_logging(False)
-    from fedmi.deploy.flower import serve
+    from fedmi.deploy.server import serve
 
     if insecure == (certs is not None):
         raise FedmiError("give --certs FOLDER for TLS, or --insecure (loopback only)")
@@ -370,16 +375,28 @@ def enroll_site(
     name: Optional[str] = _option(None, help="the site's name (default: the key's comment)"),
     server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
     ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
-    state: Path = _option(Path("fedmi-server"), help="the server's state folder (as `fedmi server --state`)"),
+    state: Path = _option(Path("fedmi-server"), help=_STATE_HELP),
+    replace: bool = _option(False, "--replace", help="the site is enrolled already: this is its new key (rotation)"),
 ) -> None:
     """Admit a site to a running server by its public key (on the server's machine)."""
     _setup_logging(False)
-    from fedmi.deploy.flower import enroll
+    from fedmi.deploy.enrolment import enroll
 
-    if not state.is_dir():
-        raise FedmiError(f"no server state folder at {state}: run `fedmi enroll` on the server's machine, "
-                         "with --state as given to `fedmi server`")
-    enroll(_connection(server, ca, False), key, name, state)
+    enroll(_connection(server, ca, False, state), key, name, replace=replace)
+
+
+@app.command()
+def revoke(
+    name: str = typer.Argument(..., help="the site's enrolled name"),
+    server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
+    ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
+    state: Path = _option(Path("fedmi-server"), help=_STATE_HELP),
+) -> None:
+    """Remove a site from the federation: its key is refused from now on (on the server's machine)."""
+    _setup_logging(False)
+    from fedmi.deploy.enrolment import revoke as revoke_site
+
+    revoke_site(_connection(server, ca, False, state), name)
 
 
 @app.command()
@@ -389,34 +406,45 @@ def site(
     server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
     ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
     port: int = _option(9094, min=1, max=65535, help="local port of this site's app process (one per site)"),
+    state: Path = _option(Path("fedmi-site"), help="the site's own records: a line per task, its state in each run"),
+    operator_key: Optional[Path] = _option(None, help="the operator's public key (default: operator.pub beside --ca)"),
+    poll: float = _option(0.2, min=0.01, max=60, help="seconds between two looks for work at the server"),
     insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
 ) -> None:
     """Join a federation as one site (Flower SuperNode); the data stays here. Ctrl-C leaves."""
     _setup_logging(False)
-    from fedmi.deploy.flower import run_site
+    from fedmi.deploy.site import run_site
 
-    sys.exit(run_site(_connection(server, ca, insecure), data, key, port))
+    sys.exit(run_site(_connection(server, ca, insecure), data, key, port, state, poll, operator_key))
 
 
 @app.command()
 def submit(
     config: Optional[Path] = typer.Argument(None, help="YAML file describing the run"),
     resume: Optional[Path] = _option(None, help="continue the run in this folder after its last round"),
-    out: Optional[Path] = _option(None, help="run folder on this (the server's) machine (default runs/NAME)"),
+    out: Optional[Path] = _option(None, help="run folder on this (the server's) machine (default: the config's "
+                                             "`out`, else runs/NAME)"),
+    overwrite: bool = _option(False, "--overwrite", help="replace the run already in the output folder, "
+                                                         "once the new one finishes"),
     server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
-    ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
+    ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem); operator.key beside it signs the run"),
+    state: Path = _option(Path("fedmi-server"), help=_STATE_HELP),
     insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
 ) -> None:
     """Run a federation on the connected sites and stream its progress; checkpoints every round."""
     _setup_logging(False)
-    from fedmi.deploy.flower import submit as submit_run
+    from fedmi.deploy.runs import submit as submit_run
+    from fedmi.experiments.config import load_config
 
     if (config is None) == (resume is None):
         raise FedmiError("give a config file to start a run, or --resume RUN_DIR to continue one")
+    if resume is not None and (out is not None or overwrite):
+        raise FedmiError("fedmi submit: --resume continues the run in its own folder; --out and --overwrite do not apply")
     import json
 
-    run_dir = resume or out or Path("runs") / config.stem
-    submit_run(_connection(server, ca, insecure), config, run_dir, resume is not None)
+    configured = load_config(config).out if config is not None else None
+    run_dir = resume or out or (Path(configured) if configured else Path("runs") / config.stem)
+    submit_run(_connection(server, ca, insecure, state), config, run_dir, resume is not None, overwrite)
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = summary["config"]["rounds"]
     _print_final(f"{summary['config']['trainer']['name']} on the connected sites: after {rounds} rounds",
@@ -429,14 +457,14 @@ def status(
     server: str = _option("127.0.0.1:9092", help=_CONNECTION_HELP),
     ca: Optional[Path] = _option(None, help="the CA certificate (ca.pem)"),
     insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
-    state: Optional[Path] = _option(None, help="the server's state folder (names the sites)"),
+    state: Path = _option(Path("fedmi-server"), help=_STATE_HELP),
     as_json: bool = _option(False, "--json", help="everything Flower reports, as JSON"),
 ) -> None:
     """The server's enrolled sites (online or not) and its runs."""
     _setup_logging(False)
-    from fedmi.deploy.flower import status as server_status
+    from fedmi.deploy.runs import status as server_status
 
-    found = server_status(_connection(server, ca, insecure), state)
+    found = server_status(_connection(server, ca, insecure, state), state)
     if as_json:
         out_console.print_json(data=found)
         return

@@ -1,8 +1,8 @@
 """Which sites the server's operator enrolled, by Flower node id and name.
 
 Flower knows a site by a node id; the server keeps the names it enrolled them under in its
-state folder, for `fedmi status`, and fedmi's ServerApp admits only those nodes: a key
-registered some other way (Flower's Control API asks no credentials) does not join a run.
+state folder, for `fedmi status`, and fedmi's ServerApp admits only those nodes, each under the
+name it was enrolled with: a site is who its key is, whatever its replies say.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 SITE_NAMES = "site-names.json"  # in the server's state folder: node id -> site name
 ENROLLED_SITES_ENV = "FEDMI_ENROLLED_SITES"  # set by `fedmi server` for its ServerApp: that file's path
+OPERATOR_KEY_ENV = "FEDMI_OPERATOR_KEY"  # set by `fedmi server`: operator.pub, the run tickets' signer
 RUNS_ROOT_ENV = "FEDMI_RUNS_ROOT"  # set by `fedmi server`: runs write their outputs only below this folder
 
 
@@ -25,6 +26,16 @@ def site_names(path: Path | None) -> dict[str, str]:
 def remember_site(state_dir: Path, node_id: int, name: str) -> None:
     names = site_names(state_dir)
     names[str(node_id)] = name
+    _write(state_dir, names)
+
+
+def forget_site(state_dir: Path, node_id: int) -> None:
+    names = site_names(state_dir)
+    names.pop(str(node_id), None)
+    _write(state_dir, names)
+
+
+def _write(state_dir: Path, names: dict[str, str]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / (SITE_NAMES + ".tmp")
     tmp.write_text(json.dumps(names, indent=1))

@@ -2,8 +2,11 @@
 aggregation pipeline, update checks, evaluation, logging, checkpoints) on a `GridRuntime`.
 
 On the deployment runtime the run's settings come from the run config that `fedmi submit`
-sets: "fedmi-config" (the RunConfig as JSON), "run-dir" (where checkpoints and metrics go, on
-the server's machine) and "resume".
+sets: the operator's signed run ticket (`apps.tickets`: the RunConfig, the run's folder on the
+server's machine, resume or overwrite) when `fedmi server` names the operator's public key, else
+"fedmi-config" (the RunConfig as JSON), "run-dir", "resume" and "overwrite" (an --insecure
+server on loopback). The run's folder follows `fedmi run`'s rule: a folder holding a run is
+replaced only with overwrite, when the new run finishes.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedmi.client import METHODS
 from fedmi.experiments.config import RunConfig, parse_config
 from fedmi.core.runner import RunResult
-from fedmi.apps.enrolment import ENROLLED_SITES_ENV, RUNS_ROOT_ENV, site_names
+from fedmi.apps import tickets
+from fedmi.apps.enrolment import ENROLLED_SITES_ENV, OPERATOR_KEY_ENV, RUNS_ROOT_ENV, site_names
 from fedmi.errors import FedmiError
 from fedmi.experiments.federated_run import train_federation
+from fedmi.experiments.outputs import output_folder
 from fedmi.runtime.flower.grid import GridRuntime
 
 log = logging.getLogger("fedmi")
@@ -31,9 +36,13 @@ log = logging.getLogger("fedmi")
 
 def run_on_grid(grid: Grid, cfg: RunConfig, out: Path | None, resume: bool = False,
                 on_round: Callable[[int], None] | None = None, simulation: bool = False,
-                enrolled: set[int] | None = None) -> RunResult:
+                enrolled: dict[int, str] | None = None, signed: tuple[str, str] | None = None) -> RunResult:
+    """`enrolled`: node id -> enrolled name (None: every node, known by the name it gives);
+    `signed`: the run's (ticket, signature), sent with every message for the sites to verify."""
     task = {"seed": cfg.seed, "test_fraction": cfg.data.test_fraction, "model": cfg.model,
             "model_options": cfg.model_options}
+    if signed is not None:
+        task[tickets.TICKET], task[tickets.SIGNATURE] = signed
     if METHODS.get(cfg.trainer.name).needs_label_distribution:  # sites declare their label counts only when asked
         task["share_label_counts"] = True
     if simulation:  # virtual nodes take their site from the run's data section
@@ -61,24 +70,42 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_to_stderr()
-    settings = context.run_config
-    if "fedmi-config" not in settings:
-        raise FedmiError("the run config has no 'fedmi-config': submit runs with `fedmi submit CONFIG.yaml`")
-    cfg = parse_config(json.loads(str(settings["fedmi-config"])), "submitted config")
-    run_dir = Path(str(settings["run-dir"])) if settings.get("run-dir") else None
-    if run_dir is not None and os.environ.get(RUNS_ROOT_ENV):  # a run's config is not trusted to write anywhere
-        root = Path(os.environ[RUNS_ROOT_ENV]).resolve()
-        if not run_dir.resolve().is_relative_to(root):
-            raise FedmiError(f"run folder {run_dir} is outside the server's runs folder {root} "
-                             "(fedmi server --runs); choose --out below it")
-    enrolled = None
-    if os.environ.get(ENROLLED_SITES_ENV):  # `fedmi server` with site authentication
-        enrolled = {int(node_id) for node_id in site_names(Path(os.environ[ENROLLED_SITES_ENV]))}
     try:
-        result = run_on_grid(grid, cfg, run_dir, resume=bool(settings.get("resume", False)), enrolled=enrolled)
+        cfg, run_dir, mode, signed = _run_settings(context.run_config)
+        enrolled = None
+        if os.environ.get(ENROLLED_SITES_ENV):  # `fedmi server` with site authentication
+            enrolled = {int(node_id): name for node_id, name in site_names(Path(os.environ[ENROLLED_SITES_ENV])).items()}
+        if run_dir is None:
+            result = run_on_grid(grid, cfg, None, enrolled=enrolled, signed=signed)
+        else:
+            with output_folder(run_dir, mode, resume_command="fedmi submit --resume {}") as folder:
+                result = run_on_grid(grid, cfg, folder, resume=mode == "resume", enrolled=enrolled, signed=signed)
     except FedmiError as e:
         log.error("%s", e)
         raise
     final = result.history[-1].get("test") or {}
     log.info("run finished after %d rounds; final test metrics: %s", cfg.rounds,
              json.dumps({site: {k: m.get(k) for k in ("acc", "auc")} for site, m in final.items()}))
+
+
+def _run_settings(settings) -> tuple[RunConfig, Path | None, str, tuple[str, str] | None]:
+    """(config, run folder, output mode, signed ticket) from the run config `fedmi submit` set."""
+    signed = None
+    if os.environ.get(OPERATOR_KEY_ENV):  # `fedmi server` knows the operator's key: only signed runs
+        signed = (settings.get(tickets.TICKET), settings.get(tickets.SIGNATURE))
+        ticket = tickets.verify(tickets.load_public_key(Path(os.environ[OPERATOR_KEY_ENV])), *signed)
+        raw, run_dir, resume, overwrite = ticket.config, ticket.run_dir, ticket.resume, ticket.overwrite
+    else:
+        if "fedmi-config" not in settings:
+            raise FedmiError("the run config has no 'fedmi-config': submit runs with `fedmi submit CONFIG.yaml`")
+        raw = json.loads(str(settings["fedmi-config"]))
+        run_dir, resume = str(settings.get("run-dir", "")), bool(settings.get("resume", False))
+        overwrite = bool(settings.get("overwrite", False))
+    cfg = parse_config(raw, "submitted config")
+    folder = Path(run_dir) if run_dir else None
+    if folder is not None and os.environ.get(RUNS_ROOT_ENV):  # a run's config is not trusted to write anywhere
+        root = Path(os.environ[RUNS_ROOT_ENV]).resolve()
+        if not folder.resolve().is_relative_to(root):
+            raise FedmiError(f"run folder {folder} is outside the server's runs folder {root} "
+                             "(fedmi server --runs); choose --out below it")
+    return cfg, folder, "resume" if resume else "overwrite" if overwrite else "new", signed

@@ -4,7 +4,9 @@ data never leaves this process. A method's site state is kept in the node's own 
 (`context.state`), so it stays at the site between rounds.
 
 Where the data is: a SuperNode started by `fedmi site` has `data-config` in its node config,
-the path of a `SiteConfig` YAML on the site's machine. On Flower's simulation runtime a virtual
+the path of a `SiteConfig` YAML on the site's machine. Such a deployed site checks every task
+before it touches its data (`site_guard`): the operator's signature on the run when the node
+config names the operator's key (`operator-key`), and always the site's own policy. On Flower's simulation runtime a virtual
 node has only `partition-id`; it then takes that site of the run's own `data` section, as every
 other fedmi runtime does.
 """
@@ -15,11 +17,13 @@ import json
 import logging
 import zlib
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedmi.apps import site_guard
 from fedmi.client import make_method, method_from_spec
 from fedmi.client.evaluation import evaluate_site
 from fedmi.core import params as P
@@ -44,7 +48,7 @@ def _load_site(source: str, partition: int | None, seed: int, test_fraction: flo
                ) -> tuple[SiteData, Task]:
     """The site's split for this run and its task; `source` is a data-config path or the run's data section (JSON)."""
     if partition is None:
-        cfg = load_yaml_model(SiteConfig, source, "site data config")
+        cfg = _site_config(source)
         fed = federation_for(cfg, seed)
         if cfg.site is None and len(fed.sites) > 1:
             raise FedmiError(f"{source}: dataset {fed.name} holds sites {', '.join(fed.site_names)}; "
@@ -56,6 +60,22 @@ def _load_site(source: str, partition: int | None, seed: int, test_fraction: flo
             raise FedmiError(f"partition {partition} does not exist: dataset {fed.name} has {len(fed.sites)} sites")
         name = fed.site_names[partition]
     return fed.split_site(name, seed, test_fraction, key), fed.task
+
+
+@lru_cache(maxsize=8)
+def _site_config(path: str) -> SiteConfig:
+    return load_yaml_model(SiteConfig, path, "site data config")
+
+
+def guard(kind: str, task: dict, context: Context, site: SiteData) -> None:
+    """A deployed site's checks of a task (`site_guard`), before its data is used; nothing in simulation."""
+    node = context.node_config
+    if "data-config" not in node:
+        return
+    if "operator-key" in node:
+        site_guard.check_signed(kind, task, Path(str(node["operator-key"])), Path(str(node["state-dir"])),
+                                context.run_id)
+    site_guard.check_policy(_site_config(str(node["data-config"])).policy, kind, task, site.num_train)
 
 
 def site_data(context: Context, task: dict, key: int | None, default_data: DataConfig | None = None
@@ -126,7 +146,7 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
     when a request does not say (a stock Flower strategy's requests carry no fedmi task)."""
     app = ClientApp()
 
-    def request(msg: Message, context: Context):
+    def request(msg: Message, context: Context, kind: str):
         server_round, task, config = codec.read_task(msg.content)
         if "arrays" not in msg.content.array_records:
             raise FedmiError("the request carries no parameters ('arrays')")
@@ -135,6 +155,7 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
             task = {"seed": int(config.get("seed", 0)), "round": (server_round or 1) - 1}
         key = task.get("site_index")
         site, site_task = site_data(context, task, key, default_data)
+        guard(kind, task, context, site)
         if key is None:
             key = zlib.crc32(site.name.encode())
         input_shape = tuple(site.x_train.shape[1:])
@@ -148,7 +169,8 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
         _, task, _ = codec.read_task(msg.content)
         task = task or {}
         site, site_task = site_data(context, task, task.get("site_index"), default_data)
-        info = ConfigRecord({"name": site.name, "num-train": site.num_train,
+        guard("query", task, context, site)
+        info = ConfigRecord({"name": site.name, "num-train": site.num_train, "num-test": site.num_test,
                              "input-shape": [int(d) for d in site.x_train.shape[1:]],
                              "task": codec.task_json(site_task)})
         if task.get("share_label_counts") and site.info.label_counts is not None:  # the run's method needs them
@@ -159,7 +181,7 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        task, config, params, site, site_task, model, key = request(msg, context)
+        task, config, params, site, site_task, model, key = request(msg, context, "train")
         method = method_from_spec(task["trainer"]) if "trainer" in task else _stock_method(config)
         extras = codec.record_params(msg.content[codec.SERVER_EXTRAS], "the server's broadcast") \
             if codec.SERVER_EXTRAS in msg.content.array_records else {}
@@ -176,7 +198,7 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        task, _, params, site, site_task, model, _ = request(msg, context)
+        task, _, params, site, site_task, model, _ = request(msg, context, "evaluate")
         if "trainer" in task:  # a personalised method evaluates with what it keeps at the site
             params = method_from_spec(task["trainer"]).evaluation_params(params, _kept_state(context))
         metrics = evaluate_site(model, site_task, params, site, task.get("split", "test"))

@@ -120,6 +120,11 @@ class SiteData:
     def num_train(self) -> int:
         return int(self.y_train.shape[0])
 
+    @property
+    def num_test(self) -> int:
+        """Test cases as evaluation counts them: cases where `test_cases` names them, else samples."""
+        return int(len(np.unique(self.test_cases)) if self.test_cases is not None else self.y_test.shape[0])
+
     def to(self, device: torch.device | str) -> "SiteData":
         """The same site with its tensors on `device`, where its training and evaluation then run
         (`fedmi.core.device`); itself if they are there already."""

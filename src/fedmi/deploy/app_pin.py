@@ -60,6 +60,18 @@ def write_launchers(folder: Path) -> Path:
     return folder
 
 
+def _take_token_file() -> None:
+    """A task token handed over in a private file is read and the file removed at once; Flower then
+    gets it in this process's own argument list, which `ps` does not show (it shows the file's name)."""
+    if "--token-file" not in sys.argv[:-1]:
+        return
+    at = sys.argv.index("--token-file")
+    path = Path(sys.argv[at + 1])
+    token = path.read_text().strip()
+    path.unlink()
+    sys.argv[at:at + 2] = ["--token", token]
+
+
 def launch(program: str) -> int:
     """Run Flower's `program` with every app bundle checked before it is installed."""
     if program not in PINNED:
@@ -81,5 +93,10 @@ def launch(program: str) -> int:
         return install(content, *args, **kwargs)
 
     runtime.install_from_fab = install_checked  # the name the runtime calls: Flower pinned at 1.42.0
+    from fedmi.deploy.pins import check_flower_version, shorten_object_waits
+
+    check_flower_version()
+    shorten_object_waits()
+    _take_token_file()
     getattr(importlib.import_module(cli_module), entry)()
     return 0

@@ -3,6 +3,8 @@
 - a certificate authority (`ca.pem`, `ca.key`): every site trusts the server through it;
 - the server's TLS certificate (`server.pem`, `server.key`), signed by the CA, valid for the
   server's host names and IP addresses (TLS checks them);
+- the operator's signing key (`operator.key`, server machine only; `operator.pub`, sent to every
+  site with `ca.pem`): Ed25519, it signs each run's ticket (`fedmi.apps.tickets`);
 - one key pair per site (`sites/NAME.key`, `sites/NAME.pub`): ECDSA P-384, the OpenSSH format
   Flower's SuperNode authentication reads. A site proves its identity by signing with its
   private key; the server admits only sites whose public key was enrolled.
@@ -20,7 +22,7 @@ from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from fedmi.errors import FedmiError
@@ -61,7 +63,7 @@ def make_certificates(out: Path, sites: Sequence[str], hosts: Sequence[str] = ("
     if not hosts:
         raise FedmiError("give at least one host name or IP address for the server certificate")
     out = Path(out)
-    planned = [out / f for f in ("ca.pem", "ca.key", "server.pem", "server.key")]
+    planned = [out / f for f in ("ca.pem", "ca.key", "server.pem", "server.key", "operator.key", "operator.pub")]
     planned += [out / "sites" / f"{s}.{ext}" for s in sites for ext in ("key", "pub")]
     if existing := [p for p in planned if p.exists()]:
         raise FedmiError(f"{existing[0]} exists; certificates are never overwritten (choose another --out)")
@@ -83,7 +85,8 @@ def make_certificates(out: Path, sites: Sequence[str], hosts: Sequence[str] = ("
     )
     server_key = ec.generate_private_key(ec.SECP384R1())
     names: list[x509.GeneralName] = []
-    for h in hosts:
+    # The server's own commands and its ServerApp reach it on loopback: those names are always in.
+    for h in dict.fromkeys([*hosts, "127.0.0.1", "localhost"]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
@@ -101,6 +104,11 @@ def make_certificates(out: Path, sites: Sequence[str], hosts: Sequence[str] = ("
     _write(out / "ca.key", _pem_key(ca_key), private=True)
     _write(out / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(out / "server.key", _pem_key(server_key), private=True)
+    operator = ed25519.Ed25519PrivateKey.generate()
+    _write(out / "operator.key", operator.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()), private=True)
+    _write(out / "operator.pub", operator.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), private=False)
     for s in sites:
         key = ec.generate_private_key(ec.SECP384R1())
         private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,

@@ -17,7 +17,7 @@ from pathlib import Path
 from fedmi.experiments.config import RunConfig
 from fedmi.core.runner import RunResult
 from fedmi.deploy.certs import make_certificates
-from fedmi.deploy.flower import flower_env, stop_process_group
+from fedmi.deploy.processes import flower_env, stop_process_group
 from fedmi.errors import FedmiError
 
 
@@ -102,10 +102,19 @@ class LocalFederation:
         return self._start(f"site-{name}", fedmi_argv(
             "site", "--server", self.address, "--ca", str(self.pki / "ca.pem"),
             "--key", str(self.pki / "sites" / f"{name}.key"), "--data", str(data or self.sites[name]),
-            "--port", str(self.site_ports[name])))
+            "--port", str(self.site_ports[name]), "--state", str(self.site_state(name))))
+
+    def site_state(self, name: str) -> Path:
+        """A site's own records (`fedmi site --state`)."""
+        return self.folder / f"site-{name}-state"
+
+    @property
+    def operator(self) -> list[str]:
+        """The options by which the operator's commands reach this server (on its machine)."""
+        return ["--server", self.address, "--ca", str(self.pki / "ca.pem"), "--state", str(self.folder / "server-state")]
 
     def submit(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(fedmi_argv("submit", *args, "--server", self.address, "--ca", str(self.pki / "ca.pem")),
+        return subprocess.run(fedmi_argv("submit", *args, *self.operator),
                               capture_output=True, text=True, env=flower_env(), timeout=timeout, cwd=self.folder)
 
     def _current_log(self, name: str) -> str:

@@ -201,14 +201,58 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
 
 
+class SitePolicy(Settings):
+    """What a hospital's site agrees to run: `policy:` in its data config (`fedmi site --data`).
+
+    A task outside it is refused at the site, before any data is touched, with one line naming the
+    rule (and the server logs the refusal under the site's name). The defaults let every method of
+    fedmi run as its papers describe, and refuse what only serves to reconstruct records: an update
+    from fewer than `min_samples_per_update` training samples, or batches smaller than
+    `min_batch_size` (one record's gradient gives that record away exactly).
+
+    Example (YAML)::
+
+        policy:
+          methods: [fedavg, fedprox, fedbn]
+          models: [resnet18]
+          min_batch_size: 16
+          max_rounds: 200
+          share_label_counts: false
+    """
+
+    methods: list[str] | None = None  # local methods accepted (None: any registered one)
+    models: list[str] | None = None  # networks accepted (None: any registered one)
+    min_batch_size: int = Field(8, ge=1)  # samples per local step
+    min_samples_per_update: int = Field(32, ge=1)  # training samples behind every update (all if the site has fewer)
+    min_local_steps: int = Field(1, ge=1)  # optimiser steps behind every update
+    max_rounds: int | None = Field(None, ge=1)  # rounds a run may have
+    share_label_counts: bool = True  # whether the site tells the server its label counts (FedSLD needs them)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_registered(cls, names: list[str] | None) -> list[str] | None:
+        from fedmi.client import METHODS
+
+        return None if names is None else [_registered(METHODS, n) for n in names]
+
+    @field_validator("models")
+    @classmethod
+    def _models_registered(cls, names: list[str] | None) -> list[str] | None:
+        from fedmi.models import MODELS
+
+        return None if names is None else [_registered(MODELS, n) for n in names]
+
+
 class SiteConfig(DataConfig):
-    """A deployed site's own data (`fedmi site --data FILE`): which dataset, and which of its sites.
+    """A deployed site's own data (`fedmi site --data FILE`): which dataset, which of its sites,
+    and the site's policy (`SitePolicy`: what it agrees to run).
 
     `site` may be left out when the dataset holds a single site. The split into train and test
     follows the run (its seed and test_fraction), so every repeat of a protocol splits alike.
     """
 
     site: str | None = None
+    policy: SitePolicy = SitePolicy()
 
 
 MAX_YAML_VALUES = 10_000  # a config is small; more values (after alias expansion) is a mistake or an attack

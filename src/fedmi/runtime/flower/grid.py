@@ -6,15 +6,24 @@ is an error, too large, or malformed is logged with the site's name and left out
 does not answer within `round_timeout` is left out too; the runner decides whether enough
 sites answered (`min_sites`).
 
-Sites are known by the name they report; their key in the random streams (data split, local
-batches) is their position in the name-sorted list, as a simulation of the same federation
-uses its order. A second node claiming a name already taken is refused.
+In a deployment a site is who its key is: the server's operator enrolled each key under a name
+(`enrolled`: node id -> name), and that name, never the one a reply gives, is the site's. A node
+that introduces itself under another site's name is refused. Without enrolment (a simulation,
+an --insecure test server) sites are known by the name they report, and a second node claiming
+a name already taken is refused. A site's key in the random streams (data split, local batches)
+is its position in the name-sorted list, as a simulation of the same federation uses its order.
+
+What a site declares is held to what it declared when the run set up: a training reply must
+count exactly the training examples the site introduced itself with (the weighted mean trusts
+the count), and an evaluation reply must count its declared test cases and report metrics in
+their range. A reply that does not is rejected and logged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -45,13 +54,15 @@ class _Site:
     partition: int | None = None  # a simulated site's position in its federation
     task: Task | None = None  # None: a plain Flower client, which does not say
     label_counts: tuple[int, ...] | None = None  # only when the run asks for them (FedSLD)
+    num_test: int | None = None  # declared at set-up; None: a site that does not say
 
 
 class GridRuntime:
     def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig | None = None,
-                 poll_interval: float = 0.2, enrolled: set[int] | None = None):
+                 poll_interval: float = 0.2, enrolled: dict[int, str] | None = None):
         """`task`: what every request carries (seed, test_fraction, model, the run's data section).
-        `enrolled`: the node ids the server's operator enrolled; other nodes are refused (None: all)."""
+        `enrolled`: node id -> name, the sites the server's operator enrolled; other nodes are
+        refused (None: every node, known by the name it reports)."""
         self.grid = grid
         self.enrolled = enrolled
         self._refused: set[int] = set()
@@ -115,20 +126,36 @@ class GridRuntime:
                 self._sites[name] = _Site(name, node_id, 0, None)
                 continue
             if reply is None or reply.has_error():  # asked again later (an enrolled site may be offline)
+                if reply is not None and "refused:" in (reply.error.reason or ""):
+                    log.error("site %s (node %d) refused the run: %s", self._enrolled_name(node_id), node_id,
+                              _refusal(reply))
+                    self._refused.add(node_id)
+                    continue
                 offline = reply is None or reply.error.code == ErrorCode.NODE_UNAVAILABLE
                 (log.info if offline else log.warning)("node %d did not introduce itself (%s)", node_id,
                                                        "no reply" if reply is None else _reason(reply))
                 continue
             try:
                 info = reply.content.config_records["site"]
-                site = _Site(str(info["name"]), node_id, int(info["num-train"]),
+                said = str(info["name"])
+                name = said if self.enrolled is None else self.enrolled[node_id]
+                site = _Site(name, node_id, int(info["num-train"]),
                              tuple(int(d) for d in info["input-shape"]),
                              partition=int(info["partition"]) if "partition" in info else None,
                              label_counts=tuple(int(c) for c in info["label-counts"])
                              if "label-counts" in info else None,
-                             task=codec.task_from_json(info["task"]) if "task" in info else None)
+                             task=codec.task_from_json(info["task"]) if "task" in info else None,
+                             num_test=int(info["num-test"]) if "num-test" in info else None)
             except (KeyError, TypeError, ValueError, FedmiError):
                 log.warning("node %d answered its introduction with a malformed reply; it is left out", node_id)
+                continue
+            if self.enrolled is not None and _site_key(said) != _site_key(name):
+                log.error("node %d, enrolled as site '%s', introduced itself as '%s': it is refused (a site is "
+                          "the name its key was enrolled under)", node_id, name, said)
+                self._refused.add(node_id)
+                continue
+            if site.num_train <= 0 or (site.num_test is not None and site.num_test < 0):
+                log.warning("site %s declared %d training examples; it is left out", name, site.num_train)
                 continue
             if site.name in self._sites:
                 log.error("node %d claims the name '%s', already taken by node %d; it is refused",
@@ -190,6 +217,9 @@ class GridRuntime:
             out.append(Message(content, dst_node_id=site.node_id, message_type=kind, group_id=str(server_round)))
         return out
 
+    def _enrolled_name(self, node_id: int) -> str:
+        return self.enrolled.get(node_id, f"node {node_id}") if self.enrolled is not None else f"node {node_id}"
+
     def _name(self, node_id: int) -> str:
         return next((s.name for s in self._sites.values() if s.node_id == node_id), f"node {node_id}")
 
@@ -206,7 +236,10 @@ class GridRuntime:
                 log.warning("round %d: no reply from site %s within %g s", r, name, self.deployment.round_timeout)
                 continue
             if reply.has_error():
-                log.warning("round %d: site %s failed: %s", r, name, _reason(reply))
+                if "refused:" in (reply.error.reason or ""):
+                    log.error("round %d: site %s refused the task: %s", r, name, _refusal(reply))
+                else:
+                    log.warning("round %d: site %s failed: %s", r, name, _reason(reply))
                 continue
             size = codec.content_bytes(reply.content)
             if size > limit:  # refused unread
@@ -215,6 +248,10 @@ class GridRuntime:
                 continue
             try:
                 update: Update | Rejected = codec.content_update(reply.content, name, params)
+                declared = self._site(name).num_train
+                if self._site(name).input_shape is not None and update.num_examples != declared:
+                    update = Rejected(name, f"update from site {name}: it counts {update.num_examples} training "
+                                            f"examples, but declared {declared} when the run set up")
             except FedmiError as e:
                 update = Rejected(name, str(e))
             del reply
@@ -242,11 +279,47 @@ class GridRuntime:
             metrics["n"] = int(metrics.pop("num-examples", 0))
             for k in (*self.task.metric_names, "loss", "one_class"):
                 metrics.setdefault(k, None)
+            wrong = self._implausible(name, metrics, split)
+            if wrong:
+                log.error("evaluation: site %s reported %s; its metrics are left out", name, wrong)
+                continue
             out[name] = metrics
         return {n: out[n] for n in names if n in out}
 
+    def _implausible(self, name: str, metrics: dict, split: str) -> str | None:
+        """Why an evaluation reply cannot be true, or None: its count against what the site declared,
+        its scores in [0, 1], its loss finite."""
+        site = self._site(name)
+        if site.input_shape is None:  # a plain Flower client declares nothing to hold it to
+            return None
+        if split == "test" and site.num_test is not None and metrics["n"] != site.num_test:
+            return f"n = {metrics['n']}, but declared {site.num_test} test cases when the run set up"
+        for k, v in metrics.items():
+            if v is None or k in ("n", "one_class"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return f"{k} = {v!r}, not a finite number"
+            if k.split("_")[0] in _FRACTIONS and not 0.0 <= v <= 1.0:
+                return f"{k} = {v:g}, outside [0, 1]"
+            if k == "loss" and v < 0:
+                return f"loss = {v:g}, below 0"
+        return None
+
     def close(self) -> None:
         pass
+
+
+_FRACTIONS = ("acc", "bacc", "auc", "sen", "spe", "dice", "iou", "hamming", "f1")  # and their per-class forms
+
+
+def _site_key(name: str) -> str:
+    """A site's name as enrolment compares it: case and punctuation aside ('VA Long Beach' ~ 'va-long-beach')."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def _refusal(reply: Message) -> str:
+    reason = reply.error.reason or ""
+    return reason[reason.index("refused:") + len("refused:"):].strip().splitlines()[0].rstrip("'>")
 
 
 def _reason(reply: Message) -> str:

@@ -1,0 +1,114 @@
+"""The operator's runs: `submit` starts (or resumes) a federation and streams its log; `status`
+reports the server's sites and runs. Both are run on the server's machine: the Control API
+answers only there, to the holder of the operator's token.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from fedmi.apps import tickets
+from fedmi.deploy.app_pin import APP_COMPONENTS
+from fedmi.deploy.connection import Connection, json_object
+from fedmi.errors import FedmiError
+from fedmi.experiments.config import load_config
+from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, check_output
+
+# The Flower app: fedmi's two apps, importable from this environment; nothing else to install.
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedmi-federation"
+version = "1.0.0"
+description = "fedmi's ServerApp and ClientApp (installed with fedmi on every machine)"
+license = "MIT"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedmi"
+
+[tool.flwr.app.components]
+serverapp = "{serverapp}"
+clientapp = "{clientapp}"
+
+[tool.flwr.app.config]
+fedmi-config = ""
+run-dir = ""
+resume = false
+overwrite = false
+fedmi-ticket = ""
+fedmi-signature = ""
+"""
+
+
+def _toml(value: object) -> str:
+    return "true" if value is True else "false" if value is False else json.dumps(value)
+
+
+def submit(connection: Connection, config: Path | None, run_dir: Path, resume: bool = False,
+           overwrite: bool = False, signing_key: Path | None = None) -> int:
+    """Start the federation `config` describes (or resume the one in `run_dir`); stream its log.
+
+    `signing_key`: the operator's key (operator.key) the run's ticket is signed with (default:
+    beside the CA certificate, when there). A folder that holds a run is replaced only with
+    `overwrite`, when the new run finishes."""
+    run_dir = run_dir.resolve()
+    if resume:
+        check_output(run_dir, "resume", "fedmi submit --resume")
+        cfg = load_config(run_dir / RUN_CONFIG)
+        if not (run_dir / CHECKPOINT).is_file():
+            raise FedmiError(f"{run_dir} has no checkpoint: nothing to resume (did round 1 finish?)")
+    else:
+        if config is None:
+            raise FedmiError("give a config file, or --resume RUN_DIR")
+        cfg = load_config(config)
+        check_output(run_dir, "overwrite" if overwrite else "new", "fedmi submit --resume")
+    if signing_key is None and connection.ca is not None and (connection.ca.parent / "operator.key").is_file():
+        signing_key = connection.ca.parent / "operator.key"
+    settings: dict = {"fedmi-config": cfg.model_dump_json(), "run-dir": str(run_dir), "resume": resume,
+                      "overwrite": overwrite}
+    if signing_key is not None:
+        settings[tickets.TICKET], settings[tickets.SIGNATURE] = tickets.sign(
+            signing_key, cfg.model_dump(mode="json"), str(run_dir), resume, overwrite)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="fedmi-app-") as tmp:
+        app = Path(tmp) / "app"
+        app.mkdir()
+        (app / "pyproject.toml").write_text(APP_PYPROJECT.format(**APP_COMPONENTS))
+        overrides = Path(tmp) / "run-config.toml"
+        overrides.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+        proc = connection.flwr(["run", str(app), "fedmi", "--run-config", str(overrides), "--stream"],
+                               check=False, capture=False)
+    summary = run_dir / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime >= started:
+        return 0
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    for kept in (run_dir, partial):
+        if (kept / CHECKPOINT).is_file() and (kept / CHECKPOINT).stat().st_mtime >= started - 1 or \
+                resume and kept == run_dir and (kept / CHECKPOINT).is_file():
+            raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}); "
+                             f"its last checkpoint is in {kept}: `fedmi submit --resume {kept}`")
+    raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}) and completed no round; "
+                     "the server's reason is in the log above (`fedmi status` shows how the run ended)")
+
+
+def status(connection: Connection, state_dir: Path | None = None) -> dict:
+    """The SuperLink's sites (named from the server's state folder when given) and runs."""
+    from fedmi.apps.enrolment import site_names
+
+    out = {}
+    for key, args in (("sites", ["supernode", "list"]), ("runs", ["list"])):
+        done = connection.flwr([*args, "--format", "json"])
+        found = json_object(done.stdout)
+        if not found:
+            raise FedmiError(f"flwr {' '.join(args)} gave no readable answer: {done.stdout[-200:]}")
+        out[key] = found
+    names = site_names(state_dir)
+    sites = [{"site": names.get(str(n.get("node-id")), "?"), **n} for n in out["sites"].get("nodes", [])]
+    return {"sites": sites, "runs": out["runs"].get("runs", [])}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import yaml
 from fedmi.experiments.config import parse_config
 from fedmi.core import params as P
 from fedmi.data.registry import load_federation
-from fedmi.deploy.flower import APP_PYPROJECT, Connection, flower_env
-from fedmi.deploy.local import LocalFederation, fedmi_argv, in_process_run
+from fedmi.deploy.processes import flower_env
+from fedmi.deploy.runs import APP_PYPROJECT
+from fedmi.deploy.local import LocalFederation, _descendants, fedmi_argv, in_process_run
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +70,8 @@ def _records(run_dir: Path) -> list[dict]:
 def _submit(fed: LocalFederation, *args: str) -> subprocess.Popen:
     """`fedmi submit` in the background, its output in submit.log."""
     with open(fed.log("submit"), "ab") as log:
-        return subprocess.Popen(fedmi_argv("submit", *args, "--server", fed.address, "--ca", str(fed.pki / "ca.pem")),
-                                env=flower_env(), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(fedmi_argv("submit", *args, *fed.operator), env=flower_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
 
 
 def _wait_for_round(run_dir: Path, submit: subprocess.Popen, fed: LocalFederation, timeout: float = 300) -> None:
@@ -99,7 +101,9 @@ def _assert_offline(audit: Path) -> None:
     through uv or pip); gRPC's own C core connects only to the addresses the commands were given."""
     events = [json.loads(line) for line in audit.read_text().splitlines()]
     started = [Path(e["what"][0]).name for e in events if e["event"] == "subprocess.Popen"]
-    assert {"flower-superexec", "flwr-serverapp", "flwr-clientapp"} <= set(started), started  # the audit ran
+    assert "flwr-serverapp" in started, started  # the audit ran
+    # No process per message: the sites run every task in fedmi's executor, and Flower's SuperExec never starts.
+    assert not {"flower-superexec", "flwr-clientapp"} & set(started), started
     assert not {"uv", "pip", "pip3"} & set(started), started
     loopback = {"127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "None"}  # None: a local bind
     for e in events:
@@ -121,52 +125,68 @@ client = ClientApp()
 """
 
 
-def _submit_a_foreign_app(fed: LocalFederation, tmp_path: Path) -> str:
-    """An app bundle with its own code, started with plain `flwr run` by someone holding only ca.pem."""
+def _foreign_app(tmp_path: Path) -> Path:
     app = tmp_path / "foreign-app"
-    app.mkdir()
+    app.mkdir(exist_ok=True)
     (app / "pyproject.toml").write_text(
         APP_PYPROJECT.format(serverapp="evil:server", clientapp="evil:client").replace("fedmi-federation", "evil"))
     (app / "evil.py").write_text(FOREIGN_APP.format(marker=str(tmp_path / "owned")))
-    home = tmp_path / "attacker-flwr"  # the rogue's Flower CLI configuration
-    done = subprocess.run(["flwr", "run", str(app), "fedmi", "--stream"], env=flower_env(home), capture_output=True,
-                          text=True, timeout=180)
-    assert "Successfully started run" in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
-    return done.stdout + done.stderr  # the run's log, streamed back
+    return app
 
 
-def test_a_tls_federation_refuses_strangers_survives_a_server_crash_and_matches_the_in_process_run(
+def _from_another_machine(fed: LocalFederation, path: str, token: bytes | None = None) -> int:
+    """POST `path` to the server from 127.0.0.2 (a site's machine stands in), holding ca.pem (and the
+    operator's token, when given); the HTTP status."""
+    import ssl
+
+    import httpx
+
+    transport = httpx.HTTPTransport(local_address="127.0.0.2",
+                                    verify=ssl.create_default_context(cafile=str(fed.pki / "ca.pem")))
+    headers = {"content-type": "application/protobuf", **({"x-fedmi-operator": token.decode()} if token else {})}
+    with httpx.Client(transport=transport, timeout=10) as client:
+        return client.post(f"https://{fed.address}{path}", content=b"", headers=headers).status_code
+
+
+CONTROL = ["/v1/control/list-runs", "/v1/control/start-run", "/v1/control/stop-run", "/v1/control/stream-logs",
+           "/v1/control/register-node", "/v1/control/unregister-node", "/v1/control/list-nodes"]
+
+
+def test_a_tls_federation_refuses_outsiders_and_strangers_survives_a_server_crash_and_matches_in_process(
         tmp_path, monkeypatch):
-    """Three enrolled sites over TLS run three rounds of FedAvg; the server is killed after round 1
-    and the run resumed. Meanwhile an unenrolled site, a rogue that registered its key straight
-    through Flower, and a foreign app bundle are all refused; nothing leaves loopback. The final
-    model equals the uninterrupted in-process run's."""
+    """Three enrolled sites over TLS run three rounds of FedAvg; `fedmi server` is killed (-9) after
+    round 1 and the run resumed. From another address, a holder of ca.pem (and even of the
+    operator's token) cannot start, stop or list runs, read logs, register or unregister a key, or
+    claim the ServerApp's task; an unenrolled site and a foreign app bundle are refused; nothing
+    leaves loopback, no secret is on a command line, no process outlives the server. The final model
+    equals the uninterrupted in-process run's."""
     audit = _audited(monkeypatch, tmp_path)
     run = _write_run(tmp_path, "fedavg")
     run_dir = tmp_path / "run"
     with _federation(tmp_path, extra_keys=("intruder", "rogue")) as fed:
         fed.start_server()
-        # The rogue registers its own key through Flower's Control API, which asks no credentials, and
-        # connects first: the SuperLink admits it, fedmi's ServerApp does not.
-        attacker = Connection(fed.address, fed.pki / "ca.pem").flwr_home(tmp_path / "attacker-flwr")
-        registered = subprocess.run(["flwr", "supernode", "register", str(fed.pki / "sites" / "rogue.pub")],
-                                    env=flower_env(attacker), capture_output=True, text=True)
-        assert registered.returncode == 0, registered.stderr
-        (tmp_path / "va.yaml").write_text("dataset: heart-disease\nsite: VA Long Beach\n")
-        fed.start_site("rogue", tmp_path / "va.yaml")
-        fed.wait_for_log("site-rogue", "SuperNode ID", 120)
+        token = (tmp_path / "server-state" / "operator.token").read_bytes().strip()
+        assert (tmp_path / "server-state" / "operator.token").stat().st_mode & 0o077 == 0
+        for path in [*CONTROL, "/v1/runtime/acquire-task", "/docs", "/health"]:
+            assert _from_another_machine(fed, path) == 403, path
+            assert _from_another_machine(fed, path, token) == 403, path  # the token is no use from elsewhere
         for name in SITES:
             fed.start_site(name)
         intruder = fed.start_site("intruder", tmp_path / "switzerland.yaml")
 
         first = _submit(fed, str(run), "--out", str(run_dir))
         _wait_for_round(run_dir, first, fed)
-        fed.stop("server", crash=True)
+        ps = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
+        assert "--token " not in ps and "--token=" not in ps, [line for line in ps.splitlines() if "--token" in line]
+        children = fed.kill_leader("server")  # kill -9 of `fedmi server` alone: its children must follow
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "children outlived fedmi server"
         first.wait(timeout=120)
         output = fed.log("submit").read_text()
         assert first.returncode == 2, output[-2000:]
         assert f"--resume {run_dir}" in output
-        assert "was not enrolled with fedmi (its key was registered some other way); it is refused" in output
         assert not (run_dir / "summary.json").exists()
         assert intruder.wait(timeout=120) == 2
 
@@ -174,21 +194,36 @@ def test_a_tls_federation_refuses_strangers_survives_a_server_crash_and_matches_
         done = fed.submit("--resume", str(run_dir))
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resuming after round" in done.stdout + done.stderr
-        # Flower does not wait for the app processes it starts; none may be left defunct.
-        processes = subprocess.run(["ps", "-eo", "stat=,comm="], capture_output=True, text=True).stdout
-        assert not [p for p in processes.splitlines() if p.strip().startswith("Z") and "flwr" in p], processes
+        # A finished ServerApp is reaped by the server once it exits (allow the moment between exit and wait).
+        ours = {str(fed.procs["server"].pid), *map(str, _descendants(fed.procs["server"].pid))}
+        for _ in range(50):
+            processes = subprocess.run(["ps", "-eo", "stat=,ppid=,comm="], capture_output=True, text=True).stdout
+            zombies = [p for p in processes.splitlines() if p.split()[0].startswith("Z") and p.split()[1] in ours]
+            if not zombies:
+                break
+            time.sleep(0.2)
+        assert not zombies, processes
 
-        status = subprocess.run(fedmi_argv("status", "--server", fed.address, "--ca", str(fed.pki / "ca.pem"),
-                                           "--state", str(tmp_path / "server-state"), "--json"),
-                                capture_output=True, text=True, env=flower_env())
+        status = subprocess.run(fedmi_argv("status", *fed.operator, "--json"), capture_output=True, text=True,
+                                env=flower_env())
         assert status.returncode == 0, status.stderr
         found = json.loads(status.stdout)
-        assert {(s["site"], s["status"]) for s in found["sites"]} == {*((k, "online") for k in SITES), ("?", "online")}
+        assert {(s["site"], s["status"]) for s in found["sites"]} == {(k, "online") for k in SITES}
         assert "finished:completed" in [r["status"] for r in found["runs"]]
-        foreign = _submit_a_foreign_app(fed, tmp_path)
-    # An app bundle with code of its own is refused before it is installed; its code never runs.
+        # The same status request without the operator's state folder (and so its token) is refused.
+        stranger = subprocess.run(fedmi_argv("status", "--server", fed.address, "--ca", str(fed.pki / "ca.pem"),
+                                             "--state", str(tmp_path / "no-such-state")),
+                                  capture_output=True, text=True, env=flower_env())
+        assert stranger.returncode == 2 and "no operator token" in stranger.stderr
+        # The operator's own `flwr run` of a bundle with code: refused on the server before it is installed.
+        foreign = subprocess.run([sys.executable, "-m", "fedmi.deploy.pins", "flwr", "run", str(_foreign_app(tmp_path)),
+                                  "fedmi", "--stream"],
+                                 env={**flower_env(_operator_home(fed, tmp_path)), "FEDMI_OPERATOR_TOKEN_FILE":
+                                      str(tmp_path / "server-state" / "operator.token")},
+                                 capture_output=True, text=True, timeout=180)
+        assert "Successfully started run" in foreign.stdout + foreign.stderr, foreign.stderr[-2000:]
+        fed.wait_for_log("server", "refused an app bundle that carries files of its own (evil.py)", 60)
     assert not (tmp_path / "owned").exists()
-    assert "refused an app bundle that carries files of its own (evil.py)" in foreign, foreign[-3000:]
     intruder_log, server_log = fed.log("site-intruder").read_text(), fed.log("server").read_text()
     assert "refused this site: its public key is not enrolled" in intruder_log
     assert "admits it with: fedmi enroll" in intruder_log and " --ca " in intruder_log  # the whole command
@@ -200,12 +235,23 @@ def test_a_tls_federation_refuses_strangers_survives_a_server_crash_and_matches_
     _assert_offline(audit)
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3]
-    assert all(sorted(r["sites"]) == sorted(SITES.values()) for r in records)
-    assert set(records[-1]["test"]) == set(SITES.values())
+    assert all(sorted(r["sites"]) == sorted(SITES) for r in records)  # the enrolled names
+    assert set(records[-1]["test"]) == set(SITES)
     deployed = P.load(run_dir / "model.safetensors")
     expected = _in_process(run)
     assert P.allclose(deployed, expected, rtol=1e-5, atol=1e-6), \
         {k: float((deployed[k] - expected[k]).abs().max()) for k in expected}
+    # Each site kept its own record of every task it ran.
+    tasks = [json.loads(line) for line in (fed.site_state("cleveland") / "tasks.jsonl").read_text().splitlines()]
+    assert {t["kind"] for t in tasks} >= {"query", "train", "evaluate"}
+    assert all(t["outcome"] == "done" and t["seconds"] >= 0 for t in tasks)
+    assert max(int(t["round"]) for t in tasks if t["kind"] == "train") == 3
+
+
+def _operator_home(fed: LocalFederation, tmp_path: Path) -> Path:
+    from fedmi.deploy.connection import Connection
+
+    return Connection(fed.address, fed.pki / "ca.pem").flwr_home(tmp_path / "operator-flwr")
 
 
 def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_federation(tmp_path):
@@ -224,13 +270,18 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
     run = _write_run(tmp_path, "robust", rounds=2, min_sites=2, max_update_norm=100.0,
                      deployment={"sites": 4, "round_timeout": 60})
     run_dir = tmp_path / "run"
-    with _federation(tmp_path, extra_keys=("poisoned",)) as fed:
+    with _federation(tmp_path, extra_keys=("poisoned", "spare")) as fed:
         fed.start_server()
-        enrolled = subprocess.run(fedmi_argv("enroll", str(fed.pki / "sites" / "poisoned.pub"), "--server",
-                                             fed.address, "--ca", str(fed.pki / "ca.pem"),
-                                             "--state", str(tmp_path / "server-state")),
+        enrolled = subprocess.run(fedmi_argv("enroll", str(fed.pki / "sites" / "poisoned.pub"), *fed.operator),
                                   capture_output=True, text=True, env=flower_env())
         assert enrolled.returncode == 0, enrolled.stderr
+        # Enrolment tells the truth: the same key again, or another key under a taken name, fails.
+        again = subprocess.run(fedmi_argv("enroll", str(fed.pki / "sites" / "poisoned.pub"), "--name", "other",
+                                          *fed.operator), capture_output=True, text=True, env=flower_env())
+        assert again.returncode == 2 and "could not enrol site other" in again.stderr, again.stderr
+        taken = subprocess.run(fedmi_argv("enroll", str(fed.pki / "sites" / "spare.pub"), "--name", "cleveland",
+                                          *fed.operator), capture_output=True, text=True, env=flower_env())
+        assert taken.returncode == 2 and "site cleveland is enrolled already" in taken.stderr, taken.stderr
         for name in SITES:
             fed.start_site(name)
         fed.start_site("poisoned", tmp_path / "poisoned.yaml")
@@ -242,13 +293,13 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
         assert submit.returncode == 0, output[-3000:]
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
-    assert records[0]["rejected"] == ["Poisoned"]
-    assert sorted(records[0]["sites"]) == sorted(SITES.values())
+    assert records[0]["rejected"] == ["poisoned"]
+    assert sorted(records[0]["sites"]) == sorted(SITES)
     for r in records[1:]:
-        assert "Hungary" not in r["sites"] and sorted(r["sites"]) == ["Cleveland", "Switzerland"]
-    assert "rejected update from site Poisoned" in output
-    assert "no reply from site Hungary" in output or "site Hungary failed" in output
-    assert "left out: Hungary, Poisoned" in output
+        assert "hungary" not in r["sites"] and sorted(r["sites"]) == ["cleveland", "switzerland"]
+    assert "rejected update from site poisoned" in output
+    assert "no reply from site hungary" in output or "site hungary failed" in output
+    assert "left out: hungary, poisoned" in output
     final = P.load(run_dir / "model.safetensors")
     assert all(np.isfinite(v.numpy()).all() for v in final.values())
 
@@ -257,8 +308,8 @@ def test_relayed_flower_output_loses_its_colour_codes_outside_a_terminal(capsys)
     import os
     import sys
 
-    from fedmi.deploy.flower import _run_foreground
+    from fedmi.deploy.processes import run_foreground
 
-    code = _run_foreground([sys.executable, "-c", "print('\\x1b[92mINFO\\x1b[0m :      Starting')"], dict(os.environ))
+    code = run_foreground([sys.executable, "-c", "print('\\x1b[92mINFO\\x1b[0m :      Starting')"], dict(os.environ))
     out = capsys.readouterr().out
     assert code == 0 and "INFO :      Starting" in out and "\x1b" not in out

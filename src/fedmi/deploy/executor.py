@@ -231,6 +231,7 @@ class ServerAppLauncher:
                                 preexec_fn=die_with_parent)
         self.children = [p for p in self.children if p.poll() is None] + [proc]
         self.relay(proc)
+        start_thread(proc.wait, f"fedmi-reap-{proc.pid}")  # reaped when it ends: no defunct ServerApps
         log.info("run %d: its ServerApp started (pid %d)", task.run_id, proc.pid)
 
     def stop(self) -> None:

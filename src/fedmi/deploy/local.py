@@ -149,6 +149,15 @@ class LocalFederation:
         else:
             stop_process_group(proc)
 
+    def kill_leader(self, name: str) -> list[int]:
+        """SIGKILL the process `name` alone (as a crash or an OOM kill would); the pids of the
+        processes it had started, which must die with it."""
+        proc = self.procs.pop(name)
+        children = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return children
+
     def close(self) -> None:
         for name in list(self.procs):
             self.stop(name, crash=True)

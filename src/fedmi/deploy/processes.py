@@ -89,6 +89,15 @@ def die_with_parent() -> None:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour and cursor codes
 
 
+def plain_flower_logs() -> None:
+    """Flower's own log lines in this process (its HTTP clients' retries, say) without colour codes
+    when the output is a file or a pipe, as the relayed lines of its programs are."""
+    if not sys.stdout.isatty():
+        from flwr.supercore.logger import update_console_handler
+
+        update_console_handler(colored=False)
+
+
 def start_child(argv: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
     """A supervised child: its own process group, killed with this process, output as text lines."""
     return subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE,

@@ -24,7 +24,7 @@ from fedmi.deploy.connection import Connection, existing_file, is_loopback, oper
 from fedmi.deploy.enrolment import enroll, site_name_of_key
 from fedmi.deploy.executor import RuntimeLink, ServerAppLauncher, make_secret_file, serve_tasks, start_thread
 from fedmi.deploy.pins import TOKEN_FILE_ENV
-from fedmi.deploy.processes import flower_env, relay_output, run_foreground, wait_for_port
+from fedmi.deploy.processes import flower_env, plain_flower_logs, relay_output, run_foreground, wait_for_port
 from fedmi.errors import FedmiError
 
 OPERATOR_PUBLIC_KEY = "operator.pub"
@@ -73,6 +73,7 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
                     f"run on this machine: {enroll_command}")
         return None
 
+    plain_flower_logs()
     stop = threading.Event()
     launchers = Path(tempfile.mkdtemp(prefix="fedmi-launchers-"))
     env = flower_env(state_dir / "flower", write_launchers(launchers))

@@ -19,7 +19,7 @@ from pathlib import Path
 from fedmi.deploy.connection import Connection, existing_file
 from fedmi.deploy.executor import RuntimeLink, SiteRecords, make_secret_file, run_client_task, serve_tasks, start_thread
 from fedmi.deploy.pins import DEFAULT_SITE_POLL, SITE_POLL_ENV, check_flower_version, shorten_object_waits
-from fedmi.deploy.processes import flower_env, run_foreground
+from fedmi.deploy.processes import flower_env, plain_flower_logs, run_foreground
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
@@ -74,6 +74,7 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
         if "Failed to activate SuperNode" in line or "code: 2004" in line:
             seen.append(line)
 
+    plain_flower_logs()
     stop = threading.Event()
     link = RuntimeLink(f"127.0.0.1:{port}")
     executor = start_thread(lambda: serve_tasks(link, secret.read_bytes(), "flwr-clientapp",

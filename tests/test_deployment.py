@@ -152,8 +152,6 @@ CONTROL = ["/v1/control/list-runs", "/v1/control/start-run", "/v1/control/stop-r
            "/v1/control/register-node", "/v1/control/unregister-node", "/v1/control/list-nodes"]
 
 
-@pytest.mark.xfail(reason="failed once in a fresh-clone run at the end of the session it was written in, "
-                          "cause not yet found; passes when run alone", strict=False)
 def test_a_tls_federation_refuses_outsiders_and_strangers_survives_a_server_crash_and_matches_in_process(
         tmp_path, monkeypatch):
     """Three enrolled sites over TLS run three rounds of FedAvg; `fedmi server` is killed (-9) after
@@ -246,7 +244,9 @@ def test_a_tls_federation_refuses_outsiders_and_strangers_survives_a_server_cras
     # Each site kept its own record of every task it ran.
     tasks = [json.loads(line) for line in (fed.site_state("cleveland") / "tasks.jsonl").read_text().splitlines()]
     assert {t["kind"] for t in tasks} >= {"query", "train", "evaluate"}
-    assert all(t["outcome"] == "done" and t["seconds"] >= 0 for t in tasks)
+    # A task whose message was still being pulled when the server was killed fails; every other is done.
+    assert all(t["outcome"] == "done" and t["seconds"] >= 0 for t in tasks if t["kind"] is not None), tasks
+    assert all("ObjectPullError" in t["reason"] for t in tasks if t["kind"] is None), tasks
     assert max(int(t["round"]) for t in tasks if t["kind"] == "train") == 3
 
 

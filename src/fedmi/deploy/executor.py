@@ -169,7 +169,8 @@ def run_client_task(link: RuntimeLink, token: str, app, records: SiteRecords) ->
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     message = context = reply = None
-    status, details, entry = SubStatus.FAILED, "", {}
+    # What is known of the task before its message is pulled: nothing (the pull itself may fail).
+    status, details, entry = SubStatus.FAILED, "", {"run": None, "round": None, "kind": None}
     try:
         message, context, run, fab = pull_task_input(client)
         entry = {"run": int(context.run_id), "round": message.metadata.group_id or None,

@@ -22,6 +22,7 @@ class LocalGrid(Grid):
         # what Flower's runtimes set before messages are made
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.silent: set[int] = set()  # nodes that introduce themselves, then never answer again
+        self.offline: set[int] = set()  # nodes Flower counts offline: not listed, answered for by Flower
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
         self.contexts: dict[int, Context] = {}  # one per node, kept across messages, as Flower's SuperNode does
@@ -37,7 +38,7 @@ class LocalGrid(Grid):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
+        return [n for n in self.nodes if n not in self.offline]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -46,7 +47,10 @@ class LocalGrid(Grid):
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             handler, node_config = self.nodes[node]
-            if node not in self.silent or msg.metadata.message_type == "query":
+            if node in self.offline:  # what the SuperLink answers for a node that went offline
+                self.replies[msg.metadata.message_id] = Message(
+                    Error(ErrorCode.NODE_UNAVAILABLE, "node offline"), reply_to=msg)
+            elif node not in self.silent or msg.metadata.message_type == "query":
                 context = self.contexts.setdefault(node, Context(
                     run_id=1, node_id=node, node_config=dict(node_config), state=RecordDict(), run_config={}))
                 try:

@@ -145,6 +145,75 @@ def test_a_round_retried_after_too_few_replies_gives_the_uninterrupted_result(ca
     assert P.allclose(result.params, run_federated(cfg).result.params, rtol=1e-5, atol=1e-6)
 
 
+def _trained(grid: LocalGrid, node: int) -> list[int]:
+    """The rounds node `node` was sent a training request in, and its site key in each."""
+    return [(int(m.metadata.group_id), codec.read_task(m.content)[1]["site_index"]) for m in grid.sent
+            if m.metadata.dst_node_id == node and m.metadata.message_type == "train"]
+
+
+def test_a_site_that_comes_online_joins_at_the_next_round_boundary(caplog):
+    grid = _grid()
+    grid.offline.add(103)  # VA Long Beach is not up when the run starts
+
+    def up_after_round_1(done: int) -> None:
+        if done == 1:
+            grid.offline.discard(103)
+
+    cfg = _cfg(rounds=3, deployment={"sites": 3})
+    with caplog.at_level(logging.INFO, logger="fedmi"):
+        result = run_on_grid(grid, cfg, None, on_round=up_after_round_1, simulation=True)
+    assert [r["sites"] for r in result.history] == [HEART_SITES[:3], HEART_SITES, HEART_SITES]
+    assert result.history[1]["joined"] == ["VA Long Beach"] and result.history[1]["left"] == []
+    assert "joined" not in result.history[0] and "joined" not in result.history[2]
+    assert "round 2: VA Long Beach joined; 4 sites in the federation" in caplog.text
+    assert _trained(grid, 103) == [(2, 3), (3, 3)]  # its partition's key, from round 2 on
+
+
+def test_a_site_that_leaves_is_dropped_after_round_timeout_and_returns_under_its_key(caplog):
+    grid = _grid()
+
+    def events(done: int) -> None:
+        if done == 1:  # Switzerland goes silent in round 2, then Flower counts it offline
+            grid.silent.add(102)
+        if done == 2:
+            grid.offline.add(102)
+        if done == 3:  # back, with its key
+            grid.silent.discard(102)
+            grid.offline.discard(102)
+
+    cfg = _cfg(rounds=4, deployment={"round_timeout": 0.3})
+    with caplog.at_level(logging.INFO, logger="fedmi"):
+        result = run_on_grid(grid, cfg, None, on_round=events, simulation=True)
+    others = [s for s in HEART_SITES if s != "Switzerland"]
+    assert [r["sites"] for r in result.history] == [HEART_SITES, others, others, HEART_SITES]
+    assert "no reply from site Switzerland within 0.3 s" in caplog.text
+    assert result.history[2]["left"] == ["Switzerland"] and result.history[3]["joined"] == ["Switzerland"]
+    assert "round 3: Switzerland left; 3 sites in the federation" in caplog.text
+    assert _trained(grid, 102) == [(1, 2), (2, 2), (4, 2)]  # not asked in round 3
+
+
+def test_a_joining_site_whose_data_do_not_fit_the_run_is_refused(caplog):
+    grid = _grid()
+    grid.offline.add(103)
+    real = grid.nodes[103][0]
+
+    def other_shape(msg, context):
+        reply = real(msg, context)
+        if msg.metadata.message_type == "query":
+            reply.content["site"]["input-shape"] = [7]
+        return reply
+
+    grid.nodes[103] = (other_shape, grid.nodes[103][1])
+
+    def up(done: int) -> None:
+        grid.offline.discard(103)
+
+    with caplog.at_level(logging.ERROR, logger="fedmi"):
+        result = run_on_grid(grid, _cfg(rounds=2, deployment={"sites": 3}), None, on_round=up, simulation=True)
+    assert "site VA Long Beach cannot join the run: its data have shape (7,)" in caplog.text
+    assert [r["sites"] for r in result.history] == [HEART_SITES[:3]] * 2
+
+
 def test_a_node_claiming_a_taken_name_is_refused(caplog):
     grid = _grid()
     grid.nodes[200] = (client_app(), {"partition-id": 0, "num-partitions": 4})  # a second "Cleveland"

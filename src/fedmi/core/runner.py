@@ -118,6 +118,15 @@ def check_update(update: Update, reference: P.ParamsT, max_norm: float | None) -
         raise FedmiError(f"update from site {update.site}: norm {norm:.3g} exceeds the limit {max_norm:.3g}")
 
 
+def _membership_change(previous: Sequence[SiteInfo] | None, now: Sequence[SiteInfo]
+                       ) -> tuple[list[str], list[str]]:
+    """The names that joined and that left between two rounds' site lists (none for a first round)."""
+    if previous is None:
+        return [], []
+    before, after = [i.name for i in previous], [i.name for i in now]
+    return [n for n in after if n not in before], [n for n in before if n not in after]
+
+
 def _stops(completed: int) -> str:
     return "the run stops here" + (f" (the last checkpoint holds round {completed})" if completed else "")
 
@@ -170,8 +179,12 @@ class Runner:
         infos = self.runtime.site_infos()
         self._check_feasible(len(infos))
         best, best_params, best_round = None, None, None
+        previous = None
         while state.round < self.rounds:
-            state = self.run_round(state, infos)
+            if previous is not None:  # sites may have joined or left since (a deployment)
+                infos = self.runtime.site_infos()
+            state = self.run_round(state, infos, previous)
+            previous = infos
             if self.selection is not None:
                 score = state.history[-1]["val_score"]
                 if self.selection.better(score, best):
@@ -205,9 +218,18 @@ class Runner:
             extras[LABEL_DISTRIBUTION] = (total / total.sum()).float()
         return extras
 
-    def run_round(self, state: ServerState, infos: Sequence[SiteInfo]) -> ServerState:
-        """`state` advanced by one round (its record logged, checkpointed and appended to its history)."""
+    def run_round(self, state: ServerState, infos: Sequence[SiteInfo],
+                  previous: Sequence[SiteInfo] | None = None) -> ServerState:
+        """`state` advanced by one round (its record logged, checkpointed and appended to its history).
+
+        `infos`: the sites available for this round; `previous`: those of the round before, when this
+        run had one (a change is logged and recorded as the round's "joined" and "left")."""
         r = state.round
+        joined, left = _membership_change(previous, infos)
+        if joined or left:
+            log.info("round %d: %s; %d sites in the federation", r + 1, "; ".join(
+                f"{', '.join(names)} {what}" for names, what in ((joined, "joined"), (left, "left")) if names),
+                len(infos))
         info = RoundInfo(r, self.rounds, self.seed, len(infos), self._broadcast(state, infos))
         chosen = [s.name for s in infos] if self.selector is None else self.selector.select(infos, info,
                                                                                             state.selection)
@@ -218,6 +240,8 @@ class Runner:
         seconds = time.perf_counter() - started  # broadcast, local training, upload, aggregation
         record = self._record(r, accepted, rejected, params)
         record["seconds"] = round(seconds, 4)
+        if joined or left:
+            record.update(joined=joined, left=left)
         log.info("round %d/%d: %d sites, training loss %s", r + 1, self.rounds, len(accepted),
                  f"{record['train_loss']:.4f}" if "train_loss" in record else "n/a")
         state = ServerState(params, aggregation, state.selection, r + 1, [*state.history, record], state.seed)

@@ -31,7 +31,9 @@ class Runtime(Protocol):
     """
 
     def site_infos(self) -> list[SiteInfo]:
-        """Name and training-set size of every site, in the order that keys their random streams."""
+        """Name and training-set size of every site available now, in the order that keys their
+        random streams. The runner asks at every round boundary: a runtime whose sites come and go
+        (a deployment) answers with those that joined and without those that left."""
 
     def train(self, method: LocalMethod, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update | Rejected]:

@@ -42,6 +42,8 @@ from fedmi.runtime.flower.settings import DeploymentConfig
 
 log = logging.getLogger("fedmi")
 QUERY_TIMEOUT = 120.0
+JOIN_WAIT = 2.0  # seconds a round boundary waits for a newly online site to introduce itself
+ASK_AGAIN_AFTER = 5.0  # seconds before a node that did not introduce itself is asked again
 
 
 @dataclass
@@ -69,7 +71,10 @@ class GridRuntime:
         self.request = dict(task)
         self.deployment = deployment or DeploymentConfig()
         self.poll_interval = poll_interval
-        self._sites: dict[str, _Site] = {}
+        self._sites: dict[str, _Site] = {}  # the sites selection may choose
+        self._departed: dict[str, _Site] = {}  # sites that left: their key is kept for when they return
+        self._next_try: dict[int, float] = {}  # node id -> when a node that did not introduce itself is asked again
+        self._connected = False  # True once `connect` has the run's sites: later ones join
         self._max_bytes: int | None = None
         self.task: Task = BinaryTask()  # the sites' task, known once they have connected
 
@@ -77,20 +82,8 @@ class GridRuntime:
     def connect(self, want: int) -> list[SiteInfo]:
         """Wait until `want` sites have connected and introduced themselves (name, size, input shape)."""
         deadline = time.monotonic() + self.deployment.connect_timeout
-        next_try: dict[int, float] = {}  # a node that did not answer is asked again later
         while True:
-            now = time.monotonic()
-            known = {s.node_id for s in self._sites.values()} | self._refused
-            new = [n for n in self.grid.get_node_ids() if n not in known and next_try.get(n, 0.0) <= now]
-            if self.enrolled is not None:
-                for n in (n for n in new if n not in self.enrolled):
-                    log.error("node %d was not enrolled with fedmi (its key was registered some other way); "
-                              "it is refused", n)
-                    self._refused.add(n)
-                new = [n for n in new if n in self.enrolled]
-            next_try.update({n: now + 5.0 for n in new})
-            if new:
-                self._introduce(new, deadline)
+            self._discover(max(deadline - time.monotonic(), QUERY_TIMEOUT))
             if len(self._sites) >= want:
                 break
             if time.monotonic() > deadline:
@@ -111,14 +104,31 @@ class GridRuntime:
             raise FedmiError("the sites' labels are of different tasks: " +
                              ", ".join(f"{s.name} {s.task}" for s in self._sites.values()))
         self.task = tasks.pop() if tasks else BinaryTask()
+        self._connected = True
         log.info("sites connected: %s", ", ".join(f"{s.name} ({s.num_train} training examples)"
                                                  for s in self._sites.values()))
         return self.site_infos()
 
-    def _introduce(self, node_ids: Sequence[int], deadline: float) -> None:
+    def _discover(self, timeout: float) -> None:
+        """Ask the online nodes not yet known (the enrolled ones, under enrolment) who they are,
+        waiting up to `timeout` for their answers; a node that did not answer is asked again later."""
+        now = time.monotonic()
+        known = {s.node_id for s in self._sites.values()} | self._refused
+        new = [n for n in self.grid.get_node_ids() if n not in known and self._next_try.get(n, 0.0) <= now]
+        if self.enrolled is not None:
+            for n in (n for n in new if n not in self.enrolled):
+                log.error("node %d was not enrolled with fedmi (its key was registered some other way); "
+                          "it is refused", n)
+                self._refused.add(n)
+            new = [n for n in new if n in self.enrolled]
+        self._next_try.update({n: now + ASK_AGAIN_AFTER for n in new})
+        if new:
+            self._introduce(new, timeout)
+
+    def _introduce(self, node_ids: Sequence[int], timeout: float) -> None:
         content = RecordDict({"config": ConfigRecord({codec.TASK: json.dumps(self.request)})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        for node_id, reply in self._exchange(messages, max(deadline - time.monotonic(), QUERY_TIMEOUT), "query"):
+        for node_id, reply in self._exchange(messages, timeout, "query"):
             if reply is not None and reply.has_error() and "No query function registered" in (reply.error.reason or ""):
                 # A plain Flower client app: it trains and evaluates but cannot introduce itself.
                 name = f"node-{node_id}"
@@ -131,7 +141,7 @@ class GridRuntime:
                               _refusal(reply))
                     self._refused.add(node_id)
                     continue
-                offline = reply is None or reply.error.code == ErrorCode.NODE_UNAVAILABLE
+                offline = reply is None or _offline(reply)
                 (log.info if offline else log.warning)("node %d did not introduce itself (%s)", node_id,
                                                        "no reply" if reply is None else _reason(reply))
                 continue
@@ -160,8 +170,41 @@ class GridRuntime:
             if site.name in self._sites:
                 log.error("node %d claims the name '%s', already taken by node %d; it is refused",
                           node_id, site.name, self._sites[site.name].node_id)
+                self._refused.add(node_id)
                 continue
-            self._sites[site.name] = site
+            if self._connected:
+                self._join(site)
+            else:
+                self._sites[site.name] = site
+
+    def _join(self, site: _Site) -> None:
+        """A site that introduced itself once the run was under way: it trains from the next round,
+        under the key it had before it left (its random streams go on), or a new one."""
+        wrong = site.input_shape is not None and site.input_shape != self.input_shape and \
+            f"its data have shape {site.input_shape}, the run's {self.input_shape}"
+        wrong = wrong or site.task is not None and site.task != self.task and \
+            f"its labels are of task {site.task}, the run's {self.task}"
+        if wrong:
+            log.error("site %s cannot join the run: %s", site.name, wrong)
+            self._refused.add(site.node_id)
+            return
+        before = self._departed.pop(site.name, None)
+        if before is not None:
+            site.key = before.key
+        elif site.partition is not None:
+            site.key = site.partition
+        else:
+            site.key = 1 + max((s.key for s in [*self._sites.values(), *self._departed.values()]), default=-1)
+        self._sites[site.name] = site
+
+    def _depart(self, name: str, why: str) -> None:
+        """A site that did not answer within round_timeout (or that Flower says is offline) is
+        dropped from selection until it introduces itself again."""
+        site = self._sites.pop(name, None)
+        if site is not None:
+            self._departed[name] = site
+            self._next_try[site.node_id] = 0.0  # asked again at the next round boundary
+            log.debug("site %s is dropped from selection: %s", name, why)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -175,6 +218,10 @@ class GridRuntime:
         return tuple(self.deployment.input_shape)
 
     def site_infos(self) -> list[SiteInfo]:
+        """The sites available now: once the run is under way, each call (the runner's, at every round
+        boundary) first looks for enrolled sites that came online, waiting JOIN_WAIT for them."""
+        if self._connected:
+            self._discover(JOIN_WAIT)
         return [SiteInfo(s.name, s.num_train, s.label_counts) for s in sorted(self._sites.values(), key=lambda s: s.key)]
 
     def _site(self, name: str) -> _Site:
@@ -209,6 +256,8 @@ class GridRuntime:
         broadcast = codec.params_record(extras) if extras else None
         out = []
         for name in sites:
+            if name in self._departed:  # it left during this round's earlier attempt: no answer
+                continue
             site = self._site(name)
             content = RecordDict({"arrays": arrays, "config": codec.task_config(
                 server_round, {**self.request, **task, "site_index": site.key})})
@@ -232,8 +281,11 @@ class GridRuntime:
         messages = self._request(MessageType.TRAIN, params, sites, task, r, dict(round_info.extras))
         for node_id, reply in self._exchange(messages, self.deployment.round_timeout, "train"):
             name = self._name(node_id)
-            if reply is None:
-                log.warning("round %d: no reply from site %s within %g s", r, name, self.deployment.round_timeout)
+            if reply is None or _offline(reply):
+                why = f"no reply from site {name} within {self.deployment.round_timeout:g} s" if reply is None \
+                    else f"site {name} is offline"
+                log.warning("round %d: %s", r, why)
+                self._depart(name, why)
                 continue
             if reply.has_error():
                 if "refused:" in (reply.error.reason or ""):
@@ -271,6 +323,8 @@ class GridRuntime:
         out: dict[str, dict] = {}
         for node_id, reply in self._exchange(messages, self.deployment.round_timeout, "evaluate"):
             name = self._name(node_id)
+            if reply is None or _offline(reply):
+                self._depart(name, "no reply" if reply is None else "offline")
             if reply is None or reply.has_error() or "metrics" not in reply.content.metric_records:
                 why = "no reply" if reply is None else _reason(reply) if reply.has_error() else "no metrics"
                 log.warning("evaluation: site %s gave no metrics (%s)", name, why)
@@ -315,6 +369,11 @@ _FRACTIONS = ("acc", "bacc", "auc", "sen", "spe", "dice", "iou", "hamming", "f1"
 def _site_key(name: str) -> str:
     """A site's name as enrolment compares it: case and punctuation aside ('VA Long Beach' ~ 'va-long-beach')."""
     return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def _offline(reply: Message) -> bool:
+    """Flower's own reply for a message to a node that went offline before it answered."""
+    return reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
 
 
 def _refusal(reply: Message) -> str:

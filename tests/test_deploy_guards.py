@@ -74,13 +74,51 @@ def test_the_gate_answers_403_without_calling_flower():
     assert called == ["/v1/control/start-run"]
 
 
-def test_flowers_fixed_waits_are_shortened_and_nothing_else_changes():
+def test_flowers_fixed_waits_are_shortened_and_nothing_else_changes(monkeypatch):
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
     waits = ShortWaits(0.05)
-    start = time.perf_counter()
     waits.sleep(3)
     waits.sleep(0.5)
-    assert time.perf_counter() - start < 1.0  # 3.5 s of Flower's waits became 0.07 s
+    waits.sleep(7)
+    assert slept == [0.05, 0.02, 7]  # Flower's 3 s and 0.5 s waits shortened, any other kept
     assert waits.monotonic is time.monotonic
+
+
+def _refusal(status: int):
+    import httpx
+
+    request = httpx.Request("POST", "https://server/v1/fleet/activate-node")
+    return httpx.HTTPStatusError("refused", request=request, response=httpx.Response(status, request=request))
+
+
+def test_a_restarted_site_waits_out_its_earlier_connection_and_an_unenrolled_key_still_fails(capsys):
+    from fedmi.deploy.pins import wait_out_stale_connection
+
+    now = [0.0]
+    clock, sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+    answers = [_refusal(412)] * 3 + ["activated"]
+
+    def activate(client, request):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert wait_out_stale_connection(activate, 25, clock=clock, sleep=sleep)(None, None) == "activated"
+    assert now[0] == 3.0 and "asking again for up to 25 s" in capsys.readouterr().err
+    # A key the server does not know is refused the same way: it fails once the window is over.
+    always = wait_out_stale_connection(lambda c, r: (_ for _ in ()).throw(_refusal(412)), 25, clock=clock, sleep=sleep)
+    start = now[0]
+    with pytest.raises(Exception, match="refused"):
+        always(None, None)
+    assert 25 <= now[0] - start <= 27
+    # Any other refusal is not waited on.
+    start = now[0]
+    with pytest.raises(Exception, match="refused"):
+        wait_out_stale_connection(lambda c, r: (_ for _ in ()).throw(_refusal(401)), 25, clock=clock,
+                                  sleep=sleep)(None, None)
+    assert now[0] == start
 
     def pull(ids, *, initial_backoff=1.0, backoff_cap=10.0):
         return initial_backoff, backoff_cap
@@ -102,6 +140,15 @@ def test_the_pinned_flower_functions_still_take_the_defaults_fedmi_changes():
     check_flower_version()
     shorten_object_waits()
     assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == FIRST_PULL_RETRY
+    # The SuperNode's heartbeat interval and activation, which fedmi site's SuperNode changes.
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as connection
+    from flwr.common.constant import HEARTBEAT_MIN_INTERVAL
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    from fedmi.deploy.pins import SITE_HEARTBEAT
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 30
+    assert SITE_HEARTBEAT >= HEARTBEAT_MIN_INTERVAL and callable(FleetHttpClient.ActivateNode)
 
 
 # -- run tickets ------------------------------------------------------------------------------------
@@ -292,3 +339,12 @@ def test_faked_evaluation_results_are_left_out_of_the_table(kind, said, caplog):
         result = run_on_grid(_grid({2: _lying(kind)}), cfg, None, simulation=True, enrolled=ENROLLED)
     assert f"evaluation: site switzerland reported {said}" in caplog.text
     assert set(result.history[-1]["test"]) == {"cleveland", "hungary"}
+
+
+def test_status_is_unhealthy_with_fewer_sites_online_than_needed():
+    from fedmi.deploy.runs import unhealthy
+
+    found = {"sites": [{"site": "cleveland", "status": "online"}, {"site": "hungary", "status": "offline"}]}
+    assert unhealthy(found, 1) is None
+    assert unhealthy(found, 2) == "1 of the 2 sites needed are online (cleveland)"
+    assert unhealthy({"sites": []}, 1) == "0 of the 1 sites needed are online (none)"

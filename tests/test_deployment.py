@@ -22,7 +22,7 @@ from fedmi.core import params as P
 from fedmi.data.registry import load_federation
 from fedmi.deploy.processes import flower_env
 from fedmi.deploy.runs import APP_PYPROJECT
-from fedmi.deploy.local import LocalFederation, _descendants, fedmi_argv, in_process_run
+from fedmi.deploy.local import LocalFederation, Replay, _descendants, fedmi_argv, in_process_run
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,9 @@ RUN = {
 }
 
 
-def _federation(tmp_path: Path, **kwargs) -> LocalFederation:
+def _federation(tmp_path: Path, sites: dict[str, str] = SITES, **kwargs) -> LocalFederation:
     configs = {}
-    for key, site in SITES.items():
+    for key, site in sites.items():
         configs[key] = tmp_path / f"{key}.yaml"
         configs[key].write_text(f"dataset: heart-disease\nsite: {site}\n")
     return LocalFederation(tmp_path, configs, **kwargs)
@@ -248,6 +248,58 @@ def test_a_tls_federation_refuses_outsiders_and_strangers_survives_a_server_cras
     assert all(t["outcome"] == "done" and t["seconds"] >= 0 for t in tasks if t["kind"] is not None), tasks
     assert all("ObjectPullError" in t["reason"] for t in tasks if t["kind"] is None), tasks
     assert max(int(t["round"]) for t in tasks if t["kind"] == "train") == 3
+
+
+def test_a_site_killed_mid_run_comes_back_with_its_state_and_a_new_site_joins(tmp_path):
+    """SCAFFOLD (each site keeps its control variate) over three sites; after round 1 one site is
+    killed (-9) and restarted at once, and a fourth, enrolled, site starts. The restarted site waits
+    out its earlier connection, restores its state from its own disk and trains again; the fourth
+    joins at a round boundary. The final model equals the in-process run with the same sites in the
+    same rounds (a round the restarted site missed is missed there too)."""
+    sites = {**SITES, "va-long-beach": "VA Long Beach"}  # enrolled under its own name
+    run = _write_run(tmp_path, "scaffold", trainer={"name": "scaffold", "lr": 0.05, "batch_size": 32,
+                                                    "local_steps": 10}, rounds=6, min_sites=2,
+                     deployment={"sites": 3, "round_timeout": 30})
+    run_dir = tmp_path / "run"
+    with _federation(tmp_path, sites) as fed:
+        fed.start_server()
+        for name in SITES:
+            fed.start_site(name)
+        submit = _submit(fed, str(run), "--out", str(run_dir))
+        _wait_for_round(run_dir, submit, fed)
+        fed.stop("site-hungary", crash=True)
+        fed.start_site("hungary")
+        fed.start_site("va-long-beach", None, "--log-format", "json")
+        submit.wait(timeout=400)
+        output = fed.log("submit").read_text()
+        assert submit.returncode == 0, output[-3000:]
+        hungary = fed.log("site-hungary").read_text()
+        status = subprocess.run(fedmi_argv("status", *fed.operator, "--json", "--min-sites", "5"),
+                                capture_output=True, text=True, env=flower_env())
+    # Each site's last contact is its last reply: the evaluation after round 6.
+    assert status.returncode == 1, status.stderr  # 4 sites online, 5 asked for: unhealthy
+    found = json.loads(status.stdout)
+    assert not found["healthy"] and found["problem"].startswith("4 of the 5 sites needed are online")
+    assert {s["site"]: (s["last-round"], s["last-task"]) for s in found["sites"]} == \
+        {name: (6, "evaluate") for name in sites}
+    lines = [json.loads(line) for line in fed.log("site-va-long-beach").read_text().splitlines()]  # --log-format json
+    assert {line["source"] for line in lines} >= {"fedmi", "supernode"} and all(line["message"] for line in lines)
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == list(range(1, 7))
+    trained = [r["sites"] for r in records]
+    assert "hungary" in trained[0] and "hungary" in trained[-1], trained
+    assert sum("hungary" not in t for t in trained) <= 2, trained  # the round it was down, and one to rejoin
+    va = "va-long-beach"
+    assert va not in trained[0] and va in trained[-1], trained
+    joined = [r["round"] for r in records if va in r.get("joined", [])]
+    assert joined == [1 + next(i for i, t in enumerate(trained) if va in t)]  # it trains from the round it joins
+    assert f"round {joined[0]}: {va} joined" in output
+    assert "the site's state restored from" in hungary
+    replay = Replay(records, first=list(SITES), names=sites)
+    deployed, expected = P.load(run_dir / "model.safetensors"), in_process_run(
+        parse_config(yaml.safe_load(run.read_text()), str(run)), list(sites.values()), replay).params
+    assert P.allclose(deployed, expected, rtol=1e-5, atol=1e-6), \
+        {k: float((deployed[k] - expected[k]).abs().max()) for k in expected}
 
 
 def _operator_home(fed: LocalFederation, tmp_path: Path) -> Path:

@@ -285,3 +285,22 @@ def test_a_site_without_data_says_how_to_give_it():
     msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="query")
     reply = grid.send_and_receive([msg])[0]
     assert reply.has_error() and "fedmi site --data" in reply.error.reason
+
+
+def test_every_reply_of_a_site_is_its_last_contact_with_the_round(tmp_path):
+    from fedmi.apps.enrolment import record_contact, site_activity
+
+    seen = []
+    path = tmp_path / "activity.json"
+
+    def on_reply(site, kind, r):
+        seen.append((site, kind, r))
+        record_contact(path, site, "run-a", kind, r)
+
+    run_on_grid(_grid(), _cfg(rounds=2), None, simulation=True, on_reply=on_reply,
+                enrolled={100 + i: name for i, name in enumerate(HEART_SITES)})
+    for site in HEART_SITES:
+        assert [(k, r) for s, k, r in seen if s == site] == [("query", 0), ("train", 1), ("train", 2), ("evaluate", 2)]
+    activity = site_activity(tmp_path / "activity.json")
+    assert set(activity) == set(HEART_SITES)
+    assert all(a["run"] == "run-a" and a["round"] == 2 and a["task"] == "evaluate" for a in activity.values())

@@ -52,10 +52,22 @@ class _Once(logging.Filter):
         return True
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, log_format: str | None = None) -> None:
+    """fedmi's log lines: on stderr for a person; for a service (`fedmi server`, `fedmi site`:
+    `log_format` "text" or "json") on stdout with its children's relayed lines, each with its time
+    or as one JSON object a line, from INFO up."""
     log = logging.getLogger("fedmi")
     log.handlers.clear()
-    handler = RichHandler(console=err_console, show_time=False, show_path=False)
+    if log_format is not None:
+        from fedmi.deploy.processes import JsonLogFormatter, set_log_format
+
+        set_log_format(log_format)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonLogFormatter() if log_format == "json" else
+                             logging.Formatter("%(asctime)s fedmi %(levelname)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+        verbose = True
+    else:
+        handler = RichHandler(console=err_console, show_time=False, show_path=False)
     handler.addFilter(_Once())
     log.addHandler(handler)
     log.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -320,6 +332,12 @@ def _print_final(title: str, metrics: Sequence[str], final: dict[str, dict], tas
 _CONNECTION_HELP = "the server's HOST:PORT"
 
 
+def _log_format(value: str) -> str:
+    if value not in ("text", "json"):
+        raise FedmiError(f"--log-format {value}: choose text or json")
+    return value
+
+
 def _connection(server: str, ca: Optional[Path], insecure: bool, state: Optional[Path] = None):
     """`state`: the server's state folder, for the operator's commands (its token opens the Control API)."""
     from fedmi.deploy.connection import Connection
@@ -359,9 +377,10 @@ def server(
     state: Path = _option(Path("fedmi-server"), help="the server's state: enrolled sites, runs, apps"),
     runs: Path = _option(Path("runs"), help="runs write their outputs only below this folder"),
     insecure: bool = _option(False, "--insecure", help="no TLS, no site authentication (loopback only)"),
+    log_format: str = _option("text", help="text, or json: one JSON object a line (time, level, source, message)"),
 ) -> None:
     """Start the coordinating server (Flower SuperLink) with TLS and site authentication; Ctrl-C stops it."""
-    _setup_logging(False)
+    _setup_logging(False, _log_format(log_format))
     from fedmi.deploy.server import serve
 
     if insecure == (certs is not None):
@@ -410,9 +429,10 @@ def site(
     operator_key: Optional[Path] = _option(None, help="the operator's public key (default: operator.pub beside --ca)"),
     poll: float = _option(0.2, min=0.01, max=60, help="seconds between two looks for work at the server"),
     insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
+    log_format: str = _option("text", help="text, or json: one JSON object a line (time, level, source, message)"),
 ) -> None:
     """Join a federation as one site (Flower SuperNode); the data stays here. Ctrl-C leaves."""
-    _setup_logging(False)
+    _setup_logging(False, _log_format(log_format))
     from fedmi.deploy.site import run_site
 
     sys.exit(run_site(_connection(server, ca, insecure), data, key, port, state, poll, operator_key))
@@ -459,21 +479,25 @@ def status(
     insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
     state: Path = _option(Path("fedmi-server"), help=_STATE_HELP),
     as_json: bool = _option(False, "--json", help="everything Flower reports, as JSON"),
+    min_sites: int = _option(1, min=0, help="exit with status 1 when fewer enrolled sites are online (monitoring)"),
 ) -> None:
-    """The server's enrolled sites (online or not) and its runs."""
+    """The server's enrolled sites (online or not, each one's last reply to a run) and its runs.
+    Exits 1 when fewer than --min-sites sites are online, 2 when the server does not answer."""
     _setup_logging(False)
-    from fedmi.deploy.runs import status as server_status
+    from fedmi.deploy.runs import status as server_status, unhealthy
 
     found = server_status(_connection(server, ca, insecure, state), state)
+    problem = unhealthy(found, min_sites)
     if as_json:
-        out_console.print_json(data=found)
-        return
+        out_console.print_json(data={**found, "healthy": problem is None, "problem": problem})
+        sys.exit(1 if problem else 0)
     sites = Table(title="Sites")
-    for col in ("site", "node id", "status", "online since", "offline since"):
+    for col in ("site", "node id", "status", "online since", "offline since", "last contact", "last run, round"):
         sites.add_column(col)
     for n in found["sites"]:
+        last = f"{n['last-run']}, round {n['last-round']} ({n['last-task']})" if "last-run" in n else ""
         sites.add_row(n["site"], str(n.get("node-id")), n.get("status", "?"), n.get("online-at", ""),
-                      n.get("offline-at", ""))
+                      n.get("offline-at", ""), n.get("last-contact", ""), last)
     runs = Table(title="Runs")
     for col in ("run id", "status", "started", "finished", "seconds"):
         runs.add_column(col)
@@ -482,6 +506,9 @@ def status(
                      f"{r.get('elapsed', 0):.0f}")
     out_console.print(sites)
     out_console.print(runs)
+    if problem:
+        err_console.print(f"unhealthy: {problem}", highlight=False)
+        sys.exit(1)
 
 
 @app.command()

@@ -1,19 +1,24 @@
-"""Which sites the server's operator enrolled, by Flower node id and name.
+"""Which sites the server's operator enrolled, by Flower node id and name, and when each last answered.
 
 Flower knows a site by a node id; the server keeps the names it enrolled them under in its
 state folder, for `fedmi status`, and fedmi's ServerApp admits only those nodes, each under the
-name it was enrolled with: a site is who its key is, whatever its replies say.
+name it was enrolled with: a site is who its key is, whatever its replies say. The ServerApp
+notes each site's latest reply (time, run, round, task) in the same folder (`record_contact`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 SITE_NAMES = "site-names.json"  # in the server's state folder: node id -> site name
 ENROLLED_SITES_ENV = "FEDMI_ENROLLED_SITES"  # set by `fedmi server` for its ServerApp: that file's path
 OPERATOR_KEY_ENV = "FEDMI_OPERATOR_KEY"  # set by `fedmi server`: operator.pub, the run tickets' signer
 RUNS_ROOT_ENV = "FEDMI_RUNS_ROOT"  # set by `fedmi server`: runs write their outputs only below this folder
+SITE_ACTIVITY = "site-activity.json"  # in the server's state folder: site name -> its latest reply
+ACTIVITY_ENV = "FEDMI_SITE_ACTIVITY"  # set by `fedmi server` for its ServerApp: that file's path
 
 
 def site_names(path: Path | None) -> dict[str, str]:
@@ -36,7 +41,29 @@ def forget_site(state_dir: Path, node_id: int) -> None:
 
 
 def _write(state_dir: Path, names: dict[str, str]) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / (SITE_NAMES + ".tmp")
-    tmp.write_text(json.dumps(names, indent=1))
-    tmp.replace(state_dir / SITE_NAMES)
+    _write_json(state_dir / SITE_NAMES, names)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    tmp.replace(path)
+
+
+def site_activity(path: Path | None) -> dict[str, dict]:
+    """Each site's latest reply to a ServerApp of this server: {"time", "run", "round", "task"}."""
+    if path is not None and path.is_dir():
+        path = path / SITE_ACTIVITY
+    try:
+        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def record_contact(path: Path, site: str, run: str, task: str, server_round: int) -> None:
+    """Note that `site` answered a `task` ("query", "train", "evaluate") of `run` in `server_round`."""
+    activity = site_activity(path)
+    activity[site] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": run, "round": server_round, "task": task}
+    _write_json(path, activity)

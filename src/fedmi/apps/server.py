@@ -25,7 +25,8 @@ from fedmi.client import METHODS
 from fedmi.experiments.config import RunConfig, parse_config
 from fedmi.core.runner import RunResult
 from fedmi.apps import tickets
-from fedmi.apps.enrolment import ENROLLED_SITES_ENV, OPERATOR_KEY_ENV, RUNS_ROOT_ENV, site_names
+from fedmi.apps.enrolment import (ACTIVITY_ENV, ENROLLED_SITES_ENV, OPERATOR_KEY_ENV, RUNS_ROOT_ENV,
+                                  record_contact, site_names)
 from fedmi.errors import FedmiError
 from fedmi.experiments.federated_run import train_federation
 from fedmi.experiments.outputs import output_folder
@@ -36,9 +37,11 @@ log = logging.getLogger("fedmi")
 
 def run_on_grid(grid: Grid, cfg: RunConfig, out: Path | None, resume: bool = False,
                 on_round: Callable[[int], None] | None = None, simulation: bool = False,
-                enrolled: dict[int, str] | None = None, signed: tuple[str, str] | None = None) -> RunResult:
+                enrolled: dict[int, str] | None = None, signed: tuple[str, str] | None = None,
+                on_reply: Callable[[str, str, int], None] | None = None) -> RunResult:
     """`enrolled`: node id -> enrolled name (None: every node, known by the name it gives);
-    `signed`: the run's (ticket, signature), sent with every message for the sites to verify."""
+    `signed`: the run's (ticket, signature), sent with every message for the sites to verify;
+    `on_reply(site, kind, round)`: told of every site's every reply."""
     task = {"seed": cfg.seed, "test_fraction": cfg.data.test_fraction, "model": cfg.model,
             "model_options": cfg.model_options}
     if signed is not None:
@@ -47,7 +50,7 @@ def run_on_grid(grid: Grid, cfg: RunConfig, out: Path | None, resume: bool = Fal
         task["share_label_counts"] = True
     if simulation:  # virtual nodes take their site from the run's data section
         task["data"] = cfg.data.model_dump()
-    runtime = GridRuntime(grid, task, cfg.deployment, enrolled=enrolled)
+    runtime = GridRuntime(grid, task, cfg.deployment, enrolled=enrolled, on_reply=on_reply)
     runtime.connect(cfg.deployment.sites or cfg.min_sites)
     return train_federation(cfg, runtime, runtime.input_shape, runtime.task, out, on_round, resume,
                             summary={"dataset": cfg.data.dataset if simulation else "deployment",
@@ -75,11 +78,16 @@ def main(grid: Grid, context: Context) -> None:
         enrolled = None
         if os.environ.get(ENROLLED_SITES_ENV):  # `fedmi server` with site authentication
             enrolled = {int(node_id): name for node_id, name in site_names(Path(os.environ[ENROLLED_SITES_ENV])).items()}
+        on_reply = None
+        if os.environ.get(ACTIVITY_ENV):  # `fedmi status` shows each site's last contact
+            activity, run = Path(os.environ[ACTIVITY_ENV]), str(run_dir or context.run_id)
+            on_reply = lambda site, kind, r: record_contact(activity, site, run, kind, r)  # noqa: E731
         if run_dir is None:
-            result = run_on_grid(grid, cfg, None, enrolled=enrolled, signed=signed)
+            result = run_on_grid(grid, cfg, None, enrolled=enrolled, signed=signed, on_reply=on_reply)
         else:
             with output_folder(run_dir, mode, resume_command="fedmi submit --resume {}") as folder:
-                result = run_on_grid(grid, cfg, folder, resume=mode == "resume", enrolled=enrolled, signed=signed)
+                result = run_on_grid(grid, cfg, folder, resume=mode == "resume", enrolled=enrolled, signed=signed,
+                                     on_reply=on_reply)
     except FedmiError as e:
         log.error("%s", e)
         raise

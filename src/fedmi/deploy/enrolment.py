@@ -15,6 +15,7 @@ from pathlib import Path
 from fedmi.apps.enrolment import forget_site, remember_site, site_names
 from fedmi.deploy.certs import check_site_name
 from fedmi.deploy.connection import Connection, existing_file, json_object
+from fedmi.deploy.processes import say
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
@@ -58,10 +59,9 @@ def enroll(connection: Connection, key: Path, name: str | None = None, state_dir
     if old is not None:
         _unregister(connection, old)
         forget_site(state_dir, old)
-        print(f"site {name}: new key {key.name} enrolled (node {node_id}); its old key (node {old}) is revoked",
-              flush=True)
+        say(f"site {name}: new key {key.name} enrolled (node {node_id}); its old key (node {old}) is revoked")
     else:
-        print(f"enrolled site {name} ({key.name}, node {node_id})", flush=True)
+        say(f"enrolled site {name} ({key.name}, node {node_id})")
     return int(node_id)
 
 
@@ -82,4 +82,4 @@ def revoke(connection: Connection, name: str, state_dir: Path | None = None) -> 
         raise FedmiError(f"no site named {name} is enrolled (enrolled: {', '.join(sorted(names.values())) or 'none'})")
     _unregister(connection, node_id)
     forget_site(state_dir, node_id)
-    print(f"revoked site {name} (node {node_id})", flush=True)
+    say(f"revoked site {name} (node {node_id})")

@@ -21,12 +21,59 @@ from fedmi.deploy.processes import flower_env, stop_process_group
 from fedmi.errors import FedmiError
 
 
-def in_process_run(cfg: RunConfig, names: list[str]) -> RunResult:
+def in_process_run(cfg: RunConfig, names: list[str], replay: "Replay | None" = None) -> RunResult:
     """`cfg` on the sequential runtime over the named sites only: what a deployment of those sites
-    must reproduce (same seed, same site keys: the name-sorted order the server gives them)."""
+    must reproduce (same seed, same site keys: the name-sorted order the server gives them).
+    `replay`: the deployment's membership, round by round, when sites came and went."""
     from fedmi.experiments.federated_run import run_federated
 
-    return run_federated(cfg.model_copy(update={"runtime": "sequential"}), sites=sorted(names)).result
+    return run_federated(cfg.model_copy(update={"runtime": "sequential"}), sites=sorted(names),
+                         wrap=replay.around if replay is not None else None).result
+
+
+class Replay:
+    """A simulated runtime made to meet a deployed run's sites: each round, the sites that were
+    in the federation (`site_infos`) and, of those, the ones whose update arrived (`train`); so a
+    deployment in which sites crashed, restarted and joined has an in-process reference.
+
+    Args:
+      records: the deployed run's metrics.jsonl records (their "sites", "joined", "left").
+      first: the sites in the federation at round 1.
+      names: enrolled name -> the dataset's site name, where they differ.
+    Example:
+      in_process_run(cfg, sites, Replay(records, first=["cleveland", "hungary"], names=NAMES))
+    """
+
+    def __init__(self, records: list[dict], first: list[str], names: dict[str, str] | None = None):
+        rename = (names or {}).get
+        members, self.members, self.trained = [rename(n, n) for n in first], [], []
+        for r in records:
+            left = {rename(n, n) for n in r.get("left", [])}
+            members = [n for n in members if n not in left]
+            members += [rename(n, n) for n in r.get("joined", [])]
+            self.members.append(list(members))
+            self.trained.append({rename(n, n) for n in r["sites"]})
+        self.inner = None
+        self._asked = 0
+
+    def around(self, runtime):
+        self.inner = runtime
+        return self
+
+    def site_infos(self):
+        infos = {i.name: i for i in self.inner.site_infos()}
+        members = self.members[min(self._asked, len(self.members) - 1)]  # the runner asks once a round
+        self._asked += 1
+        return [infos[n] for n in infos if n in members]
+
+    def train(self, method, params, sites, round_info):
+        return self.inner.train(method, params, [s for s in sites if s in self.trained[round_info.round]], round_info)
+
+    def evaluate(self, *args, **kwargs):
+        return self.inner.evaluate(*args, **kwargs)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def free_port() -> int:
@@ -98,11 +145,12 @@ class LocalFederation:
         if enroll:
             self.wait_for_log("server", f"enrolled site {list(self.sites)[-1]}", 60)
 
-    def start_site(self, name: str, data: Path | None = None) -> subprocess.Popen:
+    def start_site(self, name: str, data: Path | None = None, *options: str) -> subprocess.Popen:
+        """`fedmi site` for key `name` (its data config, or `data`), with more `options` if given."""
         return self._start(f"site-{name}", fedmi_argv(
             "site", "--server", self.address, "--ca", str(self.pki / "ca.pem"),
             "--key", str(self.pki / "sites" / f"{name}.key"), "--data", str(data or self.sites[name]),
-            "--port", str(self.site_ports[name]), "--state", str(self.site_state(name))))
+            "--port", str(self.site_ports[name]), "--state", str(self.site_state(name)), *options))
 
     def site_state(self, name: str) -> Path:
         """A site's own records (`fedmi site --state`)."""

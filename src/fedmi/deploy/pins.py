@@ -8,6 +8,10 @@
   looks for work at the SuperLink and 0.5 s between two looks for its app's reply; a round then
   costs seconds of waiting. FEDMI_SITE_POLL sets the first (default 0.2 s), the second is 0.02 s
   (a look at the site's own memory);
+  Its heartbeat comes every 10 s (Flower's shortest; its default 30 s), so a site that crashed
+  is counted offline 20 s after its last heartbeat rather than 60 s; and a site restarted
+  within that window, which Flower refuses to activate while its earlier connection still
+  counts as online, waits it out (`wait_out_stale_connection`) instead of exiting;
 - every Flower process fedmi starts or runs tasks in: the first wait for a message part that is
   not there yet. Flower 1.42 waits 1 s, then 2 s, ... (`pull_objects`); a reply's parts arrive
   milliseconds after its notice, so a round paid one to three such seconds. fedmi waits 0.02 s,
@@ -32,6 +36,7 @@ SITE_POLL_ENV = "FEDMI_SITE_POLL"
 DEFAULT_SITE_POLL = 0.2
 REPLY_POLL = 0.02
 FIRST_PULL_RETRY, PULL_RETRY_CAP = 0.02, 0.2
+SITE_HEARTBEAT = 10.0  # seconds; Flower's HEARTBEAT_MIN_INTERVAL
 
 
 def check_flower_version() -> None:
@@ -100,11 +105,42 @@ def _superlink() -> None:
     flower_superlink()
 
 
+def wait_out_stale_connection(activate, window: float, pause: float = 1.0, clock=time.monotonic, sleep=time.sleep):
+    """`FleetHttpClient.ActivateNode`, asked again for up to `window` seconds while the SuperLink
+    refuses it (HTTP 412): a restarted site's earlier connection still counts as online there.
+    A key that is not enrolled is refused the same way, and so still fails once `window` is over."""
+    import httpx
+
+    def activate_when_free(self, request):
+        deadline, told = clock() + window, False
+        while True:
+            try:
+                return activate(self, request)
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code != httpx.codes.PRECONDITION_FAILED or clock() > deadline:
+                    raise
+                if not told:
+                    print(f"fedmi: the server does not activate this site yet (an earlier connection of its key may "
+                          f"still count as online there); asking again for up to {window:g} s", file=sys.stderr,
+                          flush=True)
+                    told = True
+                sleep(pause)
+
+    return activate_when_free
+
+
 def _supernode() -> None:
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as loop
+    from flwr.common.constant import HEARTBEAT_PATIENCE
     from flwr.supernode.cli.flower_supernode import flower_supernode
+    from flwr.supernode.fleet_http_client import FleetHttpClient
 
     loop.time = ShortWaits(float(os.environ.get(SITE_POLL_ENV, DEFAULT_SITE_POLL)))
+    connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat.HEARTBEAT_DEFAULT_INTERVAL = SITE_HEARTBEAT
+    FleetHttpClient.ActivateNode = wait_out_stale_connection(FleetHttpClient.ActivateNode,
+                                                             HEARTBEAT_PATIENCE * SITE_HEARTBEAT + 5)
     shorten_object_waits()
     flower_supernode()
 

@@ -1,10 +1,16 @@
 """The Flower processes a deployment runs, supervised: their environment (offline, fedmi's
 launchers first on PATH), a foreground run that relays their output and stops their whole
 process group, and children that die with their parent however it dies.
+
+What `fedmi server` and `fedmi site` write (their own lines, `say`, and their children's,
+`relay_output`) is plain text, or with `set_log_format("json")` one JSON object a line:
+{"time", "level", "source", "message"}, for a log collector.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -87,12 +93,54 @@ def die_with_parent() -> None:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour and cursor codes
+_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")  # Flower's "INFO :", fedmi's "fedmi INFO:"
+LOG_FORMATS = ("text", "json")
+_log_format = "text"
+
+
+def set_log_format(log_format: str) -> None:
+    """"text" (the default) or "json": how this process writes its own and its children's lines."""
+    global _log_format
+    if log_format not in LOG_FORMATS:
+        raise FedmiError(f"--log-format {log_format}: choose one of {', '.join(LOG_FORMATS)}")
+    _log_format = log_format
+
+
+def json_line(message: str, source: str, level: str | None = None) -> str:
+    """One log line as JSON: its level read from the line when not given (Flower's and fedmi's prefixes)."""
+    if level is None:
+        found = _LEVEL.search(message[:40])
+        level = found.group(1) if found else "INFO"
+    return json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "level": level.upper(), "source": source,
+                       "message": message.strip()})
+
+
+def say(message: str, level: str = "info") -> None:
+    """A line of fedmi's own on standard output, in the process's log format."""
+    sys.stdout.write((json_line(message, "fedmi", level) if _log_format == "json" else message) + "\n")
+    sys.stdout.flush()
+
+
+class JsonLogFormatter(logging.Formatter):
+    """fedmi's log records in the JSON line format of `json_line`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json_line(record.getMessage(), record.name, record.levelname)
 
 
 def plain_flower_logs() -> None:
-    """Flower's own log lines in this process (its HTTP clients' retries, say) without colour codes
-    when the output is a file or a pipe, as the relayed lines of its programs are."""
-    if not sys.stdout.isatty():
+    """Flower's own log lines in this process (its HTTP clients' retries, say) as the relayed lines
+    of its programs are: without colour codes when the output is a file or a pipe, and as JSON
+    lines in the JSON log format."""
+    if _log_format == "json":
+        flower = logging.getLogger("flwr")
+        for handler in list(flower.handlers):
+            flower.removeHandler(handler)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(JsonLogFormatter())
+        flower.addHandler(handler)
+    elif not sys.stdout.isatty():
         from flwr.supercore.logger import update_console_handler
 
         update_console_handler(colored=False)
@@ -106,17 +154,21 @@ def start_child(argv: list[str], env: dict[str, str], **kwargs) -> subprocess.Po
 
 
 def relay_output(proc: subprocess.Popen, watch: Callable[[str], str | None] | None = None,
-                 prefix: str = "") -> threading.Thread:
+                 source: str = "flower") -> threading.Thread:
     """Pass a child's output to this process's stdout, line by line, in a thread; `watch(line)` may
-    return a line of fedmi's own to print after it (a refused site, say)."""
+    return a line of fedmi's own to print after it (a refused site, say). `source`: the child's
+    name in JSON lines."""
     plain = not sys.stdout.isatty()  # a log file or a pipe: colour codes would be noise there
 
     def relay() -> None:
         for line in proc.stdout:
-            sys.stdout.write(prefix + (_ANSI.sub("", line) if plain else line))
+            if _log_format == "json":
+                sys.stdout.write(json_line(_ANSI.sub("", line), source) + "\n")
+            else:
+                sys.stdout.write(_ANSI.sub("", line) if plain else line)
             note = watch(line) if watch is not None else None
             if note:
-                sys.stdout.write(f"fedmi: {note}\n")
+                say(f"fedmi: {note}", "warning")
             sys.stdout.flush()
 
     thread = threading.Thread(target=relay, daemon=True)
@@ -126,14 +178,14 @@ def relay_output(proc: subprocess.Popen, watch: Callable[[str], str | None] | No
 
 def run_foreground(argv: list[str], env: dict[str, str], on_start: Callable[[subprocess.Popen], None] | None = None,
                    watch: Callable[[str], str | None] | None = None,
-                   alive: Callable[[], bool] | None = None) -> int:
+                   alive: Callable[[], bool] | None = None, source: str = "flower") -> int:
     """Run a Flower program until it ends, `alive()` turns false, or this process is interrupted
     (Ctrl-C, SIGTERM); its exit status. Its output is relayed (`relay_output`)."""
     proc = start_child(argv, env)
     stopping: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: stopping.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
-    relay = relay_output(proc, watch)
+    relay = relay_output(proc, watch, source)
     try:
         if on_start is not None:
             on_start(proc)

@@ -99,8 +99,9 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
 
 
 def status(connection: Connection, state_dir: Path | None = None) -> dict:
-    """The SuperLink's sites (named from the server's state folder when given) and runs."""
-    from fedmi.apps.enrolment import site_names
+    """The SuperLink's sites (named from the server's state folder when given, with each one's last
+    reply to a run: "last-contact", "last-run", "last-round", "last-task") and runs."""
+    from fedmi.apps.enrolment import site_activity, site_names
 
     out = {}
     for key, args in (("sites", ["supernode", "list"]), ("runs", ["list"])):
@@ -110,5 +111,20 @@ def status(connection: Connection, state_dir: Path | None = None) -> dict:
             raise FedmiError(f"flwr {' '.join(args)} gave no readable answer: {done.stdout[-200:]}")
         out[key] = found
     names = site_names(state_dir)
-    sites = [{"site": names.get(str(n.get("node-id")), "?"), **n} for n in out["sites"].get("nodes", [])]
+    activity = site_activity(state_dir)
+    sites = []
+    for node in out["sites"].get("nodes", []):
+        name = names.get(str(node.get("node-id")), "?")
+        last = activity.get(name, {})
+        sites.append({"site": name, **node, **{f"last-{k}" if k != "time" else "last-contact": v
+                                               for k, v in last.items()}})
     return {"sites": sites, "runs": out["runs"].get("runs", [])}
+
+
+def unhealthy(found: dict, min_sites: int) -> str | None:
+    """Why a federation `status` describes cannot train (fewer than `min_sites` enrolled sites
+    online), or None."""
+    online = sorted(s["site"] for s in found["sites"] if s.get("status") == "online")
+    if len(online) < min_sites:
+        return f"{len(online)} of the {min_sites} sites needed are online ({', '.join(online) or 'none'})"
+    return None

@@ -18,13 +18,14 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from fedmi.apps.enrolment import ENROLLED_SITES_ENV, OPERATOR_KEY_ENV, RUNS_ROOT_ENV, SITE_NAMES, site_names
+from fedmi.apps.enrolment import (ACTIVITY_ENV, ENROLLED_SITES_ENV, OPERATOR_KEY_ENV, RUNS_ROOT_ENV, SITE_ACTIVITY,
+                                  SITE_NAMES, site_names)
 from fedmi.deploy.app_pin import write_launchers
 from fedmi.deploy.connection import Connection, existing_file, is_loopback, operator_token_file
 from fedmi.deploy.enrolment import enroll, site_name_of_key
 from fedmi.deploy.executor import RuntimeLink, ServerAppLauncher, make_secret_file, serve_tasks, start_thread
 from fedmi.deploy.pins import TOKEN_FILE_ENV
-from fedmi.deploy.processes import flower_env, plain_flower_logs, relay_output, run_foreground, wait_for_port
+from fedmi.deploy.processes import flower_env, plain_flower_logs, relay_output, run_foreground, say, wait_for_port
 from fedmi.errors import FedmiError
 
 OPERATOR_PUBLIC_KEY = "operator.pub"
@@ -47,8 +48,8 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
             raise FedmiError(f"--insecure (no TLS) is allowed only on loopback, not on {host}")
         if enroll_keys:
             raise FedmiError("site enrolment needs TLS; drop --insecure or the keys")
-        print("fedmi: WARNING: TLS and site authentication are off (--insecure): any local process can join; "
-              "use this only for local tests", file=sys.stderr, flush=True)
+        say("fedmi: WARNING: TLS and site authentication are off (--insecure): any local process can join; "
+            "use this only for local tests", "warning")
         ca = None
     else:
         ca, cert, key = (existing_file(certs / n, w) for n, w in (("ca.pem", "CA certificate"),
@@ -77,13 +78,14 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
     stop = threading.Event()
     launchers = Path(tempfile.mkdtemp(prefix="fedmi-launchers-"))
     env = flower_env(state_dir / "flower", write_launchers(launchers))
-    app_env = {**env, RUNS_ROOT_ENV: str(runs.resolve())}
+    app_env = {**env, RUNS_ROOT_ENV: str(runs.resolve()), ACTIVITY_ENV: str(state_dir / SITE_ACTIVITY)}
     if ca is not None:  # fedmi's ServerApp admits only the sites enrolled here, and runs only signed runs
         app_env[ENROLLED_SITES_ENV] = str(state_dir / SITE_NAMES)
         if (certs / OPERATOR_PUBLIC_KEY).is_file():
             app_env[OPERATOR_KEY_ENV] = str((certs / OPERATOR_PUBLIC_KEY).resolve())
     link = RuntimeLink(address, ca)
-    launch = ServerAppLauncher(link, launchers, app_env, lambda proc: relay_output(proc), secret.parent)
+    launch = ServerAppLauncher(link, launchers, app_env, lambda proc: relay_output(proc, source="serverapp"),
+                               secret.parent)
 
     def after_start(proc: subprocess.Popen) -> None:
         wait_for_port(host, port, proc)
@@ -94,12 +96,12 @@ def serve(certs: Path | None, state_dir: Path, host: str = "127.0.0.1", port: in
             enrolled = set(site_names(state_dir).values())
             for k in keys:
                 if site_name_of_key(k) in enrolled:
-                    print(f"site {site_name_of_key(k)} is enrolled already ({k.name})", flush=True)
+                    say(f"site {site_name_of_key(k)} is enrolled already ({k.name})")
                 else:
                     enroll(connection, k, state_dir=state_dir)
 
     try:
-        return run_foreground(argv, {**env, TOKEN_FILE_ENV: str(token)}, after_start, watch=refused)
+        return run_foreground(argv, {**env, TOKEN_FILE_ENV: str(token)}, after_start, watch=refused, source="superlink")
     finally:
         stop.set()
         launch.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 from fedmi.deploy.connection import Connection, existing_file
 from fedmi.deploy.executor import RuntimeLink, SiteRecords, make_secret_file, run_client_task, serve_tasks, start_thread
 from fedmi.deploy.pins import DEFAULT_SITE_POLL, SITE_POLL_ENV, check_flower_version, shorten_object_waits
-from fedmi.deploy.processes import flower_env, plain_flower_logs, run_foreground
+from fedmi.deploy.processes import flower_env, plain_flower_logs, run_foreground, say
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
@@ -49,10 +49,10 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
     node_config = {"data-config": str(data_config), "state-dir": str(Path(state_dir).resolve())}
     if operator_key is not None:
         node_config["operator-key"] = str(existing_file(Path(operator_key), "operator's public key"))
-    print(f"fedmi site {name} ({fed.name}): {cases} cases here, about {round(cases * 0.8)} for training at an "
+    say(f"fedmi site {name} ({fed.name}): {cases} cases here, about {round(cases * 0.8)} for training at an "
           f"80/20 split; joining {connection.address}; "
           + ("runs only what the operator signed" if operator_key is not None else
-             "WARNING: no operator key (operator.pub), so any run the server sends is accepted"), flush=True)
+             "WARNING: no operator key (operator.pub), so any run the server sends is accepted"))
     check_flower_version()
     shorten_object_waits()  # the ClientApp tasks run in this process
     records = SiteRecords(Path(state_dir))
@@ -83,7 +83,7 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
                             "fedmi-site-executor")
     try:
         code = run_foreground(argv, {**flower_env(), SITE_POLL_ENV: str(poll)}, watch=refused,
-                              alive=executor.is_alive)
+                              alive=executor.is_alive, source="supernode")
     finally:
         stop.set()
         executor.join(timeout=30)

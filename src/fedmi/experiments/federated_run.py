@@ -81,10 +81,12 @@ def skipped_files(fed: Federation) -> dict:
 
 
 def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None,
-                  sites: Sequence[str] | None = None, resume: bool = False) -> FederatedRun:
+                  sites: Sequence[str] | None = None, resume: bool = False,
+                  wrap: Callable[[Runtime], Runtime] | None = None) -> FederatedRun:
     """`cfg` on a simulation runtime in this process. `sites`: only these of the dataset's sites, in
-    this order (their position keys their random streams). Flower's simulation runtime (`flower-sim`)
-    is `fedmi.apps.simulation.run_flower_simulation`."""
+    this order (their position keys their random streams). `wrap`: a runtime around the simulated one
+    (a deployment's reference replays which sites were there, `fedmi.deploy.local.Replay`). Flower's
+    simulation runtime (`flower-sim`) is `fedmi.apps.simulation.run_flower_simulation`."""
     if cfg.runtime == "flower-sim":
         raise FedmiError("runtime flower-sim runs through fedmi.apps.simulation (the `fedmi run` command and "
                          "fedmi.run choose it)")
@@ -99,6 +101,8 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     sites = [s.to(device) for s in fed.split(cfg.seed, cfg.data.test_fraction)]
     model = build_model(cfg.model, fed.input_shape, cfg.seed, fed.task.num_outputs, cfg.model_options)
     runtime = make_runtime(cfg.runtime, model, sites, fed.task, cfg.workers)
+    if wrap is not None:
+        runtime = wrap(runtime)
     try:
         result = train_federation(cfg, runtime, fed.input_shape, fed.task, out, on_round, resume, model=model,
                                   summary={"dataset": fed.name, "synthetic": fed.synthetic,

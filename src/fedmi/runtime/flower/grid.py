@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -61,11 +61,15 @@ class _Site:
 
 class GridRuntime:
     def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig | None = None,
-                 poll_interval: float = 0.2, enrolled: dict[int, str] | None = None):
+                 poll_interval: float = 0.2, enrolled: dict[int, str] | None = None,
+                 on_reply: Callable[[str, str, int], None] | None = None):
         """`task`: what every request carries (seed, test_fraction, model, the run's data section).
         `enrolled`: node id -> name, the sites the server's operator enrolled; other nodes are
-        refused (None: every node, known by the name it reports)."""
+        refused (None: every node, known by the name it reports). `on_reply(site, kind, round)`:
+        called for every reply a known site sends (its last contact, for `fedmi status`)."""
         self.grid = grid
+        self.on_reply = on_reply
+        self._round = 0  # the latest training round, which an evaluation follows
         self.enrolled = enrolled
         self._refused: set[int] = set()
         self.request = dict(task)
@@ -244,11 +248,20 @@ class GridRuntime:
             for reply in replies:
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None:
+                    if self.on_reply is not None and not _offline(reply):
+                        self._contact(node, what)
                     yield node, reply
             if pending:
                 time.sleep(self.poll_interval)
         for node in pending.values():
             yield node, None
+
+    def _contact(self, node_id: int, kind: str) -> None:
+        name = self._name(node_id) if self.enrolled is None else self._enrolled_name(node_id)
+        try:
+            self.on_reply(name, kind, self._round)
+        except OSError as e:  # the record is for monitoring: a full disk must not stop the run
+            log.warning("could not note site %s's reply: %s", name, e)
 
     def _request(self, kind: str, params: P.ParamsT, sites: Sequence[str], task: dict,
                  server_round: int, extras: dict | None = None) -> list[Message]:
@@ -274,7 +287,7 @@ class GridRuntime:
 
     def train(self, method: LocalMethod, params: P.ParamsT, sites: Sequence[str],
               round_info: RoundInfo) -> Iterator[Update | Rejected]:
-        r = round_info.round + 1
+        r = self._round = round_info.round + 1
         task = {"trainer": method.spec(), "round": round_info.round, "num_rounds": round_info.num_rounds,
                 "num_sites": round_info.num_sites}
         limit = self.max_message_bytes(params)

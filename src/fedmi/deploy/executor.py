@@ -99,8 +99,9 @@ def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
 class SiteRecords:
     """What a site keeps on its own disk (`fedmi site --state`):
 
-    - `tasks.jsonl`: one line per task it ran (time, run, round, kind, method, bytes in and out,
-      seconds, outcome and, when refused, why);
+    - `tasks.jsonl`: one line per task it ran (time, run, round, kind, bytes in and out, seconds
+      in all and of them pulling the message and running the method, outcome and, when refused
+      or failed, why);
     - `runs/RUN_ID.state`: the site's state in each run (FedBN's statistics, SCAFFOLD's control
       variate, optimiser moments: everything a method keeps at the site), written atomically
       after every task, read back when the site restarts in the middle of a run.
@@ -173,6 +174,7 @@ def run_client_task(link: RuntimeLink, token: str, app, records: SiteRecords) ->
     status, details, entry = SubStatus.FAILED, "", {"run": None, "round": None, "kind": None}
     try:
         message, context, run, fab = pull_task_input(client)
+        pulled = time.perf_counter()
         entry = {"run": int(context.run_id), "round": message.metadata.group_id or None,
                  "kind": message.metadata.message_type, "bytes_in": _array_bytes(message.content)}
         check_app_bundle(fab.content)
@@ -180,6 +182,7 @@ def run_client_task(link: RuntimeLink, token: str, app, records: SiteRecords) ->
             log.info("run %d: the site's state restored from %s", context.run_id,
                      records.state_path(context.run_id))
         reply = app(message=message, context=context)
+        entry["seconds_pull"], entry["seconds_run"] = round(pulled - started, 4), round(time.perf_counter() - pulled, 4)
         if reply.has_error():
             entry.update(outcome="refused" if "refused" in (reply.error.reason or "") else "failed",
                          reason=(reply.error.reason or "").strip().splitlines()[-1:])

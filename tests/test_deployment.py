@@ -248,6 +248,8 @@ def test_a_tls_federation_refuses_outsiders_and_strangers_survives_a_server_cras
     assert all(t["outcome"] == "done" and t["seconds"] >= 0 for t in tasks if t["kind"] is not None), tasks
     assert all("ObjectPullError" in t["reason"] for t in tasks if t["kind"] is None), tasks
     assert max(int(t["round"]) for t in tasks if t["kind"] == "train") == 3
+    assert {t["method"] for t in tasks if t["kind"] == "train"} == {"fedavg"}
+    assert all(t["bytes_in"] > 0 and t["bytes_out"] > 0 for t in tasks if t["kind"] == "train")
 
 
 def test_a_site_killed_mid_run_comes_back_with_its_state_and_a_new_site_joins(tmp_path):
@@ -300,6 +302,115 @@ def test_a_site_killed_mid_run_comes_back_with_its_state_and_a_new_site_joins(tm
         parse_config(yaml.safe_load(run.read_text()), str(run)), list(sites.values()), replay).params
     assert P.allclose(deployed, expected, rtol=1e-5, atol=1e-6), \
         {k: float((deployed[k] - expected[k]).abs().max()) for k in expected}
+
+
+HOSTILE_APP = """\
+import json
+import time
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid, context):
+    deadline, nodes = time.time() + 60, []
+    while len(nodes) < 2 and time.time() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    messages = [Message(RecordDict({{"config": ConfigRecord({{"x": 1}})}}), dst_node_id=n, message_type="train")
+                for n in nodes]
+    replies = grid.send_and_receive(messages, timeout=60)
+    with open({replies!r}, "w") as f:
+        json.dump([r.error.reason if r.has_error() else "answered" for r in replies], f)
+
+
+@client.train()
+def train(msg, context):
+    open({marker!r}, "w").close()
+    return Message(RecordDict(), reply_to=msg)
+"""
+
+
+def test_a_hostile_server_cannot_run_foreign_code_or_an_unsigned_attack_at_a_site(tmp_path):
+    """Sites joined to a server that is not fedmi's (Flower's own SuperLink, no operator gate, no
+    bundle check, no signature check: a server machine taken over). Its foreign app bundle is
+    refused at each site before any of its code is imported. fedmi's own app with the
+    reconstruction attack's config (finding 2 of the security review: zero logistic model, lr 1,
+    batches of one record, one step), unsigned, is refused by the site that holds the operator's key
+    (signature) and by the site that does not (its default policy: batches of at least 8)."""
+    from fedmi.deploy.certs import make_certificates
+    from fedmi.deploy.connection import Connection
+    from fedmi.deploy.local import free_port
+
+    make_certificates(tmp_path / "pki", ["cleveland"])  # for the operator's public key only
+    address = f"127.0.0.1:{free_port()}"
+    state = tmp_path / "not-fedmi"
+    state.mkdir()
+    (state / "operator.token").write_text("unused by this server\n")  # fedmi's commands send it; Flower ignores it
+    env = flower_env(tmp_path / "superlink-home")
+    procs = []
+    logs = {}
+
+    def start(name, argv, extra_env=None):
+        logs[name] = tmp_path / f"{name}.log"
+        with open(logs[name], "ab") as out:
+            procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**env, **(extra_env or {})},
+                                          start_new_session=True, cwd=tmp_path))
+
+    try:
+        from fedmi.deploy.processes import flower_program
+
+        start("superlink", [flower_program("flower-superlink"), "--insecure",
+                            "--host", "127.0.0.1", "--port", address.split(":")[1],
+                            "--disable-runtime-dependency-installation"])
+        from fedmi.deploy.processes import wait_for_port
+
+        wait_for_port("127.0.0.1", int(address.split(":")[1]), procs[0])
+        sites = {"signed": ("Cleveland", ["--operator-key", str(tmp_path / "pki" / "operator.pub")]),
+                 "policy": ("Hungary", [])}
+        for name, (site, options) in sites.items():
+            (tmp_path / f"{name}.yaml").write_text(f"dataset: heart-disease\nsite: {site}\n")
+            start(f"site-{name}", fedmi_argv("site", "--insecure", "--server", address, "--data",
+                                            str(tmp_path / f"{name}.yaml"), "--port", str(free_port()),
+                                            "--state", str(tmp_path / f"{name}-state"), *options))
+        # 1. A foreign bundle: its ServerApp runs on the hostile server and sends each site a task.
+        app = tmp_path / "hostile-app"
+        app.mkdir()
+        (app / "pyproject.toml").write_text(APP_PYPROJECT.format(serverapp="hostile:server", clientapp="hostile:client")
+                                            .replace("fedmi-federation", "hostile"))
+        (app / "hostile.py").write_text(HOSTILE_APP.format(replies=str(tmp_path / "replies.json"),
+                                                           marker=str(tmp_path / "owned")))
+        connection = Connection(address, None, state)
+        done = connection.flwr(["run", str(app), "fedmi", "--stream"], check=False)
+        assert "Successfully started run" in done.stdout + done.stderr, done.stderr[-2000:]
+        replies = json.loads((tmp_path / "replies.json").read_text())
+        assert len(replies) == 2 and all("carries files of its own" in r for r in replies), replies
+        assert not (tmp_path / "owned").exists()  # its ClientApp never ran at a site
+        # 2. fedmi's own app, with the attack's config and no operator signature.
+        attack = _write_run(tmp_path, "attack", trainer={"name": "fedavg", "lr": 1.0, "batch_size": 1, "local_steps": 1},
+                            rounds=1, max_retries=0, deployment={"sites": 1, "connect_timeout": 30})
+        submitted = subprocess.run(fedmi_argv("submit", str(attack), "--out", str(tmp_path / "attack-run"), "--insecure",
+                                              "--server", address, "--state", str(state)),
+                                   capture_output=True, text=True, env=flower_env(), timeout=300)
+        output = submitted.stdout + submitted.stderr
+        assert submitted.returncode == 2, output[-3000:]
+        assert "refused the run: the task carries no run ticket signed by the server's operator" in output, output[-3000:]
+        assert "refused the task: batches of 1 samples, fewer than this site's policy allows" in output, output[-3000:]
+        assert not (tmp_path / "attack-run" / "model.safetensors").exists()
+    finally:
+        for proc in procs:
+            from fedmi.deploy.processes import stop_process_group
+
+            stop_process_group(proc)
+    for name in sites:  # each refusal is in the site's own record, with the rule that refused it
+        tasks = [json.loads(line) for line in (tmp_path / f"{name}-state" / "tasks.jsonl").read_text().splitlines()]
+        assert any(t["outcome"] == "failed" and "carries files of its own" in t["reason"] for t in tasks), tasks
+        assert not any(t["kind"] == "train" and t["outcome"] == "done" for t in tasks), tasks
 
 
 def _operator_home(fed: LocalFederation, tmp_path: Path) -> Path:

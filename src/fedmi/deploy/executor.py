@@ -99,7 +99,7 @@ def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
 class SiteRecords:
     """What a site keeps on its own disk (`fedmi site --state`):
 
-    - `tasks.jsonl`: one line per task it ran (time, run, round, kind, bytes in and out, seconds
+    - `tasks.jsonl`: one line per task it ran (time, run, round, kind, method, bytes in and out, seconds
       in all and of them pulling the message and running the method, outcome and, when refused
       or failed, why);
     - `runs/RUN_ID.state`: the site's state in each run (FedBN's statistics, SCAFFOLD's control
@@ -147,6 +147,18 @@ class SiteRecords:
             f.write(line + "\n")
 
 
+def _method(content) -> str | None:
+    """The local method a fedmi task names (None: a query, or a stock Flower request)."""
+    from fedmi.runtime.flower import codec
+
+    try:
+        _, task, _ = codec.read_task(content)
+    except ValueError:  # not JSON: the ClientApp refuses it, with its reason
+        return None
+    trainer = (task or {}).get("trainer")
+    return trainer.get("name") if isinstance(trainer, dict) else None
+
+
 def _array_bytes(content) -> int:
     return sum(rec.count_bytes() for rec in content.array_records.values())
 
@@ -176,7 +188,8 @@ def run_client_task(link: RuntimeLink, token: str, app, records: SiteRecords) ->
         message, context, run, fab = pull_task_input(client)
         pulled = time.perf_counter()
         entry = {"run": int(context.run_id), "round": message.metadata.group_id or None,
-                 "kind": message.metadata.message_type, "bytes_in": _array_bytes(message.content)}
+                 "kind": message.metadata.message_type, "method": _method(message.content),
+                 "bytes_in": _array_bytes(message.content)}
         check_app_bundle(fab.content)
         if records.restore(context):
             log.info("run %d: the site's state restored from %s", context.run_id,

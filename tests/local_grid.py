@@ -15,6 +15,17 @@ from flwr.supercore.task_identity import TaskIdentity
 Handler = Callable[[Message, Context], Message]
 
 
+def heart_config(**changes):
+    """The run these tests drive over a grid: logistic FedAvg on heart-disease, two rounds."""
+    from fedmi.experiments.config import parse_config
+
+    raw = {"data": {"dataset": "heart-disease"}, "model": "logistic", "rounds": 2, "seed": 1,
+           "evaluate_every": 0, "runtime": "sequential",
+           "trainer": {"name": "fedavg", "lr": 0.05, "batch_size": 32, "local_steps": 5}}
+    raw.update(changes)
+    return parse_config(raw, "test")
+
+
 class LocalGrid(Grid):
     def __init__(self, nodes: dict[int, tuple[Handler, dict]]):
         """`nodes`: node id -> (a ClientApp or a function of (message, context), the node config)."""

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from local_grid import LocalGrid
+from local_grid import LocalGrid, heart_config
 
 from fedmi.apps import site_guard, tickets
 from fedmi.apps.server import run_on_grid
@@ -21,18 +21,12 @@ from fedmi.deploy.certs import make_certificates
 from fedmi.deploy.gate import OperatorGate
 from fedmi.deploy.pins import ShortWaits, set_default
 from fedmi.errors import FedmiError
-from fedmi.experiments.config import SitePolicy, parse_config
+from fedmi.experiments.config import SitePolicy
 from fedmi.runtime.flower import codec
 
 TOKEN = b"0123456789abcdef"
 
 
-def _cfg(**changes):
-    raw = {"data": {"dataset": "heart-disease"}, "model": "logistic", "rounds": 2, "seed": 1,
-           "evaluate_every": 0, "runtime": "sequential",
-           "trainer": {"name": "fedavg", "lr": 0.05, "batch_size": 32, "local_steps": 5}}
-    raw.update(changes)
-    return parse_config(raw, "test")
 
 
 # -- the operator gate ----------------------------------------------------------------------------
@@ -113,6 +107,12 @@ def test_a_restarted_site_waits_out_its_earlier_connection_and_an_unenrolled_key
     with pytest.raises(Exception, match="refused"):
         always(None, None)
     assert 25 <= now[0] - start <= 27
+    # A site never connected to this server before asks once (window 0): its key is not enrolled.
+    start = now[0]
+    with pytest.raises(Exception, match="refused"):
+        wait_out_stale_connection(lambda c, r: (_ for _ in ()).throw(_refusal(412)), 0, clock=clock,
+                                  sleep=sleep)(None, None)
+    assert now[0] == start
     # Any other refusal is not waited on.
     start = now[0]
     with pytest.raises(Exception, match="refused"):
@@ -160,7 +160,7 @@ def pki(tmp_path_factory):
 
 
 def _signed(pki, cfg=None, **changes) -> tuple[str, str]:
-    return tickets.sign(pki / "operator.key", (cfg or _cfg(**changes)).model_dump(mode="json"), "/runs/a", False, False)
+    return tickets.sign(pki / "operator.key", (cfg or heart_config(**changes)).model_dump(mode="json"), "/runs/a", False, False)
 
 
 def test_a_ticket_verifies_and_any_change_to_it_does_not(pki):
@@ -198,7 +198,7 @@ def _train_task(cfg, signed, **changes) -> dict:
 
 
 def test_a_site_runs_only_what_the_operator_signed(pki, tmp_path):
-    cfg = _cfg()
+    cfg = heart_config()
     signed = _signed(pki, cfg)
     check = lambda task, kind="train", run=1: site_guard.check_signed(kind, task, pki / "operator.pub",  # noqa: E731
                                                                       tmp_path, run)
@@ -252,7 +252,7 @@ def test_a_deployed_site_refuses_an_unsigned_or_forged_task_before_touching_its_
     data.write_text("dataset: heart-disease\nsite: Cleveland\n")
     node = {"data-config": str(data), "operator-key": str(pki / "operator.pub"), "state-dir": str(tmp_path)}
     grid = LocalGrid({1: (client_app(), node)})
-    cfg = _cfg()
+    cfg = heart_config()
     params = {"linear.weight": __import__("torch").zeros(1, 13), "linear.bias": __import__("torch").zeros(1)}
 
     def send(task: dict) -> Message:
@@ -267,7 +267,7 @@ def test_a_deployed_site_refuses_an_unsigned_or_forged_task_before_touching_its_
                          trainer=make_method("fedavg", lr=1.0, batch_size=1, local_steps=1).spec())
     assert "refused: the task's trainer is not the signed run's" in send(attack).error.reason
     # Signed by the operator, yet against the site's policy: refused as well.
-    greedy = _cfg(trainer={"name": "fedavg", "lr": 1.0, "batch_size": 1, "local_steps": 1})
+    greedy = heart_config(trainer={"name": "fedavg", "lr": 1.0, "batch_size": 1, "local_steps": 1})
     reply = send(_train_task(greedy, _signed(pki, greedy), site_index=0))
     assert "refused: batches of 1 samples" in reply.error.reason
 
@@ -283,7 +283,7 @@ ENROLLED = {100: "cleveland", 101: "hungary", 102: "switzerland"}
 
 
 def test_a_site_is_the_name_its_key_was_enrolled_under_and_an_impostor_is_refused(caplog):
-    cfg = _cfg(rounds=1, data={"dataset": "heart-disease"}, deployment={"sites": 2, "connect_timeout": 5})
+    cfg = heart_config(rounds=1, data={"dataset": "heart-disease"}, deployment={"sites": 2, "connect_timeout": 5})
     honest = client_app()
 
     def impostor(msg, context):  # enrolled as switzerland, introduces itself as Hungary (finding 7)
@@ -322,7 +322,7 @@ def _lying(kind: str):
 
 
 def test_an_inflated_example_count_is_rejected_and_cannot_take_over_the_model(caplog):
-    cfg = _cfg(rounds=1)
+    cfg = heart_config(rounds=1)
     with caplog.at_level(logging.WARNING, logger="fedmi"):
         lied = run_on_grid(_grid({2: _lying("count")}), cfg, None, simulation=True, enrolled=ENROLLED)
     assert lied.history[0]["rejected"] == ["switzerland"]
@@ -334,7 +334,7 @@ def test_an_inflated_example_count_is_rejected_and_cannot_take_over_the_model(ca
 
 @pytest.mark.parametrize("kind, said", [("results", "n = 9999, but declared"), ("range", "auc = 7, outside [0, 1]")])
 def test_faked_evaluation_results_are_left_out_of_the_table(kind, said, caplog):
-    cfg = _cfg(rounds=1, evaluate_every=1)
+    cfg = heart_config(rounds=1, evaluate_every=1)
     with caplog.at_level(logging.ERROR, logger="fedmi"):
         result = run_on_grid(_grid({2: _lying(kind)}), cfg, None, simulation=True, enrolled=ENROLLED)
     assert f"evaluation: site switzerland reported {said}" in caplog.text
@@ -348,3 +348,31 @@ def test_status_is_unhealthy_with_fewer_sites_online_than_needed():
     assert unhealthy(found, 1) is None
     assert unhealthy(found, 2) == "1 of the 2 sites needed are online (cleveland)"
     assert unhealthy({"sites": []}, 1) == "0 of the 1 sites needed are online (none)"
+
+
+def test_a_run_that_did_not_finish_is_told_by_how_flower_ended_it_and_the_servers_last_error():
+    from fedmi.deploy.runs import RunLog, describe_ending
+
+    log = RunLog()
+    for line in ["\x1b[92mINFO \x1b[0m:      Successfully started run 8812", "INFO :  Starting logstream",
+                 "18:41:16 fedmi ERROR: round 2: 1 of 3 sites gave an acceptable update, min_sites is 2",
+                 "18:41:17 fedmi INFO: round 3/6: 3 sites"]:
+        log.read(line)
+    assert log.run_id == 8812 and log.last_error == "round 2: 1 of 3 sites gave an acceptable update, min_sites is 2"
+    stopped = describe_ending({"status": "finished:stopped", "status-details": ""}, None)
+    assert stopped.startswith("it was stopped through the server's Control API, which only the operator reaches")
+    assert stopped.endswith("the server logged no error")
+    failed = describe_ending({"status": "finished:failed", "status-details": "ServerApp exited"}, log.last_error)
+    assert failed == ("its ServerApp failed on the server (Flower: ServerApp exited); the server's last error: "
+                      "round 2: 1 of 3 sites gave an acceptable update, min_sites is 2")
+    assert describe_ending(None, None).startswith("the server stopped answering")
+
+
+def test_a_site_remembers_the_server_it_was_connected_to(tmp_path):
+    from fedmi.deploy.executor import SiteRecords
+
+    records = SiteRecords(tmp_path / "site")
+    assert not records.connected_before("fl.example.org:9092")
+    records.mark_connected("fl.example.org:9092")
+    assert records.connected_before("fl.example.org:9092") and not records.connected_before("other:9092")
+    assert SiteRecords(tmp_path / "site").connected_before("fl.example.org:9092")  # across restarts

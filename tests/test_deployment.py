@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -456,6 +457,23 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
         submit.wait(timeout=300)
         output = fed.log("submit").read_text()
         assert submit.returncode == 0, output[-3000:]
+        # A run the operator stops: the researcher is told who stopped it, and how far it got.
+        long_run = _write_run(tmp_path, "long", rounds=500, min_sites=2, max_update_norm=100.0,
+                              deployment={"sites": 3, "round_timeout": 60})
+        before = len(fed.log("submit").read_text())
+        stopped = _submit(fed, str(long_run), "--out", str(tmp_path / "long-run"))
+        _wait_for_round(tmp_path / "long-run", stopped, fed)
+        run_id = re.findall(r"Successfully started run (\d+)", fed.log("submit").read_text()[before:])[0]
+        stop = subprocess.run([sys.executable, "-m", "fedmi.deploy.pins", "flwr", "stop", run_id, "fedmi"],
+                              env={**flower_env(_operator_home(fed, tmp_path)), "FEDMI_OPERATOR_TOKEN_FILE":
+                                   str(tmp_path / "server-state" / "operator.token")},
+                              capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        stopped.wait(timeout=120)
+        told = fed.log("submit").read_text()[before:]
+        assert stopped.returncode == 2, told[-3000:]
+        assert "the run did not finish: it was stopped through the server's Control API" in told, told[-3000:]
+        assert f"--resume {tmp_path / 'long-run'}" in told
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     assert records[0]["rejected"] == ["poisoned"]
@@ -463,7 +481,8 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
     for r in records[1:]:
         assert "hungary" not in r["sites"] and sorted(r["sites"]) == ["cleveland", "switzerland"]
     assert "rejected update from site poisoned" in output
-    assert "no reply from site hungary" in output or "site hungary failed" in output
+    assert any(f"{what}" in output for what in ("no reply from site hungary", "site hungary failed",
+                                                 "site hungary is offline"))
     assert "left out: hungary, poisoned" in output
     final = P.load(run_dir / "model.safetensors")
     assert all(np.isfinite(v.numpy()).all() for v in final.values())

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from local_grid import LocalGrid
+from local_grid import LocalGrid, heart_config
 
-from fedmi.experiments.config import parse_config
 from fedmi.core import params as P
 from fedmi.core.types import Update
 from fedmi.errors import FedmiError
@@ -23,12 +22,6 @@ from fedmi.apps.site import client_app
 HEART_SITES = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
 
 
-def _cfg(**changes):
-    raw = {"data": {"dataset": "heart-disease"}, "model": "logistic", "rounds": 2, "seed": 1,
-           "evaluate_every": 0, "runtime": "sequential",
-           "trainer": {"name": "fedavg", "lr": 0.05, "batch_size": 32, "local_steps": 5}}
-    raw.update(changes)
-    return parse_config(raw, "test")
 
 
 def _grid(handlers: dict[int, object] | None = None, n: int = 4) -> LocalGrid:
@@ -47,7 +40,7 @@ def _grid(handlers: dict[int, object] | None = None, n: int = 4) -> LocalGrid:
     {"model": "mlp", "fraction": 0.5},
 ])
 def test_the_flower_apps_give_the_in_process_result(changes):
-    cfg = _cfg(**changes)
+    cfg = heart_config(**changes)
     over_grid = run_on_grid(_grid(), cfg, None, simulation=True)
     in_process = run_federated(cfg).result
     assert P.allclose(over_grid.params, in_process.params, rtol=1e-5, atol=1e-6)
@@ -97,7 +90,7 @@ def _corrupt(kind: str):
 @pytest.mark.parametrize("kind", ["names", "shape", "dtype", "nan", "inf", "norm", "oversized", "pickle", "count",
                                   "strings"])
 def test_a_hostile_update_is_rejected_and_the_round_completes_with_the_others(kind, caplog):
-    cfg = _cfg(rounds=1, max_update_norm=1e3)
+    cfg = heart_config(rounds=1, max_update_norm=1e3)
     with caplog.at_level(logging.WARNING, logger="fedmi"):
         result = run_on_grid(_grid({3: _corrupt(kind)}), cfg, None, simulation=True)
     record = result.history[0]
@@ -112,14 +105,14 @@ def test_a_hostile_update_is_rejected_and_the_round_completes_with_the_others(ki
 def test_a_silent_site_is_left_out_with_a_log_line_and_min_sites_retries_then_stops(caplog):
     grid = _grid()
     grid.silent.add(103)
-    cfg = _cfg(rounds=1, deployment={"round_timeout": 0.3, "sites": 4})
+    cfg = heart_config(rounds=1, deployment={"round_timeout": 0.3, "sites": 4})
     with caplog.at_level(logging.WARNING, logger="fedmi"):
         result = run_on_grid(grid, cfg, None, simulation=True)
     assert result.history[0]["sites"] == HEART_SITES[:3]
     assert "no reply from site VA Long Beach within 0.3 s" in caplog.text
     assert "completed with 3 of 4 sites" in caplog.text
 
-    cfg = _cfg(rounds=1, min_sites=4, max_retries=1, deployment={"round_timeout": 0.3, "sites": 4})
+    cfg = heart_config(rounds=1, min_sites=4, max_retries=1, deployment={"round_timeout": 0.3, "sites": 4})
     grid = _grid()
     grid.silent.add(103)
     with caplog.at_level(logging.WARNING, logger="fedmi"), pytest.raises(FedmiError, match="still after 1 retries"):
@@ -128,7 +121,7 @@ def test_a_silent_site_is_left_out_with_a_log_line_and_min_sites_retries_then_st
 
 
 def test_a_round_retried_after_too_few_replies_gives_the_uninterrupted_result(caplog):
-    cfg = _cfg(rounds=2, min_sites=4, deployment={"round_timeout": 0.3})
+    cfg = heart_config(rounds=2, min_sites=4, deployment={"round_timeout": 0.3})
     honest = client_app()
     calls = {"train": 0}
 
@@ -159,7 +152,7 @@ def test_a_site_that_comes_online_joins_at_the_next_round_boundary(caplog):
         if done == 1:
             grid.offline.discard(103)
 
-    cfg = _cfg(rounds=3, deployment={"sites": 3})
+    cfg = heart_config(rounds=3, deployment={"sites": 3})
     with caplog.at_level(logging.INFO, logger="fedmi"):
         result = run_on_grid(grid, cfg, None, on_round=up_after_round_1, simulation=True)
     assert [r["sites"] for r in result.history] == [HEART_SITES[:3], HEART_SITES, HEART_SITES]
@@ -181,7 +174,7 @@ def test_a_site_that_leaves_is_dropped_after_round_timeout_and_returns_under_its
             grid.silent.discard(102)
             grid.offline.discard(102)
 
-    cfg = _cfg(rounds=4, deployment={"round_timeout": 0.3})
+    cfg = heart_config(rounds=4, deployment={"round_timeout": 0.3})
     with caplog.at_level(logging.INFO, logger="fedmi"):
         result = run_on_grid(grid, cfg, None, on_round=events, simulation=True)
     others = [s for s in HEART_SITES if s != "Switzerland"]
@@ -209,7 +202,7 @@ def test_a_joining_site_whose_data_do_not_fit_the_run_is_refused(caplog):
         grid.offline.discard(103)
 
     with caplog.at_level(logging.ERROR, logger="fedmi"):
-        result = run_on_grid(grid, _cfg(rounds=2, deployment={"sites": 3}), None, on_round=up, simulation=True)
+        result = run_on_grid(grid, heart_config(rounds=2, deployment={"sites": 3}), None, on_round=up, simulation=True)
     assert "site VA Long Beach cannot join the run: its data have shape (7,)" in caplog.text
     assert [r["sites"] for r in result.history] == [HEART_SITES[:3]] * 2
 
@@ -218,7 +211,7 @@ def test_a_node_claiming_a_taken_name_is_refused(caplog):
     grid = _grid()
     grid.nodes[200] = (client_app(), {"partition-id": 0, "num-partitions": 4})  # a second "Cleveland"
     with caplog.at_level(logging.ERROR, logger="fedmi"):
-        result = run_on_grid(grid, _cfg(rounds=1), None, simulation=True)
+        result = run_on_grid(grid, heart_config(rounds=1), None, simulation=True)
     assert "claims the name 'Cleveland'" in caplog.text
     assert result.history[0]["sites"] == HEART_SITES
     assert sum(m.metadata.dst_node_id == 200 for m in grid.sent if m.metadata.message_type == "train") == 0
@@ -227,7 +220,7 @@ def test_a_node_claiming_a_taken_name_is_refused(caplog):
 def test_a_node_not_enrolled_with_fedmi_is_refused_and_never_sent_the_model(caplog):
     grid = _grid()
     with caplog.at_level(logging.ERROR, logger="fedmi"):
-        result = run_on_grid(grid, _cfg(rounds=1), None, simulation=True,
+        result = run_on_grid(grid, heart_config(rounds=1), None, simulation=True,
                              enrolled={100: "Cleveland", 101: "Hungary", 102: "Switzerland"})
     assert "node 103 was not enrolled with fedmi" in caplog.text
     assert result.history[0]["sites"] == HEART_SITES[:3]
@@ -244,7 +237,7 @@ def test_a_submitted_run_may_write_only_below_the_servers_runs_folder(tmp_path, 
     monkeypatch.setattr(server, "_log_to_stderr", lambda: None)  # keep this process's logging as it is
     for outside in (tmp_path / "elsewhere", tmp_path / "runs" / ".." / "escaped"):
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                          run_config={"fedmi-config": _cfg(rounds=1).model_dump_json(), "run-dir": str(outside)})
+                          run_config={"fedmi-config": heart_config(rounds=1).model_dump_json(), "run-dir": str(outside)})
         grid = _grid()
         with pytest.raises(FedmiError, match="outside the server's runs folder"):
             server.main(grid, context)
@@ -254,10 +247,10 @@ def test_a_submitted_run_may_write_only_below_the_servers_runs_folder(tmp_path, 
 def test_the_in_process_reference_of_a_deployment_runs_only_the_named_sites_in_name_order():
     from fedmi.deploy.local import in_process_run
 
-    result = in_process_run(_cfg(rounds=1), ["Switzerland", "Cleveland"])
+    result = in_process_run(heart_config(rounds=1), ["Switzerland", "Cleveland"])
     assert result.history[0]["sites"] == ["Cleveland", "Switzerland"]
     with pytest.raises(FedmiError, match="has no site Basel"):
-        in_process_run(_cfg(rounds=1), ["Basel"])
+        in_process_run(heart_config(rounds=1), ["Basel"])
 
 
 def test_updates_with_extras_cross_the_codec_unchanged():
@@ -297,7 +290,7 @@ def test_every_reply_of_a_site_is_its_last_contact_with_the_round(tmp_path):
         seen.append((site, kind, r))
         record_contact(path, site, "run-a", kind, r)
 
-    run_on_grid(_grid(), _cfg(rounds=2), None, simulation=True, on_reply=on_reply,
+    run_on_grid(_grid(), heart_config(rounds=2), None, simulation=True, on_reply=on_reply,
                 enrolled={100 + i: name for i, name in enumerate(HEART_SITES)})
     for site in HEART_SITES:
         assert [(k, r) for s, k, r in seen if s == site] == [("query", 0), ("train", 1), ("train", 2), ("evaluate", 2)]

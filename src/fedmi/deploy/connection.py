@@ -14,6 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from fedmi.deploy.pins import TOKEN_FILE_ENV
 from fedmi.deploy.processes import flower_env
@@ -97,11 +98,23 @@ class Connection:
             env[TOKEN_FILE_ENV] = str(self.token_file)
         return env
 
-    def flwr(self, args: list[str], check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
-        """Flower's CLI against this server (with the operator's token when this is the operator's)."""
+    def flwr(self, args: list[str], check: bool = True, capture: bool = True,
+             tee: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
+        """Flower's CLI against this server (with the operator's token when this is the operator's).
+        `capture` False: its output goes to this process's; with `tee`, line by line, each line also
+        given to `tee`."""
+        argv = [sys.executable, "-m", "fedmi.deploy.pins", "flwr", *args]
         with tempfile.TemporaryDirectory(prefix="fedmi-flwr-") as home:
-            done = subprocess.run([sys.executable, "-m", "fedmi.deploy.pins", "flwr", *args],
-                                  env=self.flwr_env(Path(home)), capture_output=capture, text=True)
+            if tee is None or capture:
+                done = subprocess.run(argv, env=self.flwr_env(Path(home)), capture_output=capture, text=True)
+            else:
+                with subprocess.Popen(argv, env=self.flwr_env(Path(home)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1) as proc:
+                    for line in proc.stdout:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                        tee(line)
+                done = subprocess.CompletedProcess(argv, proc.returncode)
         if check and done.returncode != 0:
             message = " ".join(((done.stdout or "") + (done.stderr or "")).split())[-400:]
             raise FedmiError(f"flwr {' '.join(args[:2])} failed: {message}")

@@ -102,6 +102,8 @@ class SiteRecords:
     - `tasks.jsonl`: one line per task it ran (time, run, round, kind, method, bytes in and out, seconds
       in all and of them pulling the message and running the method, outcome and, when refused
       or failed, why);
+    - `connected`: the server this site was last activated at (a refusal after a restart may then
+      be its earlier connection, still counted as online there);
     - `runs/RUN_ID.state`: the site's state in each run (FedBN's statistics, SCAFFOLD's control
       variate, optimiser moments: everything a method keeps at the site), written atomically
       after every task, read back when the site restarts in the middle of a run.
@@ -112,6 +114,14 @@ class SiteRecords:
         (self.folder / "runs").mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
         self._lock = threading.Lock()
+
+    def connected_before(self, address: str) -> bool:
+        """Whether this site was activated at the server at `address` before (`connected`)."""
+        marker = self.folder / "connected"
+        return marker.is_file() and marker.read_text().strip() == address
+
+    def mark_connected(self, address: str) -> None:
+        (self.folder / "connected").write_text(address + "\n")
 
     def state_path(self, run_id: int) -> Path:
         return self.folder / "runs" / f"{int(run_id)}.state"

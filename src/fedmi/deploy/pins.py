@@ -11,7 +11,8 @@
   Its heartbeat comes every 10 s (Flower's shortest; its default 30 s), so a site that crashed
   is counted offline 20 s after its last heartbeat rather than 60 s; and a site restarted
   within that window, which Flower refuses to activate while its earlier connection still
-  counts as online, waits it out (`wait_out_stale_connection`) instead of exiting;
+  counts as online, waits it out (`wait_out_stale_connection`) instead of exiting (a site never
+  connected to this server before is refused at once: its key is not enrolled);
 - every Flower process fedmi starts or runs tasks in: the first wait for a message part that is
   not there yet. Flower 1.42 waits 1 s, then 2 s, ... (`pull_objects`); a reply's parts arrive
   milliseconds after its notice, so a round paid one to three such seconds. fedmi waits 0.02 s,
@@ -37,6 +38,7 @@ DEFAULT_SITE_POLL = 0.2
 REPLY_POLL = 0.02
 FIRST_PULL_RETRY, PULL_RETRY_CAP = 0.02, 0.2
 SITE_HEARTBEAT = 10.0  # seconds; Flower's HEARTBEAT_MIN_INTERVAL
+ACTIVATION_WAIT_ENV = "FEDMI_ACTIVATION_WAIT"  # seconds a refused activation is asked again (default: the window)
 
 
 def check_flower_version() -> None:
@@ -117,7 +119,7 @@ def wait_out_stale_connection(activate, window: float, pause: float = 1.0, clock
             try:
                 return activate(self, request)
             except httpx.HTTPStatusError as e:
-                if e.response.status_code != httpx.codes.PRECONDITION_FAILED or clock() > deadline:
+                if e.response.status_code != httpx.codes.PRECONDITION_FAILED or clock() >= deadline:
                     raise
                 if not told:
                     print(f"fedmi: the server does not activate this site yet (an earlier connection of its key may "
@@ -139,8 +141,8 @@ def _supernode() -> None:
 
     loop.time = ShortWaits(float(os.environ.get(SITE_POLL_ENV, DEFAULT_SITE_POLL)))
     connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat.HEARTBEAT_DEFAULT_INTERVAL = SITE_HEARTBEAT
-    FleetHttpClient.ActivateNode = wait_out_stale_connection(FleetHttpClient.ActivateNode,
-                                                             HEARTBEAT_PATIENCE * SITE_HEARTBEAT + 5)
+    window = float(os.environ.get(ACTIVATION_WAIT_ENV, HEARTBEAT_PATIENCE * SITE_HEARTBEAT + 5))
+    FleetHttpClient.ActivateNode = wait_out_stale_connection(FleetHttpClient.ActivateNode, window)
     shorten_object_waits()
     flower_supernode()
 

@@ -6,6 +6,7 @@ answers only there, to the holder of the operator's token.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -83,19 +84,68 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
         (app / "pyproject.toml").write_text(APP_PYPROJECT.format(**APP_COMPONENTS))
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+        log = RunLog()
         proc = connection.flwr(["run", str(app), "fedmi", "--run-config", str(overrides), "--stream"],
-                               check=False, capture=False)
+                               check=False, capture=False, tee=log.read)
     summary = run_dir / "summary.json"
     if summary.is_file() and summary.stat().st_mtime >= started:
         return 0
     partial = run_dir.with_name(run_dir.name + ".partial")
+    ending = log.ending(connection)
     for kept in (run_dir, partial):
         if (kept / CHECKPOINT).is_file() and (kept / CHECKPOINT).stat().st_mtime >= started - 1 or \
                 resume and kept == run_dir and (kept / CHECKPOINT).is_file():
-            raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}); "
-                             f"its last checkpoint is in {kept}: `fedmi submit --resume {kept}`")
-    raise FedmiError(f"the run did not finish (flwr exit status {proc.returncode}) and completed no round; "
-                     "the server's reason is in the log above (`fedmi status` shows how the run ended)")
+            raise FedmiError(f"the run did not finish: {ending}; its last checkpoint is in {kept}: "
+                             f"`fedmi submit --resume {kept}`")
+    raise FedmiError(f"the run did not finish and completed no round: {ending}")
+
+
+class RunLog:
+    """What `fedmi submit` keeps of a run's streamed log: the Flower run's id and the server's last
+    error line, to say at the end who or what stopped a run that did not finish."""
+
+    STARTED = re.compile(r"Successfully started run (\d+)")
+    ERROR = re.compile(r"\bfedmi ERROR: (.*)|^error: (.*)|\bERROR\s*:\s+(.*)")
+
+    def __init__(self):
+        self.run_id: int | None = None
+        self.last_error: str | None = None
+
+    def read(self, line: str) -> None:
+        line = _ANSI.sub("", line).strip()
+        if (started := self.STARTED.search(line)) and self.run_id is None:
+            self.run_id = int(started.group(1))
+        elif (error := self.ERROR.search(line)) and not line.startswith("INFO"):
+            self.last_error = next(g for g in error.groups() if g is not None).strip()
+
+    def ending(self, connection: Connection) -> str:
+        """How the run ended, by Flower's record of it (and who can end a run so), and the last error."""
+        found = None
+        if self.run_id is not None:
+            try:
+                done = connection.flwr(["list", "--run-id", str(self.run_id), "--format", "json"], check=False)
+                found = next(iter(json_object(done.stdout).get("runs", [])), None)
+            except FedmiError:
+                found = None
+        return describe_ending(found, self.last_error)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def describe_ending(run: dict | None, last_error: str | None) -> str:
+    """One sentence: how a run ended (`run`: Flower's record of it, None when the server did not
+    answer) and the server's last error line (None: it logged none)."""
+    if run is None:
+        what = "the server stopped answering (it was stopped, or its machine or network went down)"
+    else:
+        status, details = str(run.get("status", "?")), str(run.get("status-details") or "").strip()
+        what = {"finished:stopped": "it was stopped through the server's Control API, which only the operator "
+                                    "reaches (`flwr stop`, on the server's machine, with its token)",
+                "finished:failed": "its ServerApp failed on the server"}.get(status, f"Flower reports it {status}")
+        if details and details != "N/A":
+            what += f" (Flower: {details})"
+    return what + (f"; the server's last error: {last_error}" if last_error else "; the server logged no error")
 
 
 def status(connection: Connection, state_dir: Path | None = None) -> dict:

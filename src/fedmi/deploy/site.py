@@ -18,7 +18,8 @@ from pathlib import Path
 
 from fedmi.deploy.connection import Connection, existing_file
 from fedmi.deploy.executor import RuntimeLink, SiteRecords, make_secret_file, run_client_task, serve_tasks, start_thread
-from fedmi.deploy.pins import DEFAULT_SITE_POLL, SITE_POLL_ENV, check_flower_version, shorten_object_waits
+from fedmi.deploy.pins import (ACTIVATION_WAIT_ENV, DEFAULT_SITE_POLL, SITE_POLL_ENV, check_flower_version,
+                               shorten_object_waits)
 from fedmi.deploy.processes import flower_env, plain_flower_logs, run_foreground, say
 from fedmi.errors import FedmiError
 
@@ -73,6 +74,8 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
     def refused(line: str) -> None:
         if "Failed to activate SuperNode" in line or "code: 2004" in line:
             seen.append(line)
+        elif "SuperNode ID:" in line:  # activated: from now on a refusal after a restart may be a stale connection
+            records.mark_connected(connection.address)
 
     plain_flower_logs()
     stop = threading.Event()
@@ -82,7 +85,11 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
                                                                                     records), stop),
                             "fedmi-site-executor")
     try:
-        code = run_foreground(argv, {**flower_env(), SITE_POLL_ENV: str(poll)}, watch=refused,
+        # A site that was connected to this server before may find its earlier connection still counted
+        # as online there, and waits it out; a site that never was is refused at once (not enrolled).
+        wait = None if records.connected_before(connection.address) else "0"
+        code = run_foreground(argv, {**flower_env(), SITE_POLL_ENV: str(poll),
+                                     **({ACTIVATION_WAIT_ENV: wait} if wait else {})}, watch=refused,
                               alive=executor.is_alive, source="supernode")
     finally:
         stop.set()

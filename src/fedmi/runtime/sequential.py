@@ -165,9 +165,10 @@ class SitesByName:
         self._index = {s.name: i for i, s in enumerate(sites)}  # the site's key in its random streams
         if len(self._sites) != len(sites):
             raise FedmiError("site names repeat")
+        self._infos = [s.info for s in sites]  # the runner asks every round; label counts are counted once
 
     def site_infos(self) -> list[SiteInfo]:
-        return [s.info for s in self._sites.values()]
+        return list(self._infos)
 
     def _site(self, name: str) -> SiteData:
         if name not in self._sites:

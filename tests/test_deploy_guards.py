@@ -376,3 +376,20 @@ def test_a_site_remembers_the_server_it_was_connected_to(tmp_path):
     records.mark_connected("fl.example.org:9092")
     assert records.connected_before("fl.example.org:9092") and not records.connected_before("other:9092")
     assert SiteRecords(tmp_path / "site").connected_before("fl.example.org:9092")  # across restarts
+
+
+def test_two_sites_cannot_share_a_state_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from fedmi.deploy.executor import SiteRecords
+
+    held = SiteRecords(tmp_path / "site")
+    held.claim()  # held by this process while `held` lives
+    other = subprocess.run([sys.executable, "-c", "from fedmi.deploy.executor import SiteRecords; "
+                            f"SiteRecords({str(tmp_path / 'site')!r}).claim()"], capture_output=True, text=True)
+    assert other.returncode != 0 and "give each site on this machine its own --state" in other.stderr
+    free = subprocess.run([sys.executable, "-c", "from fedmi.deploy.executor import SiteRecords; "
+                           f"SiteRecords({str(tmp_path / 'other')!r}).claim()"], capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr
+    del held

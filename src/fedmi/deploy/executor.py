@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from fedmi.errors import FedmiError
+
 log = logging.getLogger("fedmi")
 
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
@@ -115,6 +117,19 @@ class SiteRecords:
         os.chmod(self.folder, 0o700)
         self._lock = threading.Lock()
 
+    def claim(self) -> None:
+        """Hold the folder for this process: two sites sharing one state folder would mix their
+        states in a run. Released when the process ends, however it ends (an advisory lock)."""
+        import fcntl
+
+        self._held = open(self.folder / "lock", "w")
+        try:
+            fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._held.close()
+            raise FedmiError(f"{self.folder} is the state folder of a fedmi site that is running; "
+                             "give each site on this machine its own --state") from None
+
     def connected_before(self, address: str) -> bool:
         """Whether this site was activated at the server at `address` before (`connected`)."""
         marker = self.folder / "connected"
@@ -136,9 +151,10 @@ class SiteRecords:
             return False
         proto = ProtoRecordDict()
         proto.ParseFromString(path.read_bytes())
-        for key, record in recorddict_from_proto(proto).items():
+        restored = recorddict_from_proto(proto)
+        for key, record in restored.items():
             context.state[key] = record
-        return True
+        return len(restored) > 0  # a checkpoint of a state still empty (after the run's query) restores nothing
 
     def save(self, context) -> None:
         from flwr.common.serde import recorddict_to_proto
@@ -184,7 +200,6 @@ def run_client_task(link: RuntimeLink, token: str, app, records: SiteRecords) ->
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     from fedmi.deploy.app_pin import check_app_bundle
-    from fedmi.errors import FedmiError
 
     started = time.perf_counter()
     client = link.client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),

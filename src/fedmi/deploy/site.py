@@ -57,6 +57,7 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
     check_flower_version()
     shorten_object_waits()  # the ClientApp tasks run in this process
     records = SiteRecords(Path(state_dir))
+    records.claim()
     secret = make_secret_file("fedmi-site-")
     argv = [sys.executable, "-m", "fedmi.deploy.pins", "supernode", "--superlink", connection.address,
             "--host", "127.0.0.1", "--port", str(port), "--isolation", "process",

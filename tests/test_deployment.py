@@ -488,6 +488,55 @@ def test_a_poisoned_update_is_rejected_and_a_crashed_site_does_not_stop_the_fede
     assert all(np.isfinite(v.numpy()).all() for v in final.values())
 
 
+def _lying(lies: str) -> dict[str, str]:
+    """The environment of a site whose hospital changed its fedmi to tell `lies` (tests/liar)."""
+    return {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "liar"),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]), "FEDMI_TEST_LIE": lies}
+
+
+def test_enrolled_sites_that_lie_are_refused_and_a_finished_run_is_not_overwritten(tmp_path):
+    """Two enrolled sites run a fedmi changed to lie (tests/liar): switzerland introduces itself as
+    Hungary (finding 7), va-long-beach counts 10**9 training examples (finding 5) and reports a
+    perfect evaluation over 9999 cases (finding 6). The impostor is refused at set-up, the count and
+    the results are rejected every round, and the federation trains on the honest sites: the model
+    equals their in-process run. The run's folder is the config's `out`; submitting into it again
+    is refused (finding 3) and leaves it as it was; the site's own app port serves no task to a
+    caller without its secret (finding 10)."""
+    sites = {**SITES, "va-long-beach": "VA Long Beach"}
+    run_dir = tmp_path / "run"
+    run = _write_run(tmp_path, "liars", rounds=2, evaluate_every=1, min_sites=2, out=str(run_dir),
+                     deployment={"sites": 3, "connect_timeout": 120})
+    with _federation(tmp_path, sites) as fed:
+        fed.start_server()
+        fed.start_site("cleveland")
+        fed.start_site("hungary")
+        fed.start_site("switzerland", env=_lying("impostor"))
+        fed.start_site("va-long-beach", env=_lying("inflate,results"))
+        done = fed.submit(str(run))  # the run's folder: the config's `out` (finding 9)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-3000:]
+        model = (run_dir / "model.safetensors").read_bytes()
+        again = fed.submit(str(run))
+        # A local process at a hospital cannot claim the site's tasks from its own app port (finding 10).
+        import httpx
+
+        claim = httpx.post(f"http://127.0.0.1:{fed.site_ports['cleveland']}/v1/runtime/acquire-task", content=b"",
+                           headers={"content-type": "application/protobuf"}, timeout=10)
+        assert claim.status_code in (401, 403), (claim.status_code, claim.content[:200])
+    assert "enrolled as site 'switzerland', introduced itself as 'Hungary': it is refused" in output
+    assert "it counts 1000000000 training examples, but declared" in output
+    assert "evaluation: site va-long-beach reported n = 9999, but declared" in output
+    records = _records(run_dir)
+    assert [r["rejected"] for r in records] == [["va-long-beach"]] * 2
+    assert all(r["sites"] == ["cleveland", "hungary"] for r in records)
+    assert all(set(r["test"]) == {"cleveland", "hungary"} for r in records)  # the faked results are left out
+    deployed, expected = P.load(run_dir / "model.safetensors"), in_process_run(
+        parse_config(yaml.safe_load(run.read_text()), str(run)), ["Cleveland", "Hungary"]).params
+    assert P.allclose(deployed, expected, rtol=1e-5, atol=1e-6)
+    assert again.returncode == 2 and "already holds a run; give --overwrite" in again.stderr, again.stderr[-2000:]
+    assert (run_dir / "model.safetensors").read_bytes() == model
+
+
 def test_relayed_flower_output_loses_its_colour_codes_outside_a_terminal(capsys):
     import os
     import sys

@@ -128,10 +128,10 @@ class LocalFederation:
     def log(self, name: str) -> Path:
         return self.folder / f"{name}.log"
 
-    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         self._log_start[name] = self.log(name).stat().st_size if self.log(name).exists() else 0
         with open(self.log(name), "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=flower_env(),
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**flower_env(), **(env or {})},
                                     start_new_session=True, cwd=self.folder)
         self.procs[name] = proc
         return proc
@@ -145,12 +145,14 @@ class LocalFederation:
         if enroll:
             self.wait_for_log("server", f"enrolled site {list(self.sites)[-1]}", 60)
 
-    def start_site(self, name: str, data: Path | None = None, *options: str) -> subprocess.Popen:
-        """`fedmi site` for key `name` (its data config, or `data`), with more `options` if given."""
+    def start_site(self, name: str, data: Path | None = None, *options: str,
+                   env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`fedmi site` for key `name` (its data config, or `data`), with more `options` and
+        environment variables (`env`) if given."""
         return self._start(f"site-{name}", fedmi_argv(
             "site", "--server", self.address, "--ca", str(self.pki / "ca.pem"),
             "--key", str(self.pki / "sites" / f"{name}.key"), "--data", str(data or self.sites[name]),
-            "--port", str(self.site_ports[name]), "--state", str(self.site_state(name)), *options))
+            "--port", str(self.site_ports[name]), "--state", str(self.site_state(name)), *options), env)
 
     def site_state(self, name: str) -> Path:
         """A site's own records (`fedmi site --state`)."""

@@ -165,9 +165,11 @@ class SitesByName:
         self._index = {s.name: i for i, s in enumerate(sites)}  # the site's key in its random streams
         if len(self._sites) != len(sites):
             raise FedmiError("site names repeat")
-        self._infos = [s.info for s in sites]  # the runner asks every round; label counts are counted once
+        self._infos: list[SiteInfo] | None = None  # the runner asks every round; labels are counted once
 
     def site_infos(self) -> list[SiteInfo]:
+        if self._infos is None:
+            self._infos = [s.info for s in self._sites.values()]
         return list(self._infos)
 
     def _site(self, name: str) -> SiteData:

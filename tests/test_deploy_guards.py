@@ -393,3 +393,20 @@ def test_two_sites_cannot_share_a_state_folder(tmp_path):
                            f"SiteRecords({str(tmp_path / 'other')!r}).claim()"], capture_output=True, text=True)
     assert free.returncode == 0, free.stderr
     del held
+
+
+def test_the_server_keeps_each_enrolled_key_under_its_name_through_rotation_and_revocation(tmp_path):
+    from fedmi.apps.enrolment import forget_nodes, forget_site, remember_site, site_keys, site_names
+
+    remember_site(tmp_path, 11, "cleveland", "ecdsa-sha2-nistp384 AAAA-old cleveland")
+    remember_site(tmp_path, 12, "hungary", "ecdsa-sha2-nistp384 AAAA-h hungary")
+    # Rotation: the new key is remembered under the name, then the old node is forgotten.
+    remember_site(tmp_path, 13, "cleveland", "ecdsa-sha2-nistp384 AAAA-new cleveland")
+    forget_site(tmp_path, 11)
+    assert site_names(tmp_path) == {"12": "hungary", "13": "cleveland"}
+    assert site_keys(tmp_path)["cleveland"].startswith("ecdsa-sha2-nistp384 AAAA-new")
+    forget_site(tmp_path, 12)  # revocation: the key goes with its only node
+    assert set(site_keys(tmp_path)) == {"cleveland"}
+    # A new SuperLink knows no node: the names are made again, the keys stay.
+    forget_nodes(tmp_path)
+    assert site_names(tmp_path) == {} and set(site_keys(tmp_path)) == {"cleveland"}

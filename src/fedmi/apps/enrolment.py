@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 SITE_NAMES = "site-names.json"  # in the server's state folder: node id -> site name
+SITE_KEYS = "site-keys.json"  # in the server's state folder: site name -> its enrolled public key (OpenSSH text)
 ENROLLED_SITES_ENV = "FEDMI_ENROLLED_SITES"  # set by `fedmi server` for its ServerApp: that file's path
 OPERATOR_KEY_ENV = "FEDMI_OPERATOR_KEY"  # set by `fedmi server`: operator.pub, the run tickets' signer
 RUNS_ROOT_ENV = "FEDMI_RUNS_ROOT"  # set by `fedmi server`: runs write their outputs only below this folder
@@ -28,16 +29,35 @@ def site_names(path: Path | None) -> dict[str, str]:
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 
-def remember_site(state_dir: Path, node_id: int, name: str) -> None:
+def site_keys(state_dir: Path) -> dict[str, str]:
+    """The enrolled sites' public keys by name: what the server registers again at every start."""
+    path = Path(state_dir) / SITE_KEYS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def remember_site(state_dir: Path, node_id: int, name: str, key: str | None = None) -> None:
+    """`name` is node `node_id` (and, when given, its public key is `key`)."""
     names = site_names(state_dir)
     names[str(node_id)] = name
     _write(state_dir, names)
+    if key is not None:
+        _write_json(Path(state_dir) / SITE_KEYS, {**site_keys(state_dir), name: key})
 
 
 def forget_site(state_dir: Path, node_id: int) -> None:
+    """Node `node_id` is gone; its site's key too, unless the site has another node (a new key)."""
     names = site_names(state_dir)
-    names.pop(str(node_id), None)
+    name = names.pop(str(node_id), None)
     _write(state_dir, names)
+    if name is not None and name not in names.values():
+        keys = site_keys(state_dir)
+        keys.pop(name, None)
+        _write_json(Path(state_dir) / SITE_KEYS, keys)
+
+
+def forget_nodes(state_dir: Path) -> None:
+    """A new SuperLink knows no node: the names by node id are made again as keys are registered."""
+    _write(state_dir, {})
 
 
 def _write(state_dir: Path, names: dict[str, str]) -> None:

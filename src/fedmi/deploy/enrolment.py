@@ -5,14 +5,19 @@ folder (`apps.enrolment`), and fedmi's ServerApp knows each site by that name, n
 site says. So a name is enrolled under one key only, and a key under one name (Flower refuses a
 key registered twice). `enroll` reads Flower's answer and fails when the key was not registered;
 `revoke` unregisters a site; `enroll(..., replace=NAME)` rotates a site's key.
+
+The server keeps each enrolled site's public key too (`site-keys.json`): its SuperLink holds its
+state in memory (Flower's SQL state cost most of a round), so `restore` registers every key again
+when the server starts, and the sites' names get their new node ids.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
-from fedmi.apps.enrolment import forget_site, remember_site, site_names
+from fedmi.apps.enrolment import forget_nodes, forget_site, remember_site, site_keys, site_names
 from fedmi.deploy.certs import check_site_name
 from fedmi.deploy.connection import Connection, existing_file, json_object
 from fedmi.deploy.processes import say
@@ -49,13 +54,8 @@ def enroll(connection: Connection, key: Path, name: str | None = None, state_dir
                          f"fedmi enroll {key} --replace --name {name}")
     if old is None and replace:
         raise FedmiError(f"--replace: no site named {name} is enrolled (enrolled: {', '.join(sorted(names.values())) or 'none'})")
-    done = connection.flwr(["supernode", "register", str(key), "--name", name, "--format", "json"], check=False)
-    answer = json_object(done.stdout)
-    node_id = answer.get("node-id")
-    if done.returncode != 0 or not answer.get("success", True) or node_id is None:
-        said = answer.get("error-message") or " ".join((done.stdout + done.stderr).split())[-300:]
-        raise FedmiError(f"could not enrol site {name} ({key.name}): {said}")
-    remember_site(state_dir, int(node_id), name)
+    node_id = _register(connection, key, name)
+    remember_site(state_dir, node_id, name, key.read_text().strip())
     if old is not None:
         _unregister(connection, old)
         forget_site(state_dir, old)
@@ -63,6 +63,35 @@ def enroll(connection: Connection, key: Path, name: str | None = None, state_dir
     else:
         say(f"enrolled site {name} ({key.name}, node {node_id})")
     return int(node_id)
+
+
+def _register(connection: Connection, key: Path, name: str) -> int:
+    """Flower's node id for `key`, registered now; an error with Flower's reason if it was not."""
+    done = connection.flwr(["supernode", "register", str(key), "--name", name, "--format", "json"], check=False)
+    answer = json_object(done.stdout)
+    node_id = answer.get("node-id")
+    if done.returncode != 0 or not answer.get("success", True) or node_id is None:
+        said = answer.get("error-message") or " ".join((done.stdout + done.stderr).split())[-300:]
+        raise FedmiError(f"could not enrol site {name} ({key.name}): {said}")
+    return int(node_id)
+
+
+def restore(connection: Connection, state_dir: Path) -> list[str]:
+    """Register every enrolled site's key with a SuperLink that has just started (it knows none);
+    the names restored."""
+    keys = site_keys(state_dir)
+    if site_names(state_dir) and not keys:
+        say(f"fedmi: WARNING: {state_dir} names enrolled sites but holds none of their keys (enrolled with an "
+            "earlier fedmi): enrol them again (fedmi server --enroll SITE.pub, or fedmi enroll)", "warning")
+    forget_nodes(state_dir)
+    with tempfile.TemporaryDirectory(prefix="fedmi-keys-") as folder:
+        for name, text in sorted(keys.items()):
+            path = Path(folder) / f"{name}.pub"
+            path.write_text(text + "\n")
+            remember_site(state_dir, _register(connection, path, name), name)
+    if keys:
+        say(f"sites enrolled: {', '.join(sorted(keys))}")
+    return sorted(keys)
 
 
 def _unregister(connection: Connection, node_id: int) -> None:

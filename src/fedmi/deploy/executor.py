@@ -84,7 +84,10 @@ def serve_tasks(link: RuntimeLink, secret: bytes, task_type: str, run: Callable[
                 stop.wait(1.0)
                 continue
             if found.HasField("task") and found.token:
-                run(found.token, found.task)
+                try:
+                    run(found.token, found.task)
+                except Exception as e:  # noqa: BLE001 - one task's failure must not stop the executor
+                    log.error("a %s task could not be completed: %s: %s", task_type, type(e).__name__, e)
             else:
                 stop.wait(poll)
     finally:
@@ -240,6 +243,9 @@ def run_client_task(link: RuntimeLink, token: str, app, records: SiteRecords) ->
                 push_message(client, reply, context)
                 entry["bytes_out"] = 0 if reply.has_error() else _array_bytes(reply.content)
             push_task_output(client=client, context=context, sub_status=status, details=details)
+        except Exception as e:  # noqa: BLE001 - the SuperNode went away (restarted) with the task
+            log.warning("a task's result could not be returned: %s: %s", type(e).__name__, e)
+            entry.update(outcome="failed", reason=f"not returned: {type(e).__name__}: {e}")
         finally:
             heartbeat.stop()
             client.close()

@@ -178,23 +178,30 @@ def relay_output(proc: subprocess.Popen, watch: Callable[[str], str | None] | No
 
 def run_foreground(argv: list[str], env: dict[str, str], on_start: Callable[[subprocess.Popen], None] | None = None,
                    watch: Callable[[str], str | None] | None = None,
-                   alive: Callable[[], bool] | None = None, source: str = "flower") -> int:
+                   alive: Callable[[], bool] | None = None, source: str = "flower",
+                   restart: Callable[[int], bool] | None = None) -> int:
     """Run a Flower program until it ends, `alive()` turns false, or this process is interrupted
-    (Ctrl-C, SIGTERM); its exit status. Its output is relayed (`relay_output`)."""
-    proc = start_child(argv, env)
+    (Ctrl-C, SIGTERM); its exit status. Its output is relayed (`relay_output`). A program that
+    ends by itself is started again while `restart(exit status)` says so."""
     stopping: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: stopping.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
-    relay = relay_output(proc, watch, source)
     try:
-        if on_start is not None:
-            on_start(proc)
-        while proc.poll() is None and not stopping and (alive is None or alive()):
-            time.sleep(0.2)
-        return proc.returncode if proc.returncode is not None else 0
+        while True:
+            proc = start_child(argv, env)
+            relay = relay_output(proc, watch, source)
+            try:
+                if on_start is not None:
+                    on_start(proc)
+                while proc.poll() is None and not stopping and (alive is None or alive()):
+                    time.sleep(0.2)
+            finally:
+                stop_process_group(proc)
+                relay.join(timeout=5)
+            code = proc.returncode if proc.returncode is not None else 0
+            if stopping or (alive is not None and not alive()) or restart is None or not restart(code) or stopping:
+                return code  # (stopping again: an interruption while `restart` waited)
     finally:
-        stop_process_group(proc)
-        relay.join(timeout=5)
         for s, handler in previous.items():
             signal.signal(s, handler)
 

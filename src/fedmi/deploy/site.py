@@ -14,6 +14,7 @@ import logging
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 from fedmi.deploy.connection import Connection, existing_file
@@ -24,6 +25,7 @@ from fedmi.deploy.processes import flower_env, plain_flower_logs, run_foreground
 from fedmi.errors import FedmiError
 
 log = logging.getLogger("fedmi")
+RECONNECT_AFTER = 2.0  # seconds between a lost connection and the next
 
 
 def run_site(connection: Connection, data_config: Path, key: Path | None, port: int = 9094,
@@ -78,6 +80,16 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
         elif "SuperNode ID:" in line:  # activated: from now on a refusal after a restart may be a stale connection
             records.mark_connected(connection.address)
 
+    def reconnect(code: int) -> bool:
+        """The SuperNode stopped by itself after it had been connected: the server restarted (its new
+        SuperLink knows the site's key, under a new node id) or lost it. Connect again."""
+        if seen or not records.connected_before(connection.address):
+            return False
+        say(f"fedmi: the connection to {connection.address} ended (SuperNode exit status {code}); connecting "
+            f"again in {RECONNECT_AFTER:g} s", "warning")
+        time.sleep(RECONNECT_AFTER)
+        return True
+
     plain_flower_logs()
     stop = threading.Event()
     link = RuntimeLink(f"127.0.0.1:{port}")
@@ -91,7 +103,7 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
         wait = None if records.connected_before(connection.address) else "0"
         code = run_foreground(argv, {**flower_env(), SITE_POLL_ENV: str(poll),
                                      **({ACTIVATION_WAIT_ENV: wait} if wait else {})}, watch=refused,
-                              alive=executor.is_alive, source="supernode")
+                              alive=executor.is_alive, source="supernode", restart=reconnect)
     finally:
         stop.set()
         executor.join(timeout=30)

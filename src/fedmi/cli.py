@@ -18,6 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
+from fedmi.deploy.pins import DEFAULT_SITE_POLL
 from fedmi.errors import FedmiError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -427,7 +428,7 @@ def site(
     port: int = _option(9094, min=1, max=65535, help="local port of this site's app process (one per site)"),
     state: Path = _option(Path("fedmi-site"), help="the site's own records: a line per task, its state in each run"),
     operator_key: Optional[Path] = _option(None, help="the operator's public key (default: operator.pub beside --ca)"),
-    poll: float = _option(0.2, min=0.01, max=60, help="seconds between two looks for work at the server"),
+    poll: float = _option(DEFAULT_SITE_POLL, min=0.01, max=60, help="seconds between two looks for work at the server"),
     insecure: bool = _option(False, "--insecure", help="no TLS (loopback only)"),
     log_format: str = _option("text", help="text, or json: one JSON object a line (time, level, source, message)"),
 ) -> None:

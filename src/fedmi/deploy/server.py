@@ -29,8 +29,8 @@ from fedmi.deploy.processes import flower_env, plain_flower_logs, relay_output, 
 from fedmi.errors import FedmiError
 
 OPERATOR_PUBLIC_KEY = "operator.pub"
-# Flower's state in the SuperLink's memory: its SQL state cost most of a deployed round (2.1 s against
-# 0.8 s, logistic, 3 sites). What must outlive a restart, the enrolled keys, fedmi keeps (`enrolment`).
+# Flower's state in the SuperLink's memory: its SQL state cost most of a deployed round (2.06 s against
+# 0.76 s, logistic, 3 sites, benchmarks/RESULTS.md). What must outlive a restart, the enrolled keys, fedmi keeps (`enrolment`).
 IN_MEMORY = ":flwr-in-memory:"
 
 

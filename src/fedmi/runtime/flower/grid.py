@@ -61,12 +61,13 @@ class _Site:
 
 class GridRuntime:
     def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig | None = None,
-                 poll_interval: float = 0.2, enrolled: dict[int, str] | None = None,
+                 poll_interval: float = 0.05, enrolled: dict[int, str] | None = None,
                  on_reply: Callable[[str, str, int], None] | None = None):
         """`task`: what every request carries (seed, test_fraction, model, the run's data section).
         `enrolled`: node id -> name, the sites the server's operator enrolled; other nodes are
         refused (None: every node, known by the name it reports). `on_reply(site, kind, round)`:
-        called for every reply a known site sends (its last contact, for `fedmi status`)."""
+        called for every reply a known site sends (its last contact, for `fedmi status`).
+        `poll_interval`: seconds between two looks for replies (each one request to the SuperLink)."""
         self.grid = grid
         self.on_reply = on_reply
         self._round = 0  # the latest training round, which an evaluation follows

@@ -410,3 +410,57 @@ def test_the_server_keeps_each_enrolled_key_under_its_name_through_rotation_and_
     # A new SuperLink knows no node: the names are made again, the keys stay.
     forget_nodes(tmp_path)
     assert site_names(tmp_path) == {} and set(site_keys(tmp_path)) == {"cleveland"}
+
+
+def test_a_task_the_restarted_supernode_no_longer_knows_does_not_stop_the_site(monkeypatch):
+    import signal
+
+    from fedmi.deploy.executor import _task_heartbeat
+
+    raised = []
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
+
+    class Client:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def SendTaskHeartbeat(self, request):
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    assert _task_heartbeat(Client(_refusal(401)))() is True  # the token is refused: the task fails on its own
+    assert _task_heartbeat(Client(_refusal(503)))() is False  # asked again
+    assert _task_heartbeat(Client(type("Reply", (), {"success": False})()))() is True
+    assert raised == []  # Flower's own heartbeat raises SIGINT in the whole site process here
+
+
+def test_a_refused_token_fails_the_task_without_stopping_the_site(monkeypatch):
+    import os
+    import signal
+
+    from fedmi.deploy.executor import _retry_invoker
+
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
+    monkeypatch.setattr(signal, "raise_signal", killed.append)
+    tries = []
+
+    def refused():
+        tries.append(1)
+        raise _refusal(401)
+
+    with pytest.raises(Exception, match="refused"):
+        _retry_invoker().invoke(refused)
+    assert tries == [1] and killed == []  # given up at once, no SIGINT
+    answers = [_refusal(503), "ok"]
+
+    def busy():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    invoker = _retry_invoker()
+    invoker.wait_function = lambda seconds: None
+    assert invoker.invoke(busy) == "ok"  # 503 is asked again

@@ -45,13 +45,26 @@ class RuntimeLink:
     ca: Path | None = None
 
     def client(self, *interceptors):
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
 
         return RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=self.ca is None,
             root_certificates=None if self.ca is None else self.ca.read_bytes(),
-            interceptors=list(interceptors), retry_invoker=make_simple_http_retry_invoker())
+            interceptors=list(interceptors), retry_invoker=_retry_invoker())
+
+
+def _retry_invoker():
+    """Retries as Flower's `make_simple_http_retry_invoker` does (a connection that failed, 502, 503,
+    504), but a refusal (401: a token the restarted SuperNode does not know) is an error of this
+    task alone. Flower's sends SIGINT to the whole process on a 401, which would stop the site."""
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    retry = {httpx.codes.BAD_GATEWAY, httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT}
+    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=20), max_tries=None, max_time=None,
+                        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+                        should_giveup=lambda e: isinstance(e, httpx.HTTPStatusError)
+                        and e.response.status_code not in retry)
 
 
 def make_secret_file(prefix: str) -> Path:
@@ -176,6 +189,28 @@ class SiteRecords:
             f.write(line + "\n")
 
 
+def _task_heartbeat(client) -> Callable[[], bool]:
+    """A task's heartbeat to the SuperNode, as Flower's `make_task_heartbeat_fn_http` sends it, but
+    without its reaction to a SuperNode that no longer knows the task (it restarted, with the
+    server): Flower's raises SIGINT in the whole process, which would stop the site. Here the
+    task fails on its own (its token is refused) and the site goes on with the next."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False  # asked again (Flower's HeartbeatSender retries)
+        except httpx.HTTPStatusError as e:
+            return e.response.status_code not in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT)
+        return True
+
+    return beat
+
+
 def _method(content) -> str | None:
     """The local method a fedmi task names (None: a query, or a stock Flower request)."""
     from fedmi.runtime.flower import codec
@@ -198,7 +233,7 @@ def run_client_task(link: RuntimeLink, token: str, app, records: SiteRecords) ->
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -207,7 +242,7 @@ def run_client_task(link: RuntimeLink, token: str, app, records: SiteRecords) ->
     started = time.perf_counter()
     client = link.client(RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                          RuntimeTokenHttpInterceptor(token))
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(_task_heartbeat(client))
     heartbeat.start()
     message = context = reply = None
     # What is known of the task before its message is pulled: nothing (the pull itself may fail).

@@ -297,3 +297,19 @@ def test_every_reply_of_a_site_is_its_last_contact_with_the_round(tmp_path):
     activity = site_activity(tmp_path / "activity.json")
     assert set(activity) == set(HEART_SITES)
     assert all(a["run"] == "run-a" and a["round"] == 2 and a["task"] == "evaluate" for a in activity.values())
+
+
+def test_a_site_enrolled_while_the_run_goes_on_joins_at_the_next_round_boundary(caplog):
+    enrolled = {100: "Cleveland", 101: "Hungary", 102: "Switzerland"}
+    grid = _grid()
+
+    def enrol_after_round_1(done: int) -> None:
+        if done == 1:  # `fedmi enroll` wrote the new site's node id into the server's state
+            enrolled[103] = "VA Long Beach"
+
+    with caplog.at_level(logging.INFO, logger="fedmi"):
+        result = run_on_grid(grid, heart_config(rounds=3, deployment={"sites": 3}), None, simulation=True,
+                             enrolled=lambda: dict(enrolled), on_round=enrol_after_round_1)
+    assert caplog.text.count("node 103 was not enrolled with fedmi") == 1  # said once, not every round
+    assert [r["sites"] for r in result.history] == [HEART_SITES[:3], HEART_SITES, HEART_SITES]
+    assert result.history[1]["joined"] == ["VA Long Beach"]

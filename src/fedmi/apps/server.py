@@ -37,9 +37,11 @@ log = logging.getLogger("fedmi")
 
 def run_on_grid(grid: Grid, cfg: RunConfig, out: Path | None, resume: bool = False,
                 on_round: Callable[[int], None] | None = None, simulation: bool = False,
-                enrolled: dict[int, str] | None = None, signed: tuple[str, str] | None = None,
+                enrolled: dict[int, str] | Callable[[], dict[int, str]] | None = None,
+                signed: tuple[str, str] | None = None,
                 on_reply: Callable[[str, str, int], None] | None = None) -> RunResult:
-    """`enrolled`: node id -> enrolled name (None: every node, known by the name it gives);
+    """`enrolled`: node id -> enrolled name, or a function that reads them (None: every node, known by
+    the name it gives);
     `signed`: the run's (ticket, signature), sent with every message for the sites to verify;
     `on_reply(site, kind, round)`: told of every site's every reply."""
     task = {"seed": cfg.seed, "test_fraction": cfg.data.test_fraction, "model": cfg.model,
@@ -77,7 +79,8 @@ def main(grid: Grid, context: Context) -> None:
         cfg, run_dir, mode, signed = _run_settings(context.run_config)
         enrolled = None
         if os.environ.get(ENROLLED_SITES_ENV):  # `fedmi server` with site authentication
-            enrolled = {int(node_id): name for node_id, name in site_names(Path(os.environ[ENROLLED_SITES_ENV])).items()}
+            names = Path(os.environ[ENROLLED_SITES_ENV])
+            enrolled = lambda: {int(node): name for node, name in site_names(names).items()}  # noqa: E731
         on_reply = None
         if os.environ.get(ACTIVITY_ENV):  # `fedmi status` shows each site's last contact
             activity, run = Path(os.environ[ACTIVITY_ENV]), str(run_dir or context.run_id)

@@ -61,17 +61,21 @@ class _Site:
 
 class GridRuntime:
     def __init__(self, grid: Grid, task: dict, deployment: DeploymentConfig | None = None,
-                 poll_interval: float = 0.05, enrolled: dict[int, str] | None = None,
+                 poll_interval: float = 0.05,
+                 enrolled: dict[int, str] | Callable[[], dict[int, str]] | None = None,
                  on_reply: Callable[[str, str, int], None] | None = None):
         """`task`: what every request carries (seed, test_fraction, model, the run's data section).
-        `enrolled`: node id -> name, the sites the server's operator enrolled; other nodes are
-        refused (None: every node, known by the name it reports). `on_reply(site, kind, round)`:
+        `enrolled`: node id -> name, the sites the server's operator enrolled, or a function that
+        reads them (read again when an unknown node comes online: a site enrolled during the run);
+        other nodes are refused (None: every node, known by the name it reports). `on_reply(site, kind, round)`:
         called for every reply a known site sends (its last contact, for `fedmi status`).
         `poll_interval`: seconds between two looks for replies (each one request to the SuperLink)."""
         self.grid = grid
+        self._read_enrolled = enrolled if callable(enrolled) else None
+        self.enrolled = enrolled() if callable(enrolled) else enrolled
+        self._unenrolled: set[int] = set()  # nodes already reported as not enrolled
         self.on_reply = on_reply
         self._round = 0  # the latest training round, which an evaluation follows
-        self.enrolled = enrolled
         self._refused: set[int] = set()
         self.request = dict(task)
         self.deployment = deployment or DeploymentConfig()
@@ -121,10 +125,12 @@ class GridRuntime:
         known = {s.node_id for s in self._sites.values()} | self._refused
         new = [n for n in self.grid.get_node_ids() if n not in known and self._next_try.get(n, 0.0) <= now]
         if self.enrolled is not None:
-            for n in (n for n in new if n not in self.enrolled):
+            if self._read_enrolled is not None and any(n not in self.enrolled for n in new):
+                self.enrolled = self._read_enrolled()  # the operator may have enrolled a site since
+            for n in (n for n in new if n not in self.enrolled and n not in self._unenrolled):
                 log.error("node %d was not enrolled with fedmi (its key was registered some other way); "
                           "it is refused", n)
-                self._refused.add(n)
+                self._unenrolled.add(n)
             new = [n for n in new if n in self.enrolled]
         self._next_try.update({n: now + ASK_AGAIN_AFTER for n in new})
         if new:

@@ -333,12 +333,6 @@ def _print_final(title: str, metrics: Sequence[str], final: dict[str, dict], tas
 _CONNECTION_HELP = "the server's HOST:PORT"
 
 
-def _log_format(value: str) -> str:
-    if value not in ("text", "json"):
-        raise FedmiError(f"--log-format {value}: choose text or json")
-    return value
-
-
 def _connection(server: str, ca: Optional[Path], insecure: bool, state: Optional[Path] = None):
     """`state`: the server's state folder, for the operator's commands (its token opens the Control API)."""
     from fedmi.deploy.connection import Connection
@@ -381,7 +375,7 @@ def server(
     log_format: str = _option("text", help="text, or json: one JSON object a line (time, level, source, message)"),
 ) -> None:
     """Start the coordinating server (Flower SuperLink) with TLS and site authentication; Ctrl-C stops it."""
-    _setup_logging(False, _log_format(log_format))
+    _setup_logging(False, log_format)
     from fedmi.deploy.server import serve
 
     if insecure == (certs is not None):
@@ -433,7 +427,7 @@ def site(
     log_format: str = _option("text", help="text, or json: one JSON object a line (time, level, source, message)"),
 ) -> None:
     """Join a federation as one site (Flower SuperNode); the data stays here. Ctrl-C leaves."""
-    _setup_logging(False, _log_format(log_format))
+    _setup_logging(False, log_format)
     from fedmi.deploy.site import run_site
 
     sys.exit(run_site(_connection(server, ca, insecure), data, key, port, state, poll, operator_key))

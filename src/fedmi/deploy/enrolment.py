@@ -62,7 +62,7 @@ def enroll(connection: Connection, key: Path, name: str | None = None, state_dir
         say(f"site {name}: new key {key.name} enrolled (node {node_id}); its old key (node {old}) is revoked")
     else:
         say(f"enrolled site {name} ({key.name}, node {node_id})")
-    return int(node_id)
+    return node_id
 
 
 def _register(connection: Connection, key: Path, name: str) -> int:

@@ -60,11 +60,13 @@ def _retry_invoker():
     import httpx
     from flwr.supercore.retry import RetryInvoker, exponential
 
-    retry = {httpx.codes.BAD_GATEWAY, httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT}
     return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=20), max_tries=None, max_time=None,
                         recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
                         should_giveup=lambda e: isinstance(e, httpx.HTTPStatusError)
-                        and e.response.status_code not in retry)
+                        and e.response.status_code not in _ASK_AGAIN)
+
+
+_ASK_AGAIN = (502, 503, 504)  # a SuperNode starting or busy: the request is made again
 
 
 def make_secret_file(prefix: str) -> Path:
@@ -205,7 +207,7 @@ def _task_heartbeat(client) -> Callable[[], bool]:
         except httpx.TransportError:
             return False  # asked again (Flower's HeartbeatSender retries)
         except httpx.HTTPStatusError as e:
-            return e.response.status_code not in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT)
+            return e.response.status_code not in _ASK_AGAIN
         return True
 
     return beat

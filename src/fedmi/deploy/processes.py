@@ -93,6 +93,12 @@ def die_with_parent() -> None:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour and cursor codes
+
+
+def without_colours(line: str) -> str:
+    """A line of a Flower program's output without its terminal colour and cursor codes."""
+    return _ANSI.sub("", line)
+
 _LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")  # Flower's "INFO :", fedmi's "fedmi INFO:"
 LOG_FORMATS = ("text", "json")
 _log_format = "text"
@@ -163,9 +169,9 @@ def relay_output(proc: subprocess.Popen, watch: Callable[[str], str | None] | No
     def relay() -> None:
         for line in proc.stdout:
             if _log_format == "json":
-                sys.stdout.write(json_line(_ANSI.sub("", line), source) + "\n")
+                sys.stdout.write(json_line(without_colours(line), source) + "\n")
             else:
-                sys.stdout.write(_ANSI.sub("", line) if plain else line)
+                sys.stdout.write(without_colours(line) if plain else line)
             note = watch(line) if watch is not None else None
             if note:
                 say(f"fedmi: {note}", "warning")

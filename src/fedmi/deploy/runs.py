@@ -14,6 +14,7 @@ from pathlib import Path
 from fedmi.apps import tickets
 from fedmi.deploy.app_pin import APP_COMPONENTS
 from fedmi.deploy.connection import Connection, json_object
+from fedmi.deploy.processes import without_colours
 from fedmi.errors import FedmiError
 from fedmi.experiments.config import load_config
 from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, check_output
@@ -112,7 +113,7 @@ class RunLog:
         self.last_error: str | None = None
 
     def read(self, line: str) -> None:
-        line = _ANSI.sub("", line).strip()
+        line = without_colours(line).strip()
         if (started := self.STARTED.search(line)) and self.run_id is None:
             self.run_id = int(started.group(1))
         elif (error := self.ERROR.search(line)) and not line.startswith("INFO"):
@@ -128,9 +129,6 @@ class RunLog:
             except FedmiError:
                 found = None
         return describe_ending(found, self.last_error)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def describe_ending(run: dict | None, last_error: str | None) -> str:

@@ -100,9 +100,10 @@ def run_site(connection: Connection, data_config: Path, key: Path | None, port: 
     try:
         # A site that was connected to this server before may find its earlier connection still counted
         # as online there, and waits it out; a site that never was is refused at once (not enrolled).
-        wait = None if records.connected_before(connection.address) else "0"
-        code = run_foreground(argv, {**flower_env(), SITE_POLL_ENV: str(poll),
-                                     **({ACTIVATION_WAIT_ENV: wait} if wait else {})}, watch=refused,
+        env = {**flower_env(), SITE_POLL_ENV: str(poll)}
+        if not records.connected_before(connection.address):
+            env[ACTIVATION_WAIT_ENV] = "0"
+        code = run_foreground(argv, env, watch=refused,
                               alive=executor.is_alive, source="supernode", restart=reconnect)
     finally:
         stop.set()

@@ -4,6 +4,7 @@ the same results as the in-process runtime, hostile replies rejected, silent sit
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -79,6 +80,16 @@ def _corrupt(kind: str):
                                                                    data=b"\x80\x04K\x01.")})
         elif kind == "count":
             content["metrics"] = MetricRecord({"num-examples": -5})
+        elif kind == "truncated":  # a packed blob cut short
+            blob = codec.params_record(delta, packed=True)[codec.PACKED].numpy()
+            content["delta"] = ArrayRecord({codec.PACKED: Array(blob[:-7].copy())})
+        elif kind == "forged":  # a safetensors header that claims more bytes than follow
+            blob = bytearray(codec.params_record(delta, packed=True)[codec.PACKED].numpy().tobytes())
+            header = int.from_bytes(blob[:8], "little")
+            blob[:8] = (header + 10**6).to_bytes(8, "little")
+            content["delta"] = ArrayRecord({codec.PACKED: Array(np.frombuffer(bytes(blob), dtype=np.uint8))})
+        elif kind == "complex":
+            content["delta"] = codec.params_record({k: torch.complex(v, v) for k, v in delta.items()}, packed=True)
         elif kind == "strings":
             content["delta"] = ArrayRecord({k: Array(np.array(["x"] * v.numel()).reshape(v.shape))
                                             for k, v in delta.items()})
@@ -88,7 +99,7 @@ def _corrupt(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["names", "shape", "dtype", "nan", "inf", "norm", "oversized", "pickle", "count",
-                                  "strings"])
+                                  "strings", "truncated", "forged", "complex"])
 def test_a_hostile_update_is_rejected_and_the_round_completes_with_the_others(kind, caplog):
     cfg = heart_config(rounds=1, max_update_norm=1e3)
     with caplog.at_level(logging.WARNING, logger="fedmi"):
@@ -261,6 +272,21 @@ def test_updates_with_extras_cross_the_codec_unchanged():
     assert P.allclose(back.delta, delta, rtol=0, atol=0) and back.num_examples == 17
     assert back.metrics == {"train_loss": 0.25}
     assert torch.equal(back.extras["histogram"], torch.tensor([3., 14.]))
+
+
+def test_a_packed_record_reads_back_in_the_model_order_and_fedmi_sites_are_sent_packed():
+    params = OrderedDict([("z.weight", torch.randn(3, 2)), ("a.bias", torch.randn(2).double()),
+                          ("m.count", torch.tensor(4))])
+    record = codec.params_record(params, packed=True)
+    assert list(record) == [codec.PACKED] and codec.is_packed(record)
+    back = codec.record_params(record, "test", order=params)
+    assert list(back) == list(params) and all(torch.equal(back[k], params[k]) for k in params)
+    assert list(codec.record_params(record, "test")) == sorted(params)  # no order given: by name
+
+    grid = _grid()
+    run_on_grid(grid, heart_config(rounds=1), None, simulation=True)
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert train and all(codec.is_packed(m.content["arrays"]) for m in train)
 
 
 def test_a_stock_flower_reply_is_read_as_local_weights():

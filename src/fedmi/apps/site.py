@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
         server_round, task, config = codec.read_task(msg.content)
         if "arrays" not in msg.content.array_records:
             raise FedmiError("the request carries no parameters ('arrays')")
-        params = codec.record_params(msg.content["arrays"], "global parameters")
+        params = codec.record_params(msg.content["arrays"], "global parameters")  # in the model's order below
         if task is None:  # a stock Flower strategy: this site's key is its name's checksum
             task = {"seed": int(config.get("seed", 0)), "round": (server_round or 1) - 1}
         key = task.get("site_index")
@@ -162,6 +163,7 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
         model = _model(task["model"], input_shape, site_task.num_outputs,
                        json.dumps(task.get("model_options") or {}, sort_keys=True)) if "model" in task else \
             _model_for(params, input_shape, site_task.num_outputs)
+        params = OrderedDict((k, params[k]) for k in model.state_dict() if k in params) | params
         return task, config, params, site, site_task, model, key
 
     @app.query()
@@ -190,7 +192,7 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
         update, kept = train_site(method, model, site_task, site, params, _kept_state(context), round_info, key)
         _keep_state(context, kept)
         if "trainer" in task:
-            return Message(codec.update_content(update), reply_to=msg)
+            return Message(codec.update_content(update, codec.is_packed(msg.content["arrays"])), reply_to=msg)
         # A stock Flower strategy averages local weights, weighted by "num-examples".
         local = P.add(params, update.delta)
         metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})

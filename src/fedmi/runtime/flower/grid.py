@@ -272,13 +272,20 @@ class GridRuntime:
 
     def _request(self, kind: str, params: P.ParamsT, sites: Sequence[str], task: dict,
                  server_round: int, extras: dict | None = None) -> list[Message]:
-        arrays = codec.params_record(params)
-        broadcast = codec.params_record(extras) if extras else None
+        records = {}  # (packed or not) -> (arrays, broadcast): each form made once for all sites
+
+        def encoded(packed: bool) -> tuple:
+            if packed not in records:
+                records[packed] = (codec.params_record(params, packed),
+                                   codec.params_record(extras, packed) if extras else None)
+            return records[packed]
+
         out = []
         for name in sites:
             if name in self._departed:  # it left during this round's earlier attempt: no answer
                 continue
             site = self._site(name)
+            arrays, broadcast = encoded(site.input_shape is not None)  # a fedmi site: packed
             content = RecordDict({"arrays": arrays, "config": codec.task_config(
                 server_round, {**self.request, **task, "site_index": site.key})})
             if broadcast is not None:

@@ -205,6 +205,17 @@ def test_export_then_table2_on_the_csv(monkeypatch, capsys, tmp_path):
     assert code == 2 and "only tabular data" in stderr
 
 
+def test_export_refuses_an_existing_file_without_overwrite(monkeypatch, capsys, tmp_path):
+    table = tmp_path / "my-site.csv"
+    table.write_text("site,label,f1\nA,1,0.5\n")
+    code, _, stderr = fedmi(monkeypatch, capsys, "export", "heart-disease", table)
+    assert code == 2 and "exists; give --overwrite" in stderr.replace("\n", "")
+    assert table.read_text() == "site,label,f1\nA,1,0.5\n"  # the user's own table, untouched
+    code, stdout, _ = fedmi(monkeypatch, capsys, "export", "heart-disease", table, "--overwrite")
+    assert code == 0 and len(table.read_text().splitlines()) == 741
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-site.csv"]  # no temporary file left
+
+
 @pytest.mark.parametrize("args, message", [
     (["table2", "--methods", "fedavg,fedavg"], "methods repeat"),
     (["table2", "--lr", "nan"], "lr must be a finite number"),

@@ -714,14 +714,16 @@ def export(
     dataset: str = typer.Argument(..., help="a tabular dataset: heart-disease or synthetic-adni"),
     path: Path = typer.Argument(..., help="CSV file to write"),
     seed: int = _option(0, help="synthetic-adni: the generator's seed (0 to 2^63-1)"),
+    overwrite: bool = _option(False, "--overwrite", help="replace PATH if it exists"),
 ) -> None:
     """Write a tabular dataset as CSV (site, label, features): the format `--dataset csv:PATH` reads."""
     from fedmi.data.registry import load_federation
+    from fedmi.experiments.outputs import write_file
 
     fed = load_federation(dataset, seed=seed)
     frame = fed.to_frame()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False, float_format="%.9g")  # 9 digits: float32 reads back exactly
+    # 9 digits: float32 reads back exactly
+    write_file(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.9g"), overwrite)
     note = " (SYNTHETIC DATA)" if fed.synthetic else ""
     out_console.print(f"wrote {path}: {len(frame)} rows, {len(fed.sites)} sites, {frame.shape[1] - 2} features{note}; "
                       f"read it back with: fedmi table2 --dataset csv:{path} --positive-label '{fed.label_names[-1]}'",

@@ -22,7 +22,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from fedmi.errors import FedmiError
 
@@ -135,6 +135,33 @@ def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--res
         os.replace(target, old)
         os.replace(folder, target)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file(path: Path, write: Callable[[Path], None], overwrite: bool = False, flag: str = "--overwrite") -> None:
+    """Write one file whole or not at all: `write(tmp)` fills a temporary file beside `path`, which
+    then replaces it in one step. An existing `path` is refused unless `overwrite`.
+
+    Args:
+      path: the file to make.
+      write: fills the file it is given.
+      overwrite: whether an existing `path` may be replaced.
+      flag: how the command spells its overwrite option (for the message).
+
+    Example::
+
+        write_file(Path("sites.csv"), lambda tmp: frame.to_csv(tmp, index=False))
+    """
+    if path.is_dir():
+        raise FedmiError(f"{path} is a folder; give the path of a file to write")
+    if path.exists() and not overwrite:
+        raise FedmiError(f"{path} exists; give {flag} to replace it, or another file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _finite(obj):

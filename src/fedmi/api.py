@@ -141,7 +141,8 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
     try:
         result = Runner(backend, local, pipeline, rounds=rounds, seed=seed,
                         selector=selector or make_selector(fraction), evaluate_every=evaluate_every,
-                        tags={"method": getattr(local, "name", type(local).__name__)}).run(init, on_round)
+                        tags={"method": getattr(local, "name", type(local).__name__)},
+                        loss_bound=federation.task.loss_bound).run(init, on_round)
     finally:
         backend.close()
     with torch.no_grad():

@@ -70,6 +70,7 @@ class _Report:
     site: str
     num_examples: int
     train_loss: float | None
+    norm: float  # of its delta: how far the site moved the model (to tell who made a run diverge)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,44 @@ def check_update(update: Update, reference: P.ParamsT, max_norm: float | None) -
         raise FedmiError(f"update from site {update.site}: norm {norm:.3g} exceeds the limit {max_norm:.3g}")
 
 
+GROWTH_LIMIT = 100.0  # a training loss this many times its first round's means training diverged
+AMPLIFIED = 2.0  # a server step this many times the sites' mean update distance made the model diverge
+
+
+def _distance(delta: P.ParamsT) -> float:
+    """The L2 norm of a change of the floating-point parameters, in float64 (finite where float32 overflows)."""
+    norms = [torch.linalg.vector_norm(v, dtype=torch.float64) for v in delta.values() if v.is_floating_point()]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def divergence(loss: float | None, first: float | None, bound: float | None) -> str | None:
+    """Why a mean training (or test) loss shows that training diverged, or None if it does not.
+
+    Args:
+      loss: the loss now.
+      first: the same loss in the run's first round (None: this is the first, or none was recorded).
+      bound: the task's `loss_bound` (None: the task implies none).
+
+    Returns:
+      A phrase to follow "the loss" in a message ("is 1.2e+08, beyond 6.9e+03, ..."), or None.
+
+    Example::
+
+        divergence(2e8, 0.69, 693.1)   # 'is 2e+08, beyond 693, which ...'
+        divergence(80.0, 0.69, 693.1)  # 'is 80, over 100 times its first round's 0.69'
+        divergence(0.4, 0.69, 693.1)   # None
+    """
+    if loss is None:
+        return None
+    if not math.isfinite(loss):
+        return f"is {loss}"
+    if bound is not None and loss > bound:
+        return f"is {loss:.3g}, beyond {bound:.3g}, which no model of this task reaches unless it diverges"
+    if first is not None and first > 0 and loss > GROWTH_LIMIT * first:
+        return f"is {loss:.3g}, over {GROWTH_LIMIT:g} times its first round's {first:.3g}"
+    return None
+
+
 def _membership_change(previous: Sequence[SiteInfo] | None, now: Sequence[SiteInfo]
                        ) -> tuple[list[str], list[str]]:
     """The names that joined and that left between two rounds' site lists (none for a first round)."""
@@ -125,6 +164,14 @@ def _membership_change(previous: Sequence[SiteInfo] | None, now: Sequence[SiteIn
         return [], []
     before, after = [i.name for i in previous], [i.name for i in now]
     return [n for n in after if n not in before], [n for n in before if n not in after]
+
+
+def _mean_loss(accepted: Sequence[_Report]) -> float | None:
+    """The accepted sites' training loss, weighted by their examples (None if one reported none)."""
+    n = sum(a.num_examples for a in accepted)
+    if not n or any(a.train_loss is None for a in accepted):
+        return None
+    return sum(a.num_examples * a.train_loss for a in accepted) / n
 
 
 def _stops(completed: int) -> str:
@@ -148,6 +195,8 @@ class Runner:
     sink: Callable[[dict], None] | None = None  # receives one record per round
     tags: dict = field(default_factory=dict)  # added to every record (method, repeat, ...)
     selection: ValidationSelection | None = None  # keep the round that scores best on validation splits
+    loss_bound: float | None = None  # the task's `loss_bound`: a loss beyond it is divergence
+    stop_on_divergence: bool = True  # False: a diverged model is a result (a protocol measuring attacks)
 
     def initial_state(self, params: P.ParamsT) -> ServerState:
         return ServerState.initial(params, self.aggregator.init(params), self.seed)
@@ -239,6 +288,7 @@ class Runner:
         params, aggregation, accepted, rejected = self._round(state, chosen, info)
         seconds = time.perf_counter() - started  # broadcast, local training, upload, aggregation
         record = self._record(r, accepted, rejected, params)
+        self._check_divergence(r, record, accepted, state.params, params, state.history)
         record["seconds"] = round(seconds, 4)
         if joined or left:
             record.update(joined=joined, left=left)
@@ -276,8 +326,8 @@ class Runner:
                                 r + 1, len(accepted), len(chosen), self.min_sites, ", ".join(missing))
                 new_params, aggregation = round_agg.finish()
                 if not P.all_finite(new_params):
-                    raise FedmiError(f"round {r + 1}: the aggregated global model holds NaN or infinite values "
-                                     "(the server step is too large: lower server_lr); " + _stops(r))
+                    self._diverged(r, "the aggregated global model holds NaN or infinite values, though every "
+                                      "site's update was finite", accepted, params, new_params, state.history)
                 order = {name: i for i, name in enumerate(chosen)}  # replies come in arrival order
                 accepted.sort(key=lambda a: order[a.site])
                 rejected.sort(key=lambda s: order.get(s, len(order)))
@@ -299,30 +349,73 @@ class Runner:
             log.warning("round %d: rejected %s", r + 1, e)
             return None
         round_agg.add(update)
-        return _Report(update.site, update.num_examples, update.metrics.get("train_loss"))
+        return _Report(update.site, update.num_examples, update.metrics.get("train_loss"), _distance(update.delta))
 
-    def _check_test_losses(self, r: int, test: dict[str, dict], trained: set[str]) -> None:
-        """Stop a run whose global model has a non-finite test loss at a site that trained it this
-        round (the model diverged on the federation's own data); at another site (its update was
-        rejected: extreme values in its data, a hostile site) the loss is named in a warning."""
-        bad = {site: m["loss"] for site, m in test.items() if m.get("loss") is not None and not math.isfinite(m["loss"])}
-        named = ", ".join(f"{site} ({loss})" for site, loss in bad.items())
-        if any(site in trained for site in bad):
-            raise FedmiError(f"round {r + 1}: the global model's test loss is not finite at {named}: training "
-                             "diverged (lower the learning rate, or standardise the features); " + _stops(r))
-        if bad:
+    def _local_lr(self) -> str:
+        lr = self.method.spec().get("options", {}).get("lr") if hasattr(self.method, "spec") else None
+        return f"the local learning rate (lr{f', now {lr:g}' if isinstance(lr, (int, float)) else ''})"
+
+    def _diverged(self, r: int, what: str | None, accepted: Sequence[_Report], old: P.ParamsT, new: P.ParamsT,
+                  history: Sequence[dict]) -> None:
+        """Stop the run: `what` went wrong in round r (None: the training loss itself). The cause named
+        is the server's step when it moved the model much farther than the sites' updates did (their
+        weighted mean can move it no farther than their mean distance), else local training when the
+        sites' training loss diverged, else the server's step."""
+        train_loss = _mean_loss(accepted)
+        n = sum(a.num_examples for a in accepted)
+        moved = sum(a.num_examples * a.norm for a in accepted) / n if n else math.nan
+        step = _distance(P.sub(new, old))
+        server_step = f"lower its learning rate (server_lr, or the lr of the aggregator's step: {self.aggregator})"
+        why = divergence(train_loss, *self._limits(history))
+        if what is None:
+            what = f"the sites' mean training loss {why}"
+        if math.isfinite(step) and math.isfinite(moved) and step > AMPLIFIED * moved:
+            cause = (f"the server's step diverged: it moved the model {step:.3g}, the sites' updates {moved:.3g} on "
+                     f"average; {server_step}")
+        elif why:
+            cause = (f"local training diverged{'' if what.startswith('the sites') else f' (its mean loss {why})'}; "
+                     f"lower {self._local_lr()}, or standardise the features")
+        else:
+            shown = "n/a" if train_loss is None else f"{train_loss:.3g}"
+            cause = f"the server's step diverged, the sites' training loss stayed at {shown}; {server_step}"
+        raise FedmiError(f"round {r + 1}: {what}: {cause}; " + _stops(r))
+
+    def _limits(self, history: Sequence[dict]) -> tuple[float | None, float | None]:
+        """`divergence`'s (first, bound): none but non-finite values when a diverged model is a result."""
+        if not self.stop_on_divergence:
+            return None, None
+        return (history[0].get("train_loss") if history else None), self.loss_bound
+
+    def _local_lr(self) -> str:
+        lr = self.method.spec().get("options", {}).get("lr") if hasattr(self.method, "spec") else None
+        return f"the local learning rate (lr{f', now {lr:g}' if isinstance(lr, (int, float)) else ''})"
+
+    def _check_divergence(self, r: int, record: dict, accepted: Sequence[_Report], old: P.ParamsT, new: P.ParamsT,
+                          history: Sequence[dict]) -> None:
+        """Stop a run whose training diverged: the sites' mean training loss, or the global model's
+        test loss at a site that trained it this round, non-finite or beyond `divergence`'s limits.
+        At another site (its update was rejected: extreme values in its data, a hostile site) a
+        non-finite loss is named in a warning."""
+        first, bound = self._limits(history)
+        if divergence(record.get("train_loss"), first, bound):
+            self._diverged(r, None, accepted, old, new, history)
+        test = record.get("test") or {}
+        trained = {a.site for a in accepted}
+        diverged = {site: m["loss"] for site, m in test.items() if divergence(m.get("loss"), None, bound)}
+        if at_trained := {site: loss for site, loss in diverged.items() if site in trained}:
+            self._diverged(r, "the global model's test loss is " + ", ".join(
+                f"{loss:.3g} at {site}" for site, loss in at_trained.items()), accepted, old, new, history)
+        if bad := {site: loss for site, loss in diverged.items() if not math.isfinite(loss)}:
             log.warning("round %d: the global model's test loss is not finite at %s, a site whose update was not "
-                        "accepted", r + 1, named)
+                        "accepted", r + 1, ", ".join(f"{site} ({loss})" for site, loss in bad.items()))
 
     def _record(self, r: int, accepted: list[_Report], rejected: list[str], params: P.ParamsT) -> dict:
-        n = sum(a.num_examples for a in accepted)
         record: dict = {**self.tags, "round": r + 1, "sites": [a.site for a in accepted], "rejected": rejected}
-        if n and all(a.train_loss is not None for a in accepted):
-            record["train_loss"] = sum(a.num_examples * a.train_loss for a in accepted) / n
+        if (train_loss := _mean_loss(accepted)) is not None:
+            record["train_loss"] = train_loss
         if self.selection is not None:  # every round: the choice is among all of them
             record["val_score"] = self.selection.score(self.runtime.evaluate(params, self.method, split="val"))
         last = r + 1 == self.rounds
         if last or (self.evaluate_every and (r + 1) % self.evaluate_every == 0):
             record["test"] = self.runtime.evaluate(params, self.method)
-            self._check_test_losses(r, record["test"], {a.site for a in accepted})
         return record

@@ -19,6 +19,7 @@ class present, no samples) is None, never an error or NaN.
 from __future__ import annotations
 
 import abc
+import math
 import numbers
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -31,6 +32,11 @@ from fedmi.core.metrics import METRICS as BINARY_METRICS
 from fedmi.core.metrics import TABLE_METRICS as BINARY_TABLE_METRICS
 from fedmi.core.metrics import average_ranks, binary_metrics
 from fedmi.errors import FedmiError
+
+# Cross-entropy this many times that of predicting every class equally likely (ln k) is divergence
+# (mean logits of hundreds on the wrong side): a model that learns stays within a few times ln k, an
+# overfitted one within tens; lr 1e9 on heart-disease reaches 1e8.
+DIVERGED_CROSS_ENTROPY = 1e3
 
 # MONAI DiceLoss's default smoothing; keeps the loss finite when a class is absent from both.
 _DICE_SMOOTH = 1e-5
@@ -113,6 +119,13 @@ class Task(abc.ABC):
         """The batch's mean loss (a batch without padding). Override with a fused kernel where torch
         has one: on a small model, the extra reduction is a measurable share of a step."""
         return self.per_sample_loss(output, target).mean()
+
+    @property
+    def loss_bound(self) -> float | None:
+        """A mean loss that no model of this task reaches unless its training diverged (the runner
+        stops a run beyond it); None where the task implies no such bound (regression's scale is the
+        data's)."""
+        return None
 
     @abc.abstractmethod
     def scores(self, output: torch.Tensor) -> torch.Tensor:
@@ -275,6 +288,10 @@ class BinaryTask(Task):
     def metrics(self, target: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
         return binary_metrics(np.asarray(target).reshape(-1), np.asarray(scores).reshape(-1))
 
+    @property
+    def loss_bound(self) -> float:
+        return DIVERGED_CROSS_ENTROPY * math.log(2)
+
     def uniform_prediction(self, scores: np.ndarray) -> int | None:
         predicted = np.unique(np.asarray(scores).reshape(-1) >= 0.5)  # the threshold binary_metrics uses
         return int(predicted[0]) if len(predicted) == 1 else None
@@ -323,6 +340,10 @@ class MulticlassTask(Task):
 
     def scores(self, output: torch.Tensor) -> torch.Tensor:
         return torch.softmax(output, dim=1)
+
+    @property
+    def loss_bound(self) -> float:
+        return DIVERGED_CROSS_ENTROPY * math.log(self.num_classes)
 
     def uniform_prediction(self, scores: np.ndarray) -> int | None:
         predicted = np.unique(np.asarray(scores).reshape(-1, self.num_classes).argmax(axis=1))
@@ -384,6 +405,10 @@ class MultilabelTask(Task):
     def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         bce = F.binary_cross_entropy_with_logits(output, target.to(output.dtype), reduction="none")
         return bce.mean(dim=1)
+
+    @property
+    def loss_bound(self) -> float:
+        return DIVERGED_CROSS_ENTROPY * math.log(2)
 
     def scores(self, output: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(output)

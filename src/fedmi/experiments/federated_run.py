@@ -164,6 +164,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
             before_checkpoint=save_sites if site_states is not None and out is not None else None,
             sink=sink,
             tags={"method": cfg.trainer.name},
+            loss_bound=task.loss_bound,
         )
         result = runner.run(init, on_round, resume=start)
     finally:

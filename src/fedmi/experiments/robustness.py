@@ -150,8 +150,9 @@ def run_robustness(fed: Federation, cfg: RobustnessConfig,
                     tag = f"{text} / {kind} / {key}"
                     runtime = make_runtime(cfg.runtime, model, train_sites, fed.task)
                     try:
+                        # a model broken by the corrupted sites is what this protocol measures
                         result = Runner(runtime, method, make_aggregator(text, 1.0, method), rounds=cfg.rounds,
-                                        seed=seed, evaluate_every=0).run(init)
+                                        seed=seed, evaluate_every=0, stop_on_divergence=False).run(init)
                     except FedmiError as e:  # this aggregator cannot run here (Krum with too few updates left)
                         failed.setdefault(tag, str(e))
                         values[text].setdefault(kind, {}).setdefault(key, []).append(None)

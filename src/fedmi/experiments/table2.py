@@ -37,7 +37,7 @@ from fedmi.core.device import check_device_runtime, resolve_device
 from fedmi.core.local import LocalMethod, personalised
 from fedmi.core.metrics import summarize
 from fedmi.core.rng import Stream, check_seed, derive_seed, repeat_seed
-from fedmi.core.runner import Runner, ValidationSelection, check_update
+from fedmi.core.runner import Runner, ValidationSelection, check_update, divergence
 from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
@@ -278,10 +278,15 @@ def fit_centralised(model: torch.nn.Module, task: Task, init: P.ParamsT, data: S
     method = make_method("fedavg", local_epochs=1, local_steps=None, **_optimiser(cfg))
     select = _selection(task, cfg)
     params, kept = P.clone(init), None
-    best, best_params = None, None
+    best, best_params, first = None, None, None
     for epoch in range(cfg.epochs):
         update, kept = train_site(method, model, task, data, params, kept, RoundInfo(epoch, cfg.epochs, seed), 0)
         check_update(update, params, max_norm=None)  # the server's own check: NaN/Inf means training diverged
+        loss = update.metrics.get("train_loss")
+        if why := divergence(loss, first, task.loss_bound):
+            raise FedmiError(f"training on {data.name}, pass {epoch + 1}: the training loss {why}: training "
+                             f"diverged; lower the local learning rate (lr, now {cfg.lr:g}), or standardise the features")
+        first = loss if first is None else first
         params = P.add(params, update.delta)
         if select is not None:
             score = select.score({data.name: evaluate_site(model, task, params, data, "val")})
@@ -439,6 +444,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                     evaluate_every=cfg.evaluate_every,
                     sink=log_round,
                     tags={"method": method, "repeat": rep},
+                    loss_bound=fed.task.loss_bound,
                 )
                 try:
                     result = runner.run(init, on_round)

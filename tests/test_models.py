@@ -125,7 +125,7 @@ def test_model_options_reach_the_sites_of_a_flower_federation():
     app = client_app()
     grid = LocalGrid({100 + i: (app, {"partition-id": i, "num-partitions": 4}) for i in range(4)})
     flower = run_on_grid(grid, cfg, None, simulation=True)
-    local = run_federated(cfg).result
+    local = run_federated(cfg, recipe=False).result  # the grid takes the config as written, as a deployment does
     assert P.allclose(flower.params, local.params, rtol=1e-4, atol=1e-6)
     assert P.num_parameters(flower.params) == P.num_parameters(
         build_model("unet", (1, 16, 16), 0, 2, {"channels": [4, 8], "strides": [2]}).state_dict())

@@ -93,7 +93,7 @@ def test_a_short_federated_unet_improves_dice_over_its_initial_value():
     fed = load_federation("synthetic-shapes", per_site=24, size=32)
     options = {"channels": [8, 16, 32], "strides": [2, 2]}
     result = fedmi.run(fed, model="unet", model_options=options, method="fedavg", rounds=6, optimizer="adam",
-                       lr=1e-2, batch_size=8, local_steps=4, seed=0)
+                       lr=1e-2, batch_size=8, local_steps=4, lr_milestones=[], seed=0)
     model = build_model("unet", fed.input_shape, 0, 2, options)
     splits = {s.name: s for s in fed.split(0, 0.2)}
     initial = {name: evaluate_site(model, fed.task, model.state_dict(), site)["dice"] for name, site in splits.items()}

@@ -28,6 +28,7 @@ from fedmi.core.local import LocalMethod
 from fedmi.core.runner import Runner, Selector
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError
+from fedmi.experiments.defaults import model_defaults, trainer_defaults
 from fedmi.models import build_model
 from fedmi.runtime import make_runtime
 from fedmi.server import AggregationPipeline, Step, make_aggregator, make_selector
@@ -67,7 +68,9 @@ class Result:
         return pd.DataFrame(rows)
 
 
-def _model(model: str | nn.Module, fed: Federation, seed: int, options: dict[str, Any] | None) -> nn.Module:
+def _model(model: str | nn.Module | None, fed: Federation, seed: int, options: dict[str, Any] | None) -> nn.Module:
+    if model is None or isinstance(model, str):
+        model, options = model_defaults(fed, model, options)
     if isinstance(model, nn.Module):
         if options:
             raise FedmiError("model_options go to a model given by name; the torch.nn.Module is already built")
@@ -77,14 +80,14 @@ def _model(model: str | nn.Module, fed: Federation, seed: int, options: dict[str
     raise FedmiError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
 
 
-def _method(method: str | LocalMethod, options: dict[str, Any]) -> LocalMethod:
+def _method(method: str | LocalMethod, options: dict[str, Any], fed: Federation | None = None) -> LocalMethod:
     if isinstance(method, LocalMethod):
         if options:
             raise FedmiError(f"method options {sorted(options)} go to a method given by name; "
                              f"{type(method).__name__} is already built")
         return method
     if isinstance(method, str):
-        return make_method(method, **options)
+        return make_method(method, **(options if fed is None else trainer_defaults(fed, method, options)))
     raise FedmiError(f"method must be a method name or a LocalMethod, got {type(method).__name__}")
 
 
@@ -100,7 +103,7 @@ def _aggregator(aggregator: str | Step | AggregationPipeline | None, server_lr: 
     raise FedmiError(f"aggregator must be a pipeline text, a step or a pipeline, got {type(aggregator).__name__}")
 
 
-def run(federation: Federation, model: str | nn.Module = "logistic", method: str | LocalMethod = "fedavg",
+def run(federation: Federation, model: str | nn.Module | None = None, method: str | LocalMethod = "fedavg",
         model_options: dict[str, Any] | None = None,
         aggregator: str | Step | AggregationPipeline | None = None, runtime: str = "auto", rounds: int = 20,
         seed: int = 0, test_fraction: float = 0.2, fraction: float = 1.0, selector: Selector | None = None,
@@ -111,7 +114,9 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
     Args:
       federation: the sites (`load_federation`, `Federation.from_arrays`, `Federation.from_frame`).
       model: a registered model name ("logistic", "cnn", "resnet18", "unet", ...) or any torch.nn.Module
-        (a MONAI network, your own).
+        (a MONAI network, your own); None: the recipe for the federation's kind of data
+        (`fedmi.experiments.defaults`: logistic for tables, ResNet-18 at a quarter width for images,
+        U-Net for masks), as `fedmi run` and `fedmi table2` choose.
       model_options: a named model's own arguments (``{"channels": [8, 16, 32], "strides": [2, 2]}``).
       method: a local method name ("fedavg", "fedprox", "fedsgd", ...) or a `LocalMethod` object.
       aggregator: a pipeline text ("median", "weighted_mean | server_sgd(lr=0.5)"), a step or a
@@ -126,7 +131,8 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
       device: where the sites compute: "cpu", "cuda", "cuda:N", "mps" or "auto" (CUDA if present;
         off the CPU, runtime "sequential" or "auto").
       on_round: called with the number of completed rounds after each round.
-      **method_options: options of a method given by name (lr, batch_size, local_steps, mu, ...).
+      **method_options: options of a method given by name (lr, batch_size, local_steps, mu, ...); the
+        optimiser options not given are the data's recipe's (Adam at 0.001, one pass a round, for images).
     Returns:
       A `Result`: final parameters, per-round history, the trained model, final metrics per site.
     """
@@ -134,7 +140,7 @@ def run(federation: Federation, model: str | nn.Module = "logistic", method: str
         raise FedmiError(f"federation must be a fedmi Federation, got {type(federation).__name__}")
     sites = [s.to(resolve_device(device)) for s in federation.split(seed, test_fraction)]
     net = _model(model, federation, seed, model_options)
-    local = _method(method, method_options)
+    local = _method(method, method_options, federation)
     pipeline = _aggregator(aggregator, server_lr, local)
     init = P.clone(net.state_dict())
     backend = make_runtime(runtime, net, sites, federation.task, workers)

@@ -5,6 +5,7 @@ User errors (FedmiError, bad options) print one or two lines and exit with statu
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
@@ -141,9 +142,27 @@ def _numbers(text: str | None, flag: str) -> list[float]:
         raise FedmiError(f"{flag}: give comma-separated numbers such as 0.5,0.75, got {text!r}") from None
 
 
+def _data_from_config(config: Path):
+    """(the data section, the whole run config or None) of a run config or a bare data config."""
+    from fedmi.experiments.config import DataConfig, parse_config, read_yaml, validated
+
+    raw = read_yaml(config, "config")  # read once, validated as what it is
+    if raw is None:
+        raise FedmiError(f"{config} is empty: give a data section (data: {{dataset: ...}}) or a dataset")
+    if not isinstance(raw, dict):
+        raise FedmiError(f"{config}: a config must be a mapping of fields, got {type(raw).__name__}")
+    if "data" in raw:
+        run_config = parse_config(raw, str(config))
+        return run_config.data, run_config
+    return validated(DataConfig, raw, str(config)), None
+
+
 @app.command()
 def table2(
-    dataset: str = _option("heart-disease", help="a dataset (fedmi datasets), csv:PATH or npz:PATH"),
+    config: Optional[Path] = typer.Argument(None, help="a run config (its data section, and its model if it names "
+                                                       "one) or a data config: the same data `fedmi run` takes"),
+    dataset: Optional[str] = _option(None, help="a dataset (fedmi datasets), csv:PATH or npz:PATH, instead of "
+                                                "CONFIG (default: heart-disease)"),
     methods: str = _option("cross,single,mix,fedavg,fedsgd,fedprox", help="comma-separated settings"),
     repeats: int = _option(5, help="random 80/20 splits per site (training seeds on a fixed split)"),
     rounds: int = _option(100, help="federated rounds"),
@@ -196,6 +215,7 @@ def table2(
     _setup_logging(verbose)
     from fedmi.data import dataset_options as check_options
     from fedmi.experiments.config import DataConfig, validated
+    from fedmi.experiments.defaults import describe_recipe
     from fedmi.experiments.federated_run import federation_for
     from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, JsonlWriter, check_output, output_folder
     from fedmi.experiments.report import rich_table, table_notes, write_table2_report
@@ -212,19 +232,33 @@ def table2(
     else:
         given = {k: v for k, v in dataset_options.items() if v is not None}
         flags = _dataset_option_fields()
-        try:
-            check_options(dataset, given, where="option")
-        except FedmiError as e:  # name the flag the user typed
-            text = str(e)
-            for name in given:
-                text = text.replace(f"option '{name}'", f"option {flags[name][0]}")
-            raise FedmiError(f"fedmi table2: {text}") from None
-        if standardize and no_standardize:
-            raise FedmiError("fedmi table2: give --standardize or --no-standardize, not both")
-        data = validated(DataConfig, {"dataset": dataset, "augment": _yaml_mapping(augment, "--augment") or None,
-                                      "standardize": True if standardize else False if no_standardize else None,
-                                      **given}, "fedmi table2", prefix="option ")
+        run_config = None
+        if config is not None:
+            data_flags = [flags[k][0] for k in given] + [f for f, v in (("--dataset", dataset), ("--augment", augment),
+                          ("--standardize", standardize), ("--no-standardize", no_standardize)) if v]
+            if data_flags:
+                raise FedmiError(f"fedmi table2: {', '.join(data_flags)} and CONFIG both describe the data; "
+                                 f"set it in {config}'s data section")
+            data, run_config = _data_from_config(config)
+        else:
+            dataset = dataset or "heart-disease"
+            try:
+                check_options(dataset, given, where="option")
+            except FedmiError as e:  # name the flag the user typed
+                text = str(e)
+                for name in given:
+                    text = text.replace(f"option '{name}'", f"option {flags[name][0]}")
+                raise FedmiError(f"fedmi table2: {text}") from None
+            if standardize and no_standardize:
+                raise FedmiError("fedmi table2: give --standardize or --no-standardize, not both")
+            data = validated(DataConfig, {"dataset": dataset, "augment": _yaml_mapping(augment, "--augment") or None,
+                                          "standardize": True if standardize else False if no_standardize else None,
+                                          **given}, "fedmi table2", prefix="option ")
         fed = federation_for(data, seed)
+        if model is None and run_config is not None and run_config.model is not None:
+            model = run_config.model  # the run config's own network, with its options
+            model_options = model_options or (json.dumps(run_config.model_options) if run_config.model_options
+                                              else None)
         given_options = {"model": model, "optimizer": optimizer, "lr": lr, "local_steps": local_steps,
                          "local_epochs": local_epochs, "model_options": _yaml_mapping(model_options, "--model-options")
                          if model_options else None,
@@ -241,6 +275,11 @@ def table2(
         mode = "overwrite" if overwrite else "new"
     if fed.synthetic:
         err_console.print(f"[bold yellow]SYNTHETIC DATA:[/] {fed.description}")
+    err_console.print(describe_recipe(cfg.model, cfg.model_options, "of every setting",
+                                      {"optimizer": cfg.optimizer, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                                       **({"local_epochs": cfg.local_epochs} if cfg.local_epochs else
+                                          {"local_steps": cfg.local_steps}), "lr_milestones": cfg.lr_milestones}),
+                      highlight=False, soft_wrap=True)
     with output_folder(target, mode, "fedmi table2 --resume {}", TABLE2_SETTINGS, UNITS) as path:
         folder = ProtocolFolder(path, metadata={"dataset": fed.name, "model": cfg.model})
         if mode != "resume":
@@ -293,6 +332,7 @@ def run(
         target = out or Path(cfg.out or Path("runs") / config.stem)
         mode = "overwrite" if overwrite else "new"
     name = config.stem if config else target.name
+    announce = lambda line: err_console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
     with output_folder(target, mode, "fedmi run --resume {}") as folder, _progress() as progress:
         continuing = mode == "resume" and (folder / CHECKPOINT).is_file()
         task = progress.add_task(f"{name}: {cfg.trainer.name}, round", total=cfg.rounds)
@@ -300,13 +340,20 @@ def run(
         if cfg.runtime == "flower-sim":
             from fedmi.apps.simulation import run_flower_simulation
 
-            done = run_flower_simulation(cfg, folder, advance, resume=continuing)
+            done = run_flower_simulation(cfg, folder, advance, resume=continuing, announce=announce)
         else:
-            done = run_federated(cfg, folder, on_round=advance, resume=continuing)
+            done = run_federated(cfg, folder, on_round=advance, resume=continuing, announce=announce)
     fed = done.federation
     title = f"{cfg.trainer.name} on {fed.name}" + (" (SYNTHETIC DATA)" if fed.synthetic else "")
     _print_final(f"{title}: after {cfg.rounds} rounds", fed.task.table_metrics, done.result.history[-1]["test"],
                  fed.task.name, fed.label_names)
+    if not fed.has_fixed_split:
+        from fedmi.experiments.table2 import METHODS as SETTINGS
+
+        source = config if config else target / RUN_CONFIG
+        methods = f" --methods single,{cfg.trainer.name}" if cfg.trainer.name in SETTINGS else ""
+        out_console.print(f"note: one random split of each site is one sample; for mean ± std over repeated "
+                          f"splits: fedmi table2 {source}{methods}", highlight=False, soft_wrap=True)
     out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
 
 
@@ -654,23 +701,15 @@ def inspect_data(
     per-site intensity histograms and a sample grid (the sites' domain shift, seen first).
 
     The dataset options below apply with --dataset."""
-    from fedmi.experiments.config import DataConfig, parse_config, parse_yaml, validated
+    from fedmi.experiments.config import DataConfig
     from fedmi.experiments.data_card import data_card, write_data_card
     from fedmi.experiments.federated_run import federation_for
 
     if (config is None) == (dataset is None):
         raise FedmiError("fedmi inspect: give a config file or --dataset NAME")
     if config is not None:
-        if not config.is_file():
-            raise FedmiError(f"no config file at {config}")
-        raw = parse_yaml(config.read_text(encoding="utf-8"), str(config))  # read once, validated as what it is
-        if isinstance(raw, dict) and "data" in raw:
-            run_config = parse_config(raw, str(config))
-            data, seed = run_config.data, run_config.seed
-        elif isinstance(raw, dict):
-            data = validated(DataConfig, raw, str(config))
-        else:
-            raise FedmiError(f"{config}: a config must be a mapping of fields, got {type(raw).__name__}")
+        data, run_config = _data_from_config(config)
+        seed = run_config.seed if run_config is not None else seed
     else:
         data = DataConfig(dataset=dataset, **{k: v for k, v in dataset_options.items() if v is not None})
     fed = federation_for(data, seed)

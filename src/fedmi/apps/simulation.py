@@ -18,7 +18,7 @@ from flwr.simulation import run_simulation
 
 from fedmi.experiments.config import RunConfig
 from fedmi.errors import FedmiError
-from fedmi.experiments.federated_run import FederatedRun, federation_for
+from fedmi.experiments.federated_run import FederatedRun, describe_run, federation_for, with_recipe
 from fedmi.apps import site
 from fedmi.apps.server import run_on_grid
 
@@ -31,10 +31,15 @@ def simulation_backend(workers: int | None = None) -> dict:
 
 
 def run_flower_simulation(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None,
-                          client_app: ClientApp | None = None, resume: bool = False) -> FederatedRun:
+                          client_app: ClientApp | None = None, resume: bool = False,
+                          announce: Callable[[str], None] | None = None) -> FederatedRun:
     """`client_app` replaces fedmi's own (a plain Flower client app, say); one virtual node per site.
-    `resume` continues the run in `out` from its checkpoint."""
-    fed = federation_for(cfg.data, cfg.seed)  # here only for the number and names of the sites
+    `resume` continues the run in `out` from its checkpoint; `announce` receives the line naming the
+    model and trainer (`run_federated`'s)."""
+    fed = federation_for(cfg.data, cfg.seed)  # here for the sites' number and names, and the data's recipe
+    cfg = with_recipe(cfg, fed)
+    if announce is not None:
+        announce(describe_run(cfg))
     cfg = cfg.model_copy(update={"deployment": cfg.deployment.model_copy(
         update={"sites": cfg.deployment.sites or len(fed.sites)})})
     outcome: dict = {}

@@ -28,7 +28,7 @@ def in_process_run(cfg: RunConfig, names: list[str], replay: "Replay | None" = N
     from fedmi.experiments.federated_run import run_federated
 
     return run_federated(cfg.model_copy(update={"runtime": "sequential"}), sites=sorted(names),
-                         wrap=replay.around if replay is not None else None).result
+                         wrap=replay.around if replay is not None else None, recipe=False).result
 
 
 class Replay:

@@ -70,6 +70,9 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
         if config is None:
             raise FedmiError("give a config file, or --resume RUN_DIR")
         cfg = load_config(config)
+        if cfg.model is None:  # the sites' data decide nothing here: the run is signed as it is given
+            raise FedmiError(f"{config}: a deployed run names its model (model: logistic, cnn, resnet18, ...); "
+                             "the server holds no data to choose one by")
         check_output(run_dir, "overwrite" if overwrite else "new", "fedmi submit --resume")
     if signing_key is None and connection.ca is not None and (connection.ca.parent / "operator.key").is_file():
         signing_key = connection.ca.parent / "operator.key"

@@ -108,7 +108,7 @@ class TrainerConfig(Settings):
 
 class RunConfig(Settings):
     data: DataConfig = DataConfig()
-    model: str = "logistic"  # a registered model (fedmi.models)
+    model: str | None = None  # a registered model (fedmi.models); None: the data's recipe (experiments.defaults)
     model_options: dict[str, Any] = Field(default_factory=dict)  # the network's own arguments (MONAI's)
     trainer: TrainerConfig = TrainerConfig()
     aggregator: str | None = None  # a pipeline such as "weighted_mean | server_sgd(lr=1.0)"
@@ -130,10 +130,10 @@ class RunConfig(Settings):
 
     @field_validator("model")
     @classmethod
-    def _model_registered(cls, name: str) -> str:
+    def _model_registered(cls, name: str | None) -> str | None:
         from fedmi.models import MODELS
 
-        return _registered(MODELS, name)
+        return None if name is None else _registered(MODELS, name)
 
     @field_validator("runtime")
     @classmethod
@@ -310,15 +310,24 @@ def parse_yaml(text: str, source: str) -> object:
         loader.dispose()
 
 
-def load_yaml_model(model: type[M], path: str | Path, what: str, overrides: dict[str, Any] | None = None) -> M:
+def read_yaml(path: str | Path, what: str) -> object:
+    """The YAML document in the file at `path` (None if it holds none), or a FedmiError that says
+    what is wrong: no such file, not UTF-8 text, not valid YAML (`parse_yaml`)."""
     path = Path(path)
     if not path.is_file():
         raise FedmiError(f"no {what} file at {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise FedmiError(f"{path}: not a UTF-8 text file") from None
-    raw = parse_yaml(text, str(path))
+        raise FedmiError(f"{path}: not a UTF-8 text file; save it as UTF-8") from None
+    return parse_yaml(text, str(path))
+
+
+def load_yaml_model(model: type[M], path: str | Path, what: str, overrides: dict[str, Any] | None = None) -> M:
+    raw = read_yaml(path, what)
+    if raw is None:
+        raise FedmiError(f"{path} is empty: write the {what}'s fields in it (each has a default, so one such as "
+                         "`rounds: 50` is enough)")
     if not isinstance(raw, dict):
         raise FedmiError(f"{path}: a {what} must be a mapping of fields, got {type(raw).__name__}")
     return validated(model, {**raw, **(overrides or {})}, str(path))

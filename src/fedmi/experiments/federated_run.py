@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 from torch import nn
 
 from fedmi.client import make_method
-from fedmi.experiments.config import DataConfig, RunConfig, save_config
+from fedmi.experiments.config import DataConfig, RunConfig, TrainerConfig, save_config
+from fedmi.experiments.defaults import describe_recipe, model_defaults, trainer_defaults
 from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, JsonlWriter, to_json
 from fedmi.experiments.trackers import make_trackers
 from fedmi.core import params as P
@@ -75,6 +76,21 @@ class Sinks:
             sink.close()
 
 
+def with_recipe(cfg: RunConfig, fed: Federation) -> RunConfig:
+    """`cfg` with the recipe for `fed`'s kind of data (`fedmi.experiments.defaults`) where it names
+    no model or leaves the trainer's optimiser unset: what the run's folder keeps and resumes with."""
+    model, model_options = model_defaults(fed, cfg.model, cfg.model_options or None)
+    options = trainer_defaults(fed, cfg.trainer.name, cfg.trainer.options())
+    return cfg.model_copy(update={"model": model, "model_options": model_options,
+                                  "trainer": TrainerConfig(name=cfg.trainer.name, **options)})
+
+
+def describe_run(cfg: RunConfig) -> str:
+    """The line a run starts with: its model, trainer and optimiser (`describe_recipe`)."""
+    method = make_method(cfg.trainer.name, **cfg.trainer.options())
+    return describe_recipe(cfg.model, cfg.model_options, cfg.trainer.name, method.spec().get("options", {}))
+
+
 def skipped_files(fed: Federation) -> dict:
     """The files a dataset left out, for a run's summary (nothing when none were)."""
     return {"skipped_files": [{"file": f, "reason": r} for f, r in fed.skipped]} if fed.skipped else {}
@@ -82,15 +98,22 @@ def skipped_files(fed: Federation) -> dict:
 
 def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[int], None] | None = None,
                   sites: Sequence[str] | None = None, resume: bool = False,
-                  wrap: Callable[[Runtime], Runtime] | None = None) -> FederatedRun:
+                  wrap: Callable[[Runtime], Runtime] | None = None,
+                  announce: Callable[[str], None] | None = None, recipe: bool = True) -> FederatedRun:
     """`cfg` on a simulation runtime in this process. `sites`: only these of the dataset's sites, in
     this order (their position keys their random streams). `wrap`: a runtime around the simulated one
-    (a deployment's reference replays which sites were there, `fedmi.deploy.local.Replay`). Flower's
-    simulation runtime (`flower-sim`) is `fedmi.apps.simulation.run_flower_simulation`."""
+    (a deployment's reference replays which sites were there, `fedmi.deploy.local.Replay`). `announce`
+    receives the line naming the model and trainer once the data's recipe filled them in; `recipe`
+    False takes the config as written, as a deployment does. Flower's simulation runtime
+    (`flower-sim`) is `fedmi.apps.simulation.run_flower_simulation`."""
     if cfg.runtime == "flower-sim":
         raise FedmiError("runtime flower-sim runs through fedmi.apps.simulation (the `fedmi run` command and "
                          "fedmi.run choose it)")
     fed = federation_for(cfg.data, cfg.seed)
+    if recipe:
+        cfg = with_recipe(cfg, fed)
+    if announce is not None:
+        announce(describe_run(cfg))
     if sites is not None:
         by_name = {s.name: s for s in fed.sites}
         unknown = [n for n in sites if n not in by_name]
@@ -118,6 +141,9 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     """The run's rounds on `runtime`, whichever it is; with `out`, a resumable checkpoint after every
     round, metrics.jsonl, the final model and summary.json. `resume` continues from out's checkpoint.
     `model`: the config's model as built for this run, not yet trained (else it is built here)."""
+    if cfg.model is None:
+        raise FedmiError("the run config names no model (model: logistic, cnn, resnet18, ...): fedmi chooses "
+                         "one by the kind of data only where it holds the data")
     if model is None:
         model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs, cfg.model_options)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())

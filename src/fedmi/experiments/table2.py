@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +42,7 @@ from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError, check_number
+from fedmi.experiments.defaults import DEFAULT_LR, model_defaults, trainer_defaults
 from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, to_json
 from fedmi.models import MODELS, build_model
 from fedmi.runtime import make_runtime, runtime_names
@@ -223,29 +224,17 @@ class Table2Result:
 # defaults are the ones the MedMNIST comparison ran with (README, "Medical images"): MedMNIST
 # v2's optimiser and schedule (Adam, lr 0.001, x0.1 at 50% and 75% of training) on a ResNet-18 at a
 # quarter of its width, one local pass per round.
-TABULAR_DEFAULTS = {"model": "logistic", "model_options": {}, "optimizer": "sgd", "lr": 0.05, "local_steps": 10,
-                    "local_epochs": None, "lr_milestones": []}
-IMAGE_DEFAULTS = {"model": "resnet18", "model_options": {"widen_factor": 0.25}, "optimizer": "adam", "lr": 0.001,
-                  "local_steps": 10, "local_epochs": 1, "lr_milestones": [0.5, 0.75]}
-SEGMENTATION_DEFAULTS = {**IMAGE_DEFAULTS, "model": "unet", "model_options": {}}
-
-
 def training_defaults(fed: Federation, given: dict) -> dict:
     """Table2Config's model and optimiser fields: what `given` names (None: not given), else the
-    defaults for the federation's kind of data. A model given by name takes no default options;
-    an optimiser given by name takes its own learning rate unless `lr` is given too."""
-    base = TABULAR_DEFAULTS if fed.kind != "image" else \
-        SEGMENTATION_DEFAULTS if fed.task.name == "segmentation" else IMAGE_DEFAULTS
-    out = dict(base)
-    if given.get("model") is not None and given["model"] != base["model"]:
-        out["model_options"] = {}
-    if given.get("optimizer") is not None and given["optimizer"] != base["optimizer"]:
-        out["lr"] = 0.001 if given["optimizer"] == "adam" else 0.05
-        out["lr_milestones"] = []
-    if given.get("local_steps") is not None and given.get("local_epochs") is None:
-        out["local_epochs"] = None
-    out.update({k: v for k, v in given.items() if v is not None})
-    return out
+    recipe for the federation's kind of data (`fedmi.experiments.defaults`), else Table2Config's own."""
+    model, model_options = model_defaults(fed, given.get("model"), given.get("model_options"))
+    trainer = trainer_defaults(fed, "fedavg", {k: given.get(k) for k in
+                                               ("optimizer", "lr", "local_steps", "local_epochs", "lr_milestones")})
+    if "optimizer" in trainer and "lr" not in trainer:
+        trainer["lr"] = DEFAULT_LR[trainer["optimizer"]]
+    own = {f.name: f.default for f in fields(Table2Config) if f.name in ("optimizer", "lr", "local_steps")}
+    return {"model": model, "model_options": model_options, **own, "local_epochs": None, "lr_milestones": [],
+            **trainer}
 
 
 def _rows(cfg: Table2Config, sites: list[str]) -> list[dict]:

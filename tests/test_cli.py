@@ -55,6 +55,8 @@ def test_single_class_site_warns_and_reports_na(monkeypatch, capsys, tmp_path):
     c_block = stdout[stdout.index("│ C "):]
     fedavg_row = next(line for line in c_block.splitlines() if "FedAvg" in line)
     assert fedavg_row.rstrip(" │").endswith("n/a") and fedavg_row.count("n/a") == 2  # SPE and AUC
+    # the footnote gives the cause: C's test split has no negative case, in both repeats
+    assert "n/a at C: its test split held no '0' case in 2 repeats of 2, so AUC/SPE are undefined there" in stdout
     results = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
     assert results["FedAvg"]["C"]["auc"]["mean"] is None and results["FedAvg"]["C"]["acc"]["mean"] is not None
 

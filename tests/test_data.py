@@ -146,9 +146,9 @@ def test_csv_source(tmp_path):
     ("site,label,f1\nA,0,1\n", {"label_column": "dx"}, "no label column 'dx'"),
     ("site,label,f1\nA,0,1\nA,1,\n", {}, "feature column 'f1' has missing.*line 3"),
     ("site,label,f1\nA,0,1\nA,1,abc\n", {}, "feature column 'f1' is not numeric"),
-    ("site,label,f1\nA,AD,1\nA,NC,2\n", {}, "must hold 0/1"),
+    ("site,label,f1\nA,AD,1\nA,NC,2\n", {}, "name the positive one"),
     ("site,label,f1\nA,AD,1\nA,NC,2\n", {"positive_label": "MCI"}, "never occurs"),
-    ("site,label\nA,0\n", {}, "no feature columns"),
+    ("site,label\nA,0\nA,1\n", {}, "no feature columns"),
     ("site,label,f1,split\nA,0,1,train\nA,1,2,validation\n", {"split_column": "split"}, "'train' or 'test'"),
 ])
 def test_csv_errors_say_what_and_where(tmp_path, text, kwargs, message):

@@ -179,11 +179,12 @@ def test_a_corrupt_file_is_named_or_skipped_and_listed(tmp_path):
     (a / "img03.png").write_bytes(b"not a png at all")
     folders = [{"name": "A", "path": str(a), "labels": "labels.csv"}]
     with pytest.raises(FedmiError, match=r"img03\.png: not a readable image"):
-        _images(folders)
-    fed = _images(folders, on_error="skip")
+        _images(folders, positive_label="tumour")
+    fed = _images(folders, on_error="skip", positive_label="tumour")
     assert fed.sites[0].n == 5 and len(fed.skipped) == 1 and fed.skipped[0][0].endswith("img03.png")
-    assert "1 files skipped" in fed.description
-    cfg = parse_config({"data": {"dataset": "images", "folders": folders, "on_error": "skip"}, "model": "logistic",
+    assert fed.description == "1 site of image files, classification; 1 file skipped"
+    cfg = parse_config({"data": {"dataset": "images", "folders": folders, "on_error": "skip", "positive_label": "tumour"},
+                        "model": "logistic",
                         "rounds": 1}, "test")
     run_federated(cfg, tmp_path / "run")
     listed = json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_files"]
@@ -214,12 +215,24 @@ def test_label_problems_are_named(tmp_path, change, message):
         _images([{"name": "A", "path": str(a), "labels": "labels.csv"}])
 
 
-def test_images_of_different_sizes_need_a_size(tmp_path):
+def test_images_of_different_sizes_need_a_size(tmp_path, caplog):
     a = _png_site(tmp_path / "a", 3, 80)
-    Image.fromarray(np.zeros((30, 30), np.uint8)).save(a / "img00.png")
-    with pytest.raises(FedmiError, match="give `size`"):
-        _images([{"name": "A", "path": str(a), "labels": "labels.csv"}])
-    assert _images([{"name": "A", "path": str(a), "labels": "labels.csv"}], size=[8, 8]).input_shape == (1, 8, 8)
+    b = _png_site(tmp_path / "b", 3, 80)
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(b / "img01.png")  # one RGB image of another size
+    folders = [{"name": "A", "path": str(a), "labels": "labels.csv"}, {"name": "B", "path": str(b), "labels": "labels.csv"}]
+    # the error names a file and its site for each shape
+    with pytest.raises(FedmiError, match=r"img00\.png at site A is \(1, 20, 24\); img01\.png at site B is "
+                                         r"\(1, 30, 30\)\); give `size`"):
+        _images(folders, positive_label="tumour")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedmi"):
+        fed = _images(folders, size=[8, 8], positive_label="tumour")
+    assert fed.input_shape == (1, 8, 8)
+    said = [r.getMessage() for r in caplog.records]
+    # one line per site says what reading changed: B's colour image turned grey, every image resized
+    assert said == ["site A: 3 images resized from (20, 24)",
+                    "site B: 1 image read from RGB as grey (channels: 3 keeps colour); 3 images resized from "
+                    "(20, 24), (30, 30)"]
 
 
 def test_a_missing_folder_is_named(tmp_path):

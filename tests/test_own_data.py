@@ -114,3 +114,112 @@ def test_an_empty_config_says_it_is_empty(monkeypatch, capsys, tmp_path):
     for command in ("run", "table2", "inspect"):
         code, _, stderr = fedmi(monkeypatch, capsys, command, empty)
         assert code == 2 and "is empty" in stderr and "NoneType" not in stderr, (command, stderr)
+
+
+# -- a user's own table: k classes by name, labels as files spell them, sites too small ----------------
+
+
+@pytest.fixture
+def severity_csv(monkeypatch, capsys, tmp_path):
+    """UCI Heart Disease's four hospitals as a user's CSV whose label column holds three text classes
+    (no disease / mild / moderate to severe), written by `fedmi export`."""
+    path = tmp_path / "severity.csv"
+    code, _, stderr = fedmi(monkeypatch, capsys, "export", "heart-disease", path, "--label", "severity")
+    assert code == 0, stderr
+    return path
+
+
+def test_a_csv_with_three_text_classes_is_a_three_class_task(monkeypatch, capsys, tmp_path, severity_csv):
+    assert set(np.genfromtxt(severity_csv, delimiter=",", dtype=str, skip_header=1, usecols=1)) == \
+        {"no disease", "mild", "moderate to severe"}
+    table, embedded = load_federation(f"csv:{severity_csv}"), load_federation("heart-disease", label="severity")
+    assert table.task.name == "multiclass" and table.task.num_classes == 3
+    assert table.label_names == ("mild", "moderate to severe", "no disease")  # sorted: indices do not follow row order
+    for mine, theirs in zip(table.sites, embedded.sites):  # the same patients, features and classes, by name
+        assert mine.name == theirs.name and np.array_equal(mine.x, theirs.x)
+        assert [table.label_names[k] for k in mine.y] == [embedded.label_names[k] for k in theirs.y]
+
+    out = tmp_path / "t2"
+    code, stdout, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{severity_csv}", "--methods",
+                                 "single,fedavg", "--repeats", "2", "--rounds", "2", "--epochs", "2", "--out", out)
+    assert code == 0, stderr
+    assert "BACC" in stdout and "3 classes: 0 = mild, 1 = moderate to severe, 2 = no disease" in " ".join(stdout.split())
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "multiclass" and results["label_names"] == list(table.label_names)
+    assert {"sen_2", "spe_2", "auc_2"} <= set(results["results"]["FedAvg"]["Cleveland"])
+
+
+def test_a_positive_label_on_three_classes_is_one_against_the_rest_with_a_notice(caplog, severity_csv):
+    with caplog.at_level("WARNING", logger="fedmi"):
+        fed = load_federation(f"csv:{severity_csv}", positive_label="mild")
+    assert fed.task.name == "binary" and fed.label_names == ("not mild", "mild")
+    assert "'moderate to severe', 'no disease' are merged into 'not mild'" in caplog.text
+    embedded = load_federation("heart-disease", label="severity")
+    for mine, theirs in zip(fed.sites, embedded.sites):
+        assert np.array_equal(mine.y, (theirs.y == 1).astype(np.int64))  # mild is class 1 of the embedded three
+
+
+def test_the_task_option_says_binary_or_multiclass(monkeypatch, capsys, tmp_path, severity_csv):
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{severity_csv}", "--task", "binary",
+                            "--out", tmp_path / "x")
+    assert code == 2 and "task binary, but the labels hold 3 classes" in " ".join(stderr.split())
+    two = tmp_path / "two.csv"
+    two.write_text("site,label,f1\n" + "".join(f"{s},{'AD' if i % 2 else 'NC'},{i}\n" for s in "AB" for i in range(10)))
+    cfg = parse_config({"data": {"dataset": f"csv:{two}", "task": "multiclass"}, "rounds": 1}, "test")
+    from fedmi.experiments.federated_run import federation_for
+
+    fed = federation_for(cfg.data, 0)
+    assert fed.task.name == "multiclass" and fed.task.num_classes == 2 and fed.label_names == ("AD", "NC")
+    with pytest.raises(Exception, match="name the positive one"):
+        load_federation(f"csv:{two}")
+
+
+def test_labels_are_trimmed_and_a_case_mismatch_names_both_spellings_and_sites(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("site,label,f1\n" + "".join(f"north, {'benign ' if i % 2 else 'Malignant'},{i}\n" for i in range(6))
+                    + "".join(f"south,{'benign' if i % 2 else 'malignant'},{i}\n" for i in range(6)))
+    with pytest.raises(Exception, match=r"labels differ only in case: 'Malignant' \(site north\) and 'malignant' "
+                                        r"\(site south\)"):
+        load_federation(f"csv:{path}", positive_label="malignant")
+    path.write_text(path.read_text().replace("Malignant", "malignant"))
+    fed = load_federation(f"csv:{path}", positive_label="malignant")  # ' benign ' is benign
+    assert fed.label_names == ("benign", "malignant") and fed.sites[0].y.tolist() == [1, 0, 1, 0, 1, 0]
+
+    folders = [{"name": name, "path": str(png_site(tmp_path / name, 6, 90, i)), "labels": "labels.csv"}
+               for i, name in enumerate(("east", "west"))]
+    labels = tmp_path / "west" / "labels.csv"
+    labels.write_text(labels.read_text().replace("tumour", "Tumour"))
+    with pytest.raises(Exception, match=r"'tumour' \(site east\) and 'Tumour' \(site west\)"):
+        load_federation("images", folders=folders, positive_label="tumour")
+
+
+def test_a_semicolon_or_latin1_csv_gets_read_or_a_message_to_act_on(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("site;label;f1;f2\n" + "".join(f"{s};{i % 2};{i};{i * 0.5}\n" for s in "AB" for i in range(10)))
+    fed = load_federation(f"csv:{path}")
+    assert fed.site_names == ["A", "B"] and fed.feature_names == ["f1", "f2"]
+    path.write_bytes("site,label,f1\nZürich,0,1\nZürich,1,2\n".encode("latin-1"))
+    with pytest.raises(Exception, match="not UTF-8 text .*save it as UTF-8"):
+        load_federation(f"csv:{path}")
+    path.write_text("site:label:f1\nA:0:1\n")
+    with pytest.raises(Exception, match="the header has one column"):
+        load_federation(f"csv:{path}")
+
+
+def test_a_site_too_small_to_split_is_refused_or_left_out(monkeypatch, capsys, tmp_path):
+    from test_cli import toy_rows, write_csv
+
+    path = write_csv(tmp_path / "t.csv", toy_rows(("A", "B")) + ["C,1,0.5,0.5", "C,0,0.1,0.2"])
+    code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{path}", "--methods", "single,fedavg",
+                            "--repeats", "1", "--rounds", "1", "--epochs", "1", "--out", tmp_path / "x")
+    said = " ".join(stderr.split())
+    assert code == 2 and "site C has 2 samples (0: 1, 1: 1): a 20% test split leaves its test split empty; a site " \
+                         "needs at least 3 samples of one class" in said and "leave_out" in said
+    assert not (tmp_path / "x").exists()
+    code, stdout, stderr = fedmi(monkeypatch, capsys, "table2", "--dataset", f"csv:{path}", "--methods",
+                                 "single,fedavg", "--repeats", "1", "--rounds", "1", "--epochs", "1", "--small-sites",
+                                 "leave_out", "--out", tmp_path / "y")
+    assert code == 0, stderr
+    assert "site C has 2 samples" in stderr and "left out" in stderr
+    results = json.loads((tmp_path / "y" / "results.json").read_text())
+    assert results["sites"] == ["A", "B"] and results["results"]["FedAvg"]["A"]["auc"]["mean"] is not None

@@ -50,3 +50,22 @@ def test_save_load_roundtrip(tmp_path):
 def test_check_compatible_rejects(candidate, message):
     with pytest.raises(FedmiError, match=message):
         P.check_compatible(candidate, _p([[1.0, 2.0]], [3.0]), "update from site x")
+
+
+def test_a_saved_model_has_the_same_bytes_every_time(tmp_path):
+    """safetensors writes its metadata from a hash map, in a new order at each save; fedmi sorts it."""
+    import hashlib
+
+    p = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(2)}
+    meta = {"dataset": "heart-disease", "model": "logistic", "rounds": "3", "seed": "0"}
+    digests = set()
+    for i in range(12):
+        P.save(p, tmp_path / f"m{i}.safetensors", metadata=meta)
+        digests.add(hashlib.sha256((tmp_path / f"m{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    back = P.load(tmp_path / "m0.safetensors")
+    assert list(back) == ["b.weight", "a.bias"] and torch.equal(back["b.weight"], p["b.weight"])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m0.safetensors"), framework="pt") as f:
+        assert {k: v for k, v in f.metadata().items() if k != "fedmi.order"} == meta

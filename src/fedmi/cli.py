@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from fedmi.deploy.pins import DEFAULT_SITE_POLL
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, counted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated learning for medical image analysis.")
@@ -187,6 +187,8 @@ def table2(
     method_options: Optional[str] = _option(None, help="per setting, its step's (or local method's) options as "
                                                        "YAML, e.g. '{fedadam: {lr: 0.01}, qffl: {q: 2}}'"),
     test_fraction: float = _option(0.2, help="each site's share held out as its own test split (random splits)"),
+    small_sites: Optional[str] = _option(None, help="a site too small to split: refuse (the default) or leave_out "
+                                                    "(run without it, with a warning)"),
     val_fraction: float = _option(0.0, help="hold this share of each site's training data out for validation and "
                                             "report each setting's model from its best round there (MedMNIST's rule)"),
     validation: bool = _option(False, "--validation", help="train and score on each site's training data only, "
@@ -227,7 +229,7 @@ def table2(
         check_output(resume, "resume", "fedmi table2 --resume", settings=TABLE2_SETTINGS)
         saved, cfg = ProtocolFolder(resume).settings()
         data = DataConfig(**saved)
-        fed = federation_for(data, cfg.seed)
+        fed = federation_for(data, cfg.seed, cfg.test_fraction)
         target, mode = resume, "resume"
     else:
         given = {k: v for k, v in dataset_options.items() if v is not None}
@@ -235,7 +237,8 @@ def table2(
         run_config = None
         if config is not None:
             data_flags = [flags[k][0] for k in given] + [f for f, v in (("--dataset", dataset), ("--augment", augment),
-                          ("--standardize", standardize), ("--no-standardize", no_standardize)) if v]
+                          ("--standardize", standardize), ("--no-standardize", no_standardize),
+                          ("--small-sites", small_sites)) if v]
             if data_flags:
                 raise FedmiError(f"fedmi table2: {', '.join(data_flags)} and CONFIG both describe the data; "
                                  f"set it in {config}'s data section")
@@ -253,8 +256,9 @@ def table2(
                 raise FedmiError("fedmi table2: give --standardize or --no-standardize, not both")
             data = validated(DataConfig, {"dataset": dataset, "augment": _yaml_mapping(augment, "--augment") or None,
                                           "standardize": True if standardize else False if no_standardize else None,
+                                          **({"small_sites": small_sites} if small_sites else {}),
                                           **given}, "fedmi table2", prefix="option ")
-        fed = federation_for(data, seed)
+        fed = federation_for(data, seed, test_fraction)
         if model is None and run_config is not None and run_config.model is not None:
             model = run_config.model  # the run config's own network, with its options
             model_options = model_options or (json.dumps(run_config.model_options) if run_config.model_options
@@ -345,7 +349,7 @@ def run(
             done = run_federated(cfg, folder, on_round=advance, resume=continuing, announce=announce)
     fed = done.federation
     title = f"{cfg.trainer.name} on {fed.name}" + (" (SYNTHETIC DATA)" if fed.synthetic else "")
-    _print_final(f"{title}: after {cfg.rounds} rounds", fed.task.table_metrics, done.result.history[-1]["test"],
+    _print_final(f"{title}: after {counted(cfg.rounds, 'round')}", fed.task.table_metrics, done.result.history[-1]["test"],
                  fed.task.name, fed.label_names)
     if not fed.has_fixed_split:
         from fedmi.experiments.table2 import METHODS as SETTINGS
@@ -360,7 +364,7 @@ def run(
 def _print_final(title: str, metrics: Sequence[str], final: dict[str, dict], task: str,
                  label_names: Sequence[str] | None = None) -> None:
     """The final model's test metrics per site, with the positive class and one-class warnings under them."""
-    from fedmi.experiments.report import positive_class
+    from fedmi.experiments.report import class_note
 
     table = Table(title=title)
     for col in ("Site", "test n", *(m.upper() for m in metrics)):
@@ -370,7 +374,7 @@ def _print_final(title: str, metrics: Sequence[str], final: dict[str, dict], tas
     out_console.print(table)
     names = list(label_names or [])
     named = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
-    notes = [positive_class(task, names)] + [
+    notes = [class_note(task, names)] + [
         f"WARNING: at {site} the model predicts one class ({named(m['one_class'])}) for every test case"
         for site, m in final.items() if m.get("one_class") is not None]
     for note in filter(None, notes):
@@ -509,7 +513,7 @@ def submit(
     submit_run(_connection(server, ca, insecure, state), config, run_dir, resume is not None, overwrite)
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = summary["config"]["rounds"]
-    _print_final(f"{summary['config']['trainer']['name']} on the connected sites: after {rounds} rounds",
+    _print_final(f"{summary['config']['trainer']['name']} on the connected sites: after {counted(rounds, 'round')}",
                  summary.get("table_metrics", ["acc", "auc"]), summary.get("final") or {}, summary.get("task", ""))
     out_console.print(f"wrote {run_dir}/: " + ", ".join(sorted(p.name for p in run_dir.iterdir())))
 
@@ -754,25 +758,31 @@ def export(
     path: Path = typer.Argument(..., help="CSV file to write"),
     seed: int = _option(0, help="synthetic-adni: the generator's seed (0 to 2^63-1)"),
     overwrite: bool = _option(False, "--overwrite", help="replace PATH if it exists"),
+    **dataset_options,
 ) -> None:
-    """Write a tabular dataset as CSV (site, label, features): the format `--dataset csv:PATH` reads."""
+    """Write a tabular dataset as CSV (site, label, features): the format `--dataset csv:PATH` reads.
+
+    The dataset options below apply to the datasets named after each (heart-disease --label severity: three
+    classes by name)."""
     from fedmi.data.registry import load_federation
     from fedmi.experiments.outputs import write_file
 
-    fed = load_federation(dataset, seed=seed)
+    fed = load_federation(dataset, seed=seed, **{k: v for k, v in dataset_options.items() if v is not None})
     frame = fed.to_frame()
     # 9 digits: float32 reads back exactly
     write_file(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.9g"), overwrite)
     note = " (SYNTHETIC DATA)" if fed.synthetic else ""
+    positive = f" --positive-label '{fed.label_names[-1]}'" if fed.task.name == "binary" else ""
     out_console.print(f"wrote {path}: {len(frame)} rows, {len(fed.sites)} sites, {frame.shape[1] - 2} features{note}; "
-                      f"read it back with: fedmi table2 --dataset csv:{path} --positive-label '{fed.label_names[-1]}'",
+                      f"read it back with: fedmi table2 --dataset csv:{path}{positive}",
                       highlight=False, soft_wrap=True)
 
 
 def main() -> None:
     # The datasets' options: only the commands that take them pay their imports.
-    if len(sys.argv) > 1 and sys.argv[1] in ("table2", "inspect"):
-        _with_dataset_options(table2 if sys.argv[1] == "table2" else inspect_data)
+    takes_options = {"table2": table2, "inspect": inspect_data, "export": export}
+    if len(sys.argv) > 1 and sys.argv[1] in takes_options:
+        _with_dataset_options(takes_options[sys.argv[1]])
     from fedmi.experiments.outputs import RunInterrupted
 
     _setup_logging(False)  # every command: warnings and errors as fedmi lines (a command may ask for more)

@@ -30,3 +30,8 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     """An exception as one line, "Type: message" (a log line or a FedmiError's detail)."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`n` and the noun in its right number: counted(1, "round") is "1 round", counted(2, "round") "2 rounds"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

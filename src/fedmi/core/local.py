@@ -33,7 +33,6 @@ reads only what all sites share from `ctx` (the round, the task, the global para
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,6 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fedmi.core import params as P
 from fedmi.core.batches import LocalSchedule
@@ -259,9 +257,7 @@ class SiteStates:
         for i, (site, state) in enumerate(self.states.items()):
             tensors: dict[str, torch.Tensor] = {}
             skeleton = encode(state, tensors)
-            tmp = folder / f"site-{i}.safetensors.tmp"
-            save_file(tensors, str(tmp), metadata={"site": site, "state": json.dumps(skeleton)})
-            os.replace(tmp, folder / f"site-{i}.safetensors")
+            P.write_safetensors(tensors, folder / f"site-{i}.safetensors", {"site": site, "state": json.dumps(skeleton)})
 
     def load(self, folder: Path) -> None:
         for path in sorted(folder.glob("site-*.safetensors")):

@@ -6,6 +6,8 @@ Every function returns new tensors; nothing mutates its inputs.
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
@@ -103,11 +105,37 @@ def all_finite(p: ParamsT) -> bool:
 _ORDER_KEY = "fedmi.order"  # safetensors sorts tensors by name; the model's order is kept here
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, atomically (a temporary file, then a rename) and byte for byte
+    the same for the same tensors and metadata: the library keeps metadata in a hash map, which
+    writes its keys in a different order from one save to the next, so the header's metadata is
+    rewritten here with its keys sorted (the header's length, and so every offset, stays the same).
+
+    Example: ``write_safetensors({"w": w}, "model.safetensors", {"model": "unet"})``
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(dict(tensors), str(tmp), metadata=metadata)
+    with open(tmp, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length), object_pairs_hook=OrderedDict)  # tensors stay in the library's order
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # not expected: the same keys and values, written alike
+            raise FedmiError(f"{path}: the safetensors header grew when its metadata was sorted")
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))  # the format pads its header with spaces
+    os.replace(tmp, path)
+
+
 def save(p: ParamsT, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """`p` as a safetensors file, its parameter order and `metadata` in the header (same bytes for the
+    same parameters and metadata)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**(metadata or {}), _ORDER_KEY: json.dumps(list(p))}
-    save_file({k: v.detach().contiguous() for k, v in p.items()}, str(path), metadata=meta)
+    write_safetensors({k: v.detach().contiguous() for k, v in p.items()}, path, meta)
 
 
 def load(path: str | Path) -> Params:

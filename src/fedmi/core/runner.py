@@ -23,7 +23,7 @@ from fedmi.core.local import LocalMethod
 from fedmi.core.runtime import Runtime
 from fedmi.core.server_state import ServerState
 from fedmi.core.types import Rejected, RoundInfo, SiteInfo, Update
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, counted
 
 log = logging.getLogger("fedmi")
 
@@ -218,7 +218,7 @@ class Runner:
             if resume.seed != self.seed:
                 raise FedmiError(f"the checkpoint was made with seed {resume.seed}, this run has seed {self.seed}")
             if resume.round > self.rounds:
-                raise FedmiError(f"the checkpoint has {resume.round} rounds, this run only {self.rounds}")
+                raise FedmiError(f"the checkpoint has {counted(resume.round, 'round')}, this run only {self.rounds}")
             P.check_compatible(resume.params, params, "checkpoint")
             state = resume
             log.info("resuming after round %d of %d", state.round, self.rounds)

@@ -15,7 +15,6 @@ a temporary file and renamed, so a crash mid-write leaves the previous one intac
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from fedmi.core import params as P
 from fedmi.core.rng import Stream, numpy_generator
@@ -70,9 +68,7 @@ class ServerState:
                 "selection_rng": self.selection.bit_generator.state, "history": self.history}
         metadata = {_META: json.dumps(meta), _ORDER: json.dumps(list(self.params)),
                     "round": str(self.round), "seed": str(self.seed)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        P.write_safetensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "ServerState":

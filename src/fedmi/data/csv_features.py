@@ -10,6 +10,8 @@ is a feature and must be numeric and complete. An optional split column holding 
 from __future__ import annotations
 
 import csv
+import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,11 @@ import pandas as pd
 from pydantic import Field
 
 from fedmi.data.federation import Federation, Site
+from fedmi.data.labels import TASK_HELP, TaskChoice, classes_of
 from fedmi.data.registry import DATASETS, POSITIVE_LABEL_HELP, Dataset, DatasetOptions
 from fedmi.errors import FedmiError
+
+log = logging.getLogger("fedmi")
 
 
 def _rows(mask: pd.Series) -> str:
@@ -27,20 +32,37 @@ def _rows(mask: pd.Series) -> str:
     return f"line{'s' if len(lines) > 1 else ''} {shown}{' ...' if len(lines) > 5 else ''}"
 
 
-def _labels(col: pd.Series, path: Path, name: str, positive_label: str | None) -> np.ndarray:
-    if col.isna().any():
-        raise FedmiError(f"{path}: label column '{name}' is empty at {_rows(col.isna())}")
-    if positive_label is not None:
-        values = col.astype(str).str.strip()
-        if positive_label not in set(values):
-            raise FedmiError(f"{path}: positive label '{positive_label}' never occurs in column '{name}' "
-                             f"(values: {sorted(set(values))[:10]})")
-        return (values == positive_label).to_numpy().astype(np.int64)
-    numeric = pd.to_numeric(col, errors="coerce")
-    if numeric.isna().any() or not set(numeric.unique()) <= {0, 1}:
-        raise FedmiError(f"{path}: label column '{name}' must hold 0/1 (values: "
-                         f"{sorted(map(str, col.unique()))[:10]}); name the positive class with --positive-label")
-    return numeric.to_numpy().astype(np.int64)
+def _label_values(col: pd.Series, path: Path, name: str) -> pd.Series:
+    """The label column as trimmed text (2.0 read as a number is the class 2)."""
+    values = col.map(lambda v: "" if pd.isna(v) else (f"{v:g}" if isinstance(v, float) else str(v)).strip())
+    empty = values == ""
+    if empty.any():
+        raise FedmiError(f"{path}: label column '{name}' is empty at {_rows(empty)}")
+    return values
+
+
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The table and its header's column names; the delimiter is the header's most frequent of
+    `DELIMITERS` (a comma where none occurs), so Excel's `;` files read as they are."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FedmiError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as "
+                         "UTF-8 (in Excel: Save As, CSV UTF-8)") from None
+    first = text.splitlines()[0] if text.strip() else ""
+    delimiter = max(DELIMITERS, key=lambda d: (first.count(d), d == ","))
+    if delimiter != ",":
+        log.info("%s: columns separated by %r", path, delimiter)
+    try:
+        header = next(csv.reader(io.StringIO(text), delimiter=delimiter), [])
+        df = pd.read_csv(io.StringIO(text), sep=delimiter)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
+        raise FedmiError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    return df, header
 
 
 def load_csv(
@@ -50,16 +72,24 @@ def load_csv(
     split_column: str | None = None,
     positive_label: str | None = None,
     name: str | None = None,
+    task: TaskChoice = "auto",
 ) -> Federation:
+    """The federation of one table: a site column, a label column (two or more classes, text or
+    numbers: `fedmi.data.labels`), an optional split column, every other column a numeric feature.
+
+    Args:
+      path: the CSV file (UTF-8; comma, semicolon, tab or bar separated).
+      site_column, label_column, split_column: the columns of each role.
+      positive_label: the class counted as positive (SEN); on more than two classes, one against the rest.
+      name: the federation's name in reports (default `csv:FILE`).
+      task: "auto", "binary" or "multiclass".
+    Example:
+      ``load_csv("grades.csv", label_column="grade")`` with grades low/mid/high is a 3-class task.
+    """
     path = Path(path)
     if not path.is_file():
         raise FedmiError(f"no CSV file at {path}")
-    try:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as e:
-        raise FedmiError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    df, header = _read_table(path)
     # pandas silently renames a repeated column (label -> label.1), which would make it a feature
     repeated = sorted({c for c in header if header.count(c) > 1})
     if repeated:
@@ -67,13 +97,20 @@ def load_csv(
     if any(not c.strip() for c in header):
         raise FedmiError(f"{path}: column {[c.strip() for c in header].index('') + 1} of the header has no name "
                          "(an index column?); name it or remove it")
+    if len(header) == 1:
+        raise FedmiError(f"{path}: the header has one column ('{header[0][:60]}'); a table needs a site, a label "
+                         "and features in columns separated by , ; tab or |")
     for role, col in (("site", site_column), ("label", label_column), ("split", split_column)):
         if col is not None and col not in df.columns:
             raise FedmiError(f"{path}: no {role} column '{col}' (columns: {', '.join(map(str, df.columns[:12]))}"
                              f"{' ...' if len(df.columns) > 12 else ''})")
     if df[site_column].isna().any():
         raise FedmiError(f"{path}: site column '{site_column}' is empty at {_rows(df[site_column].isna())}")
-    y = _labels(df[label_column], path, label_column, positive_label)
+    site_values = df[site_column].astype(str).str.strip()
+    labels = _label_values(df[label_column], path, label_column)
+    classes = classes_of({s: labels[site_values == s] for s in dict.fromkeys(site_values)}, positive_label,
+                         task, where=str(path))
+    y = classes.encode(labels)
 
     test = None
     if split_column is not None:
@@ -101,7 +138,6 @@ def load_csv(
     x = df[features].to_numpy(dtype=np.float32)
 
     sites = []
-    site_values = df[site_column].astype(str)
     for site in dict.fromkeys(site_values):  # order of first appearance
         m = (site_values == site).to_numpy()
         site_test = None if test is None else test[m]
@@ -114,7 +150,8 @@ def load_csv(
         kind="tabular",
         feature_names=[str(c) for c in features],
         description=f"{path.name}: {len(df)} subjects, {len(features)} features, {len(sites)} sites",
-        label_names=("0", "1") if positive_label is None else (f"not {positive_label}", positive_label),
+        label_names=classes.names,
+        task=classes.task,
     )
 
 
@@ -124,6 +161,7 @@ class CsvOptions(DatasetOptions):
     label_column: str = Field("label", description="CSV: column holding the label")
     split_column: str | None = Field(None, description="CSV: column holding train/test (a fixed split)")
     positive_label: str | None = Field(None, description=POSITIVE_LABEL_HELP)
+    task: TaskChoice = Field("auto", description=TASK_HELP)
 
 
 @DATASETS.register()
@@ -136,4 +174,4 @@ class CsvFeatures(Dataset):
 
     def load(self, options: CsvOptions, seed: int) -> Federation:
         return load_csv(options.path, options.site_column, options.label_column, options.split_column,
-                        options.positive_label)
+                        options.positive_label, task=options.task)

@@ -15,7 +15,7 @@ from fedmi.core.rng import Stream, numpy_generator
 from fedmi.core.tasks import BinaryTask, Task, make_task
 from fedmi.core.types import SiteData
 from fedmi.data.augment import Augment
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, counted
 
 log = logging.getLogger("fedmi")
 
@@ -195,6 +195,48 @@ class Federation:
             out.append(z.astype(np.float32))
         return out[0], out[1]
 
+    def class_name(self, k: int) -> str:
+        """Class k's name ("disease", "mild"), or k where the federation names fewer classes."""
+        return self.label_names[k] if 0 <= k < len(self.label_names) else str(k)
+
+    def too_small(self, test_fraction: float) -> dict[str, str]:
+        """The sites a random split with `test_fraction` would leave without a training or a test case:
+        {site: why, with what it would need}. Fixed splits are the data's own and are not judged."""
+        return {s.name: why for s in self.sites if (why := self._too_small(s, test_fraction))}
+
+    def _too_small(self, site: Site, test_fraction: float) -> str | None:
+        if site.test_mask is not None:
+            return None
+        by_class = self.task.name in ("binary", "multiclass")
+        strata = site.y if by_class else np.zeros(site.n, dtype=np.int64)
+        any_rng = np.random.default_rng(0)  # how many go to test does not depend on the draw
+        test = stratified_test_mask(strata, test_fraction, any_rng) if site.groups is None else \
+            grouped_test_mask(site.groups, strata, test_fraction, any_rng)
+        empty = "test" if not test.any() else "training" if test.all() else None
+        if empty is None:
+            return None
+        unit = "patient" if site.groups is not None else "sample"
+        have = counted(len(np.unique(site.groups)) if site.groups is not None else site.n, unit)
+        if by_class:
+            have += " (" + ", ".join(f"{self.class_name(int(c))}: {n}"
+                                     for c, n in zip(*np.unique(site.y, return_counts=True))) + ")"
+        need = f"{_smallest_split(test_fraction)} {unit}s" + (" of one class" if by_class else "")
+        return (f"site {site.name} has {have}: a {test_fraction:.0%} test split leaves its {empty} split empty; "
+                f"a site needs at least {need}")
+
+    def without_too_small(self, test_fraction: float) -> "Federation":
+        """The federation less the sites `too_small` names, each left out with one warning line."""
+        small = self.too_small(test_fraction)
+        if not small:
+            return self
+        for why in small.values():
+            log.warning("%s: left out (small_sites: leave_out)", why)
+        kept = [s for s in self.sites if s.name not in small]
+        if not kept:
+            raise FedmiError(f"dataset {self.name}: every site is too small to split ({next(iter(small.values()))})")
+        return replace(self, sites=kept, description=f"{self.description}; {counted(len(small), 'site')} too small "
+                                                     f"to split left out ({', '.join(small)})")
+
     def subdivide(self, num_sites: int, seed: int) -> "Federation":
         """The federation with each site divided into parts, `num_sites` in all (at least one a site,
         otherwise in proportion to size), so that a protocol can mark a fraction of many sites while
@@ -273,6 +315,8 @@ class Federation:
         key = index[name] if key is None else key
         if site.test_mask is not None:
             test = site.test_mask
+        elif why := self._too_small(site, test_fraction):
+            raise FedmiError(f"{why} (or set small_sites: leave_out to run without it)")
         else:
             # Stratified by class where a sample has one class label; else by sample (masks, values).
             strata = site.y if self.task.name in ("binary", "multiclass") else np.zeros(site.n, dtype=np.int64)
@@ -309,11 +353,17 @@ class Federation:
             raise FedmiError(f"site {site.name}: its training split is empty")
         for part, y in (("training", data.y_train), ("test", data.y_test)):
             if self.task.name in ("binary", "multiclass") and len(y) and len(torch.unique(y)) < 2:
-                log.warning(
-                    "site %s: its %s split holds a single class (%d); metrics undefined there are n/a",
-                    site.name, part, int(y[0]),
-                )
+                log.warning("site %s: its %s split holds a single class ('%s'); metrics undefined there are n/a",
+                            site.name, part, self.class_name(int(y[0])))
         return data
+
+
+def _smallest_split(test_fraction: float) -> int:
+    """The fewest members of a class whose stratified split puts one in test and one in training."""
+    m = 2
+    while not 1 <= round(test_fraction * m) < m:
+        m += 1
+    return m
 
 
 def _column_name(names: list[str] | None, j: int) -> str:

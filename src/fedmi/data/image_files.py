@@ -22,7 +22,9 @@ What a folder holds, by format:
 Classification labels come from a CSV in the folder (`labels`, columns `file` and `label`; `file`
 is a file's or a series folder's name). An optional `patient` column keeps each patient's images
 on one side of every train/test split (slices of one scan must not straddle it); with `score:
-patient` a patient's test images are also scored as one case, by their mean probability.
+patient` a patient's test images are also scored as one case, by their mean probability. Labels
+are text or numbers, read by the rules of `fedmi.data.labels` (two classes: binary, with
+`positive_label` naming the positive one where they are text; more: a k-class task).
 Segmentation masks are files of the same name in a subfolder (`masks`); a mask's non-zero voxels
 are the foreground (class 1), or its values are the classes with `num_classes` > 2.
 
@@ -37,6 +39,7 @@ counted and listed (`Federation.skipped`, and the run's summary.json).
 from __future__ import annotations
 
 import csv
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +50,13 @@ import torch
 from pydantic import Field
 
 from fedmi.core.schema import Settings
-from fedmi.core.tasks import BinaryTask, MulticlassTask, SegmentationTask
+from fedmi.core.tasks import SegmentationTask
 from fedmi.data.federation import Federation, Site
+from fedmi.data.labels import classes_of
 from fedmi.data.registry import DATASETS, POSITIVE_LABEL_HELP, Dataset, DatasetOptions
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, counted
+
+log = logging.getLogger("fedmi")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -66,6 +72,7 @@ class Loaded:
 
     array: np.ndarray
     spacing: tuple[float, ...] | None = None
+    converted_from: str | None = None  # the file's colour mode where it was converted (RGB read as grey)
 
 
 # -- readers: one per format ------------------------------------------------------------------
@@ -75,13 +82,15 @@ def read_image(path: Path, channels: int = 1) -> Loaded:
     """A PNG/JPEG/BMP/TIFF file as (channels, h, w), grey or RGB."""
     from PIL import Image, UnidentifiedImageError
 
+    target = "L" if channels == 1 else "RGB"
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.float32)
+            mode = img.mode
+            array = np.asarray(img.convert(target), dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise FileProblem(f"not a readable image ({_short(e)})") from None
-    return Loaded(array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0))
+    return Loaded(array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0),
+                  converted_from=None if mode == target else mode)
 
 
 def _dicom_pixels(ds, path: Path) -> np.ndarray:
@@ -238,7 +247,10 @@ class SiteFolder(Settings):
 class ImageFilesOptions(DatasetOptions):
     folders: list[SiteFolder] = Field(min_length=1, description="the sites' folders",
                                       json_schema_extra={"cli": False})
-    task: Literal["classification", "segmentation"] = Field("classification", json_schema_extra={"cli": False})
+    task: Literal["classification", "binary", "multiclass", "segmentation"] = Field(
+        "classification", json_schema_extra={"cli": False},
+        description="classification: binary for two classes, multi-class for more (binary or multiclass to say "
+                    "which); segmentation: masks")
     size: list[int] | None = Field(None, min_length=2, max_length=3, json_schema_extra={"cli": False},
                                    description="every image resized to (h, w) or (d, h, w)")
     spacing: list[float] | None = Field(None, min_length=2, max_length=3, json_schema_extra={"cli": False},
@@ -277,39 +289,20 @@ def _read_labels(folder: SiteFolder, root: Path) -> tuple[dict[str, str], dict[s
     return labels, patients if has_patients else None
 
 
-def _classes(values: list[str], positive_label: str | None, where: str) -> tuple[list[str], dict[str, int]]:
-    """The class names in label order, and each value's class index (binary: the positive class is 1)."""
-    names = sorted(set(values), key=lambda v: (float(v), v) if _is_number(v) else (float("inf"), v))
-    if positive_label is not None:
-        if positive_label not in names:
-            raise FedmiError(f"{where}: positive label '{positive_label}' never occurs (labels: {', '.join(names)})")
-        if len(names) != 2:
-            raise FedmiError(f"{where}: a positive label needs two classes, found {len(names)}")
-        names = [n for n in names if n != positive_label] + [positive_label]
-    return names, {n: i for i, n in enumerate(names)}
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def _read(fmt: str, path: Path, channels: int = 1) -> Loaded:
     return read_image(path, channels) if fmt == "image" else READERS[fmt](path)
 
 
 def _load_entry(path: Path, folder: SiteFolder, root: Path, options: ImageFilesOptions,
-                labels: dict[str, str]) -> tuple[np.ndarray, object]:
+                labels: dict[str, str], seen: "_SiteNotices") -> tuple[np.ndarray, object]:
     """One image, transformed and scaled, and its target (a label, or a mask of classes);
-    FileProblem if either cannot be used."""
-    if options.task == "classification" and path.name not in labels:
+    FileProblem if either cannot be used. What was changed on the way goes to `seen`."""
+    if options.task != "segmentation" and path.name not in labels:
         raise FileProblem(f"has no label in {folder.labels}")
     loaded = _read(folder.format, path, options.channels)
     image = _scaled(_transform(loaded, options.size, options.spacing, mask=False), options.intensity)
-    if options.task == "classification":
+    seen.add(path, loaded, image)
+    if options.task != "segmentation":
         return image, labels[path.name]
     mask_path = root / folder.masks / path.name
     if not mask_path.exists():
@@ -320,10 +313,41 @@ def _load_entry(path: Path, folder: SiteFolder, root: Path, options: ImageFilesO
     return image, _mask_classes(_transform(mask, options.size, options.spacing, mask=True)[0], options.num_classes)
 
 
+class _SiteNotices:
+    """What reading changed in one site's images (colour modes converted, shapes resized), told in one
+    line, and one file of each shape, so that a shape error can name where each shape came from."""
+
+    def __init__(self, site: str, channels: int):
+        self.site, self.channels = site, channels
+        self.converted: dict[str, int] = {}
+        self.resized: dict[tuple[int, ...], int] = {}
+        self.file_of_shape: dict[tuple[int, ...], str] = {}
+
+    def add(self, path: Path, loaded: Loaded, image: np.ndarray) -> None:
+        if loaded.converted_from is not None:
+            self.converted[loaded.converted_from] = self.converted.get(loaded.converted_from, 0) + 1
+        before = tuple(loaded.array.shape[1:])
+        if before != tuple(image.shape[1:]):
+            self.resized[before] = self.resized.get(before, 0) + 1
+        self.file_of_shape.setdefault(tuple(image.shape), path.name)
+
+    def tell(self) -> None:
+        said = [f"{counted(n, 'image')} read from {mode} as {'grey' if self.channels == 1 else 'RGB'}"
+                + (" (channels: 3 keeps colour)" if self.channels == 1 else "")
+                for mode, n in self.converted.items()]
+        if self.resized:
+            n = sum(self.resized.values())
+            shapes = ", ".join(str(s) for s in list(self.resized)[:3]) + (" ..." if len(self.resized) > 3 else "")
+            said.append(f"{counted(n, 'image')} resized from {shapes}")
+        if said:
+            log.warning("site %s: %s", self.site, "; ".join(said))
+
+
 def load_image_files(options: ImageFilesOptions) -> Federation:
     """The federation of `options.folders` (see the module's description)."""
     skipped: list[tuple[str, str]] = []
     raw: list[tuple[str, list[np.ndarray], list, np.ndarray | None]] = []  # site, images, labels or masks, patients
+    notices: list[_SiteNotices] = []
 
     def problem(path: Path, reason: str) -> None:
         if options.on_error == "stop":
@@ -334,7 +358,7 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
         root = Path(folder.path).expanduser()
         if not root.is_dir():
             raise FedmiError(f"site {folder.name}: no folder at {root}")
-        if options.task == "classification" and folder.labels is None:
+        if options.task != "segmentation" and folder.labels is None:
             raise FedmiError(f"site {folder.name}: classification needs `labels` (a CSV with columns file, label)")
         if options.task == "segmentation" and folder.masks is None:
             raise FedmiError(f"site {folder.name}: segmentation needs `masks` (the subfolder of masks)")
@@ -345,11 +369,13 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
         present = {p.name for p in entries}
         for name in labels:
             if name not in present:
-                problem(root / name, f"is named in {folder.labels} but is not a {folder.format} entry of the folder")
+                problem(root / name, f"is named in {folder.labels}, but the folder has no such {folder.format} entry")
         images, targets, patients = [], [], []
+        seen = _SiteNotices(folder.name, options.channels)
+        notices.append(seen)
         for path in entries:
             try:
-                image, target = _load_entry(path, folder, root, options, labels)
+                image, target = _load_entry(path, folder, root, options, labels, seen)
             except FileProblem as e:
                 problem(path, str(e))
                 continue
@@ -362,27 +388,32 @@ def load_image_files(options: ImageFilesOptions) -> Federation:
                              + (f" ({len(skipped)} skipped)" if skipped else ""))
         raw.append((folder.name, images, targets, np.array(patients) if patient_of is not None else None))
 
-    shapes = {img.shape for _, images, _, _ in raw for img in images}
-    if len(shapes) > 1:
-        raise FedmiError(f"the images differ in shape ({', '.join(str(s) for s in sorted(shapes)[:4])}); "
-                         "give `size` to resize them all alike")
+    for seen in notices:
+        seen.tell()
+    where = {}  # shape -> (site, file): the first of each shape
+    for seen in notices:
+        for shape, name in seen.file_of_shape.items():
+            where.setdefault(shape, (seen.site, name))
+    if len(where) > 1:
+        shown = "; ".join(f"{name} at site {site} is {shape}" for shape, (site, name) in list(where.items())[:4])
+        raise FedmiError(f"the images differ in shape ({shown}); give `size` to resize them all alike")
     if options.task == "segmentation":
         task = SegmentationTask(num_classes=options.num_classes)
         label_names = ("background", "foreground") if options.num_classes == 2 else \
             tuple(f"class {k}" for k in range(options.num_classes))
         sites = [Site(name, np.stack(images), np.stack(targets)) for name, images, targets, _ in raw]
     else:
-        values = [v for _, _, targets, _ in raw for v in targets]
-        names, index = _classes(values, options.positive_label, "images")
-        task = BinaryTask() if len(names) == 2 else MulticlassTask(num_classes=max(2, len(names)))
-        label_names = tuple(names)
-        sites = [Site(name, np.stack(images), np.array([index[t] for t in targets], dtype=np.int64), groups=patients,
+        classes = classes_of({name: targets for name, _, targets, _ in raw}, options.positive_label,
+                             "auto" if options.task == "classification" else options.task,
+                             where="the images' labels")
+        task, label_names = classes.task, classes.names
+        sites = [Site(name, np.stack(images), classes.encode(targets), groups=patients,
                       cases=patients if options.score == "patient" else None)
                  for name, images, targets, patients in raw]
     formats = sorted({f.format for f in options.folders})
     return Federation("images", sites, kind="image", task=task, label_names=label_names, skipped=skipped,
-                      description=f"{len(sites)} sites of {'/'.join(formats)} files, {options.task}"
-                                  + (f"; {len(skipped)} files skipped" if skipped else ""))
+                      description=f"{counted(len(sites), 'site')} of {'/'.join(formats)} files, {options.task}"
+                                  + (f"; {counted(len(skipped), 'file')} skipped" if skipped else ""))
 
 
 def _mask_classes(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -51,6 +51,9 @@ class DataConfig(Settings):
 
     dataset: str = "heart-disease"  # a registered dataset, csv:PATH or npz:PATH
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # A site whose random split would leave its training or test part empty: refuse the data (naming
+    # the site, its counts and what it needs), or leave the site out with one warning line.
+    small_sites: Literal["refuse", "leave_out"] = "refuse"
     standardize: bool | None = None  # z-score per site with its own training statistics; None: tabular only
     augment: AugmentConfig | None = None  # random flips, rotations, intensity jitter of training batches
 

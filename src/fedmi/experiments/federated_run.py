@@ -47,9 +47,12 @@ class FederatedRun:
     site_states: SiteStates | None = None
 
 
-def federation_for(d: DataConfig, seed: int) -> Federation:
-    """The federation a data config describes (`seed` fixes simulated partitions and scanners)."""
+def federation_for(d: DataConfig, seed: int, test_fraction: float | None = None) -> Federation:
+    """The federation a data config describes (`seed` fixes simulated partitions and scanners), less
+    the sites too small to split with `test_fraction` (default: the config's) if it says to leave them out."""
     fed = load_federation(d.dataset, seed, **d.options())
+    if d.small_sites == "leave_out":
+        fed = fed.without_too_small(d.test_fraction if test_fraction is None else test_fraction)
     if d.standardize is not None:
         fed.standardize = d.standardize
     if d.augment is not None:

@@ -15,6 +15,7 @@ from rich.table import Table  # noqa: E402
 
 from fedmi.core import params as P  # noqa: E402
 from fedmi.experiments.outputs import to_json  # noqa: E402
+from fedmi.errors import counted  # noqa: E402
 from fedmi.experiments.table2 import LABELS, Table2Result  # noqa: E402
 from fedmi.core.metrics import format_summary, summarize  # noqa: E402
 from fedmi.data.federation import COMMON_TEST  # noqa: E402
@@ -73,8 +74,12 @@ def _site_mean_rows(result: Table2Result) -> Iterable[tuple[str, str, list[str]]
             [format_summary(metrics[m]) for m in result.task.table_metrics]
 
 
-def positive_class(task_name: str, label_names: Sequence[str]) -> str:
-    """What SEN and SPE refer to, for a binary task ("" otherwise)."""
+def class_note(task_name: str, label_names: Sequence[str]) -> str:
+    """What the classes are: for a binary task what SEN and SPE refer to, for a k-class task each
+    class's index and name (its metrics are sen_k, spe_k, auc_k); "" otherwise."""
+    if task_name == "multiclass":
+        return (f"{len(label_names)} classes: " + ", ".join(f"{k} = {n}" for k, n in enumerate(label_names))
+                + " (per class k: sen_k, spe_k, auc_k in results.json)")
     if task_name != "binary" or len(label_names) != 2:
         return ""
     return (f"positive class: {label_names[1]} (SEN: share of {label_names[1]} cases found; "
@@ -94,15 +99,46 @@ def _caption(result: Table2Result) -> str:
     chosen = (f"; each model from the round (centralised: the pass) with the best validation "
               f"{result.task.primary.upper()}, on {cfg.val_fraction:.0%} of each site's training data held out"
               if cfg.val_fraction else "")
-    return (f"{split}; model {cfg.model}; {cfg.rounds} rounds{chosen}. "
-            "n/a: undefined (a test split with one class); (k/n): defined in k of n repeats.")
+    return (f"{split}; model {cfg.model}; {counted(cfg.rounds, 'round')}{chosen}. "
+            "n/a: undefined there (the notes give why); (k/n): defined in k of n repeats.")
 
 
 def table_notes(result: Table2Result) -> list[str]:
     """What a reader must know beside the numbers: the positive class, and each setting and site
     whose model predicted one class for every test case."""
-    positive = positive_class(result.task.name, result.label_names)
-    return ([positive] if positive else []) + uniform_warnings(result.uniform_predictions(), result.label_names)
+    positive = class_note(result.task.name, result.label_names)
+    return ([positive] if positive else []) + undefined_notes(result) + \
+        uniform_warnings(result.uniform_predictions(), result.label_names)
+
+
+def undefined_notes(result: Table2Result) -> list[str]:
+    """One line per site where a table metric is n/a in some repeat because its test split lacked a
+    class: which class, in how many repeats, which metrics (and so the mean over sites)."""
+    lines = []
+    names = result.label_names
+    for site, per_repeat in result.test_classes.items():
+        missing: dict[tuple[str, ...], int] = {}  # the classes absent -> repeats
+        undefined: set[str] = set()
+        for counts in per_repeat:
+            absent = tuple(f"'{names[k] if k < len(names) else k}'" for k, n in enumerate(counts) if n == 0)
+            if not absent:
+                continue
+            present = sum(1 for n in counts if n)
+            if result.task.name == "binary":
+                lost = {"sen" if counts[1] == 0 else "spe", "auc"}
+            else:
+                lost = {"auc"} if present < 2 else set()
+            lost &= set(result.task.table_metrics)
+            if lost:
+                missing[absent] = missing.get(absent, 0) + 1
+                undefined |= lost
+        if not undefined:
+            continue
+        which = "; ".join(f"no {' or '.join(absent)} case in {counted(k, 'repeat')}" for absent, k in missing.items())
+        lines.append(f"n/a at {site}: its test split held {which} of {len(per_repeat)}, so "
+                     f"{'/'.join(m.upper() for m in sorted(undefined))} are undefined there"
+                     + (" (and in the mean over sites)" if len(result.test_classes) > 1 else ""))
+    return lines
 
 
 def uniform_warnings(found: Iterable[tuple[str, str, int, int, list[int]]], label_names: Sequence[str]) -> list[str]:
@@ -200,7 +236,7 @@ def plot_by_site(result: Table2Result, path: Path) -> None:
     ax.set_ylabel(f"test {name} (mean ± std)")
     if metric == "auc" and low < 0.5 < high:
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    positive = positive_class(result.task.name, result.label_names)
+    positive = class_note(result.task.name, result.label_names)
     ax.set_title(_title(result) + f": {name} per site" + (f"\n{positive}" if positive else ""), fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the bars
     fig.tight_layout()

@@ -188,6 +188,8 @@ class Table2Result:
     one_class: dict[str, dict[str, list[int | None]]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # files the dataset left out: (file, why)
     by_patient: bool = False  # splits kept each patient's samples together (test n then varies by repeat)
+    # site -> per repeat: its test split's cases of each class (classification): the cause of each n/a
+    test_classes: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def uniform_predictions(self) -> list[tuple[str, str, int, int, list[int]]]:
         """(row label, site, repeats in which the model predicted one class for every test case,
@@ -217,6 +219,7 @@ class Table2Result:
             "one_class_predictions": self.one_class,
             "skipped_files": [{"file": f, "reason": r} for f, r in self.skipped],
             "split_by_patient": self.by_patient,
+            "test_class_counts": self.test_classes,
         }
 
 
@@ -355,6 +358,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     values = {r["label"]: {s: {m: [] for m in metric_names} for s in columns} for r in rows}
     one_class: dict[str, dict[str, list]] = {r["label"]: {s: [] for s in columns} for r in rows}
     test_n: dict[str, int] = {}
+    test_classes: dict[str, list[list[int]]] = {}
     history: list[dict] = []
     models: dict[str, P.Params] = {}
 
@@ -369,6 +373,10 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     for rep in range(repeats):
         seed = repeat_seed(cfg.seed, rep)
         sites = {s.name: s.to(device) for s in fed.split(seed, cfg.test_fraction, cfg.val_fraction)}
+        if fed.task.name in ("binary", "multiclass"):
+            for name, site in sites.items():
+                counts = torch.bincount(site.y_test.cpu().long(), minlength=max(2, fed.task.num_outputs))
+                test_classes.setdefault(name, []).append(counts.tolist())
         model = build_model(cfg.model, fed.input_shape, seed, fed.task.num_outputs, cfg.model_options)
         init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
         site_fits: dict[str, P.Params] = {}  # one fit per site serves both Cross and Single
@@ -463,7 +471,7 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
     return Table2Result(fed.name, fed.synthetic, fed.has_fixed_split, fed.description, columns, cfg, rows, results,
                         history, models, fed.task, tuple(fed.label_names), test_n,
                         {label: {s: v for s, v in by_site.items() if v} for label, by_site in one_class.items()},
-                        list(fed.skipped), any(s.groups is not None for s in fed.sites))
+                        list(fed.skipped), any(s.groups is not None for s in fed.sites), test_classes)
 
 
 def model_name(method: str, repeat: int) -> str:

@@ -249,3 +249,36 @@ def test_a_deployed_site_reads_its_own_folder_from_its_data_config(tmp_path):
                       f"  - {{name: hospital-a, path: '{a}', labels: labels.csv}}\n")
     data, task = _load_site(str(config), None, 0, 0.2, 3)
     assert data.name == "hospital-a" and task.name == "binary" and data.num_train + len(data.y_test) == 10
+
+
+def test_medmnist_exported_to_png_folders_reads_back_as_the_embedded_arrays_with_intensity_scale(tmp_path):
+    """intensity: scale divides by the format's maximum (255 for 8-bit PNG), as the embedded sets are scaled:
+    a user who exports BreastMNIST's sites to files reproduces the embedded arrays exactly."""
+    embedded = load_federation("breastmnist", num_sites=2, shift_strength=0.0, max_samples=60)
+    folders = []
+    for site in embedded.sites:
+        root = tmp_path / site.name
+        root.mkdir()
+        rows = ["file,label"]
+        for i, (image, label) in enumerate(zip(site.x, site.y)):
+            Image.fromarray(np.rint(image[0] * 255).astype(np.uint8)).save(root / f"{i:03d}.png")
+            rows.append(f"{i:03d}.png,{embedded.label_names[label]}")
+        (root / "labels.csv").write_text("\n".join(rows) + "\n")
+        folders.append({"name": site.name, "path": str(root), "labels": "labels.csv"})
+    back = _images(folders, intensity="scale", positive_label=embedded.label_names[1])
+    assert back.label_names == embedded.label_names
+    for mine, theirs in zip(back.sites, embedded.sites):
+        assert np.array_equal(mine.x, theirs.x) and np.array_equal(mine.y, theirs.y)
+    per_image = _images(folders, positive_label=embedded.label_names[1])  # the default, minmax, rescales each image
+    assert not np.array_equal(per_image.sites[0].x, embedded.sites[0].x)
+
+
+def test_intensity_scale_keeps_16_bit_images_whole(tmp_path):
+    root = tmp_path / "a"
+    root.mkdir()
+    values = [np.full((4, 4), v, np.uint16) for v in (0, 1000, 40000, 65535)]
+    for i, v in enumerate(values):
+        Image.fromarray(v).save(root / f"{i}.png")
+    (root / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(4)))
+    fed = _images([{"name": "A", "path": str(root), "labels": "labels.csv"}], intensity="scale")
+    assert fed.sites[0].x[:, 0, 0, 0].tolist() == pytest.approx([0.0, 1000 / 65535, 40000 / 65535, 1.0])

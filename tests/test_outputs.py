@@ -183,6 +183,9 @@ def test_table2_resumes_with_the_units_it_had_not_finished(monkeypatch, capsys, 
     units = (tmp_path / "cut" / "units.jsonl").read_text().splitlines()
     assert [(json.loads(u)["repeat"], json.loads(u)["method"]) for u in units] == \
         [(0, "single"), (0, "fedavg"), (0, "fedprox"), (1, "single")]
+    code, _, stderr = fedmi(monkeypatch, capsys, "report", tmp_path / "cut")  # says what it is and how to go on
+    assert code == 2 and "an unfinished Table II protocol (4 units of work done" in " ".join(stderr.split())
+    assert f"fedmi table2 --resume {tmp_path / 'cut'}" in " ".join(stderr.split())
 
     calls["n"] = -100  # no more interruptions; count the runs the resume makes
     code, _, stderr = fedmi(monkeypatch, capsys, "table2", "--resume", tmp_path / "cut")
@@ -248,3 +251,62 @@ def test_trackers_write_tensorboard_events_and_an_mlflow_store(tmp_path):
     final = run.result.history[-1]["test"]
     expected = np.mean([m["auc"] for m in final.values() if m["auc"] is not None])
     assert history[-1].value == pytest.approx(expected)
+
+
+@pytest.fixture
+def cut_run(monkeypatch, capsys, tmp_path):
+    """A 6-round run stopped (Ctrl-C) once round 4 is checkpointed, and the same run uninterrupted."""
+    from fedmi.core.runner import Runner
+
+    cfg = write(tmp_path, "c.yaml", RUN % 6 + "trainer: {momentum: 0.5}\n")
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "whole")
+    assert code == 0, stderr
+    run_round = Runner.run_round
+
+    def interrupting(self, state, *args):
+        state = run_round(self, state, *args)
+        if state.round == 4:
+            raise KeyboardInterrupt
+        return state
+
+    with monkeypatch.context() as m:
+        m.setattr(Runner, "run_round", interrupting)
+        code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "cut")
+    assert code == 130, stderr
+    return tmp_path / "cut", tmp_path / "whole"
+
+
+def test_a_cut_short_checkpoint_falls_back_to_the_round_before(monkeypatch, capsys, cut_run):
+    out, whole = cut_run
+    assert (out / "checkpoint.previous.safetensors").is_file()  # round 3, kept until round 4's was complete
+    data = (out / "checkpoint.safetensors").read_bytes()
+    (out / "checkpoint.safetensors").write_bytes(data[: len(data) // 2])  # a disk that filled mid-write
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", "--resume", out)
+    assert code == 0, stderr
+    assert "resuming from the checkpoint before it (checkpoint.previous.safetensors, round 3)" in " ".join(stderr.split())
+    assert (whole / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_without_a_readable_checkpoint_refuses_and_keeps_the_metrics(monkeypatch, capsys, cut_run):
+    out, _ = cut_run
+    metrics = (out / "metrics.jsonl").read_bytes()
+    (out / "checkpoint.safetensors").write_bytes(b"cut")
+    (out / "checkpoint.previous.safetensors").unlink()
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", "--resume", out)
+    said = " ".join(stderr.split())
+    assert code == 2 and "cannot resume" in said and "4 rounds in metrics.jsonl" in said and "--overwrite" in said
+    assert "continue with" not in said  # not the command that just failed
+    (out / "checkpoint.safetensors").unlink()  # no checkpoint at all: refused alike, nothing started afresh
+    code, _, stderr = fedmi(monkeypatch, capsys, "run", "--resume", out)
+    assert code == 2 and "cannot resume: no checkpoint at" in " ".join(stderr.split())
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_report_on_an_unfinished_run_shows_its_rounds_so_far(monkeypatch, capsys, cut_run):
+    out, _ = cut_run
+    code, _, stderr = fedmi(monkeypatch, capsys, "report", out)
+    assert code == 0, stderr
+    page = (out / "report.html").read_text()
+    assert "UNFINISHED: this run stopped after round 4 of 6" in page and f"fedmi run --resume {out}" in page
+    assert "Cleveland" in page and "<h2>Plots</h2>" in page

@@ -322,7 +322,7 @@ def run(
     _setup_logging(verbose)
     from fedmi.experiments.config import load_config
     from fedmi.experiments.federated_run import run_federated
-    from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, check_output, output_folder
+    from fedmi.experiments.outputs import RUN_CONFIG, check_output, output_folder
     if (config is None) == (resume is None):
         raise FedmiError("fedmi run: give a config file to start a run, or --resume RUN_DIR to continue one")
     if resume is not None and (out is not None or overwrite):
@@ -338,7 +338,7 @@ def run(
     name = config.stem if config else target.name
     announce = lambda line: err_console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
     with output_folder(target, mode, "fedmi run --resume {}") as folder, _progress() as progress:
-        continuing = mode == "resume" and (folder / CHECKPOINT).is_file()
+        continuing = mode == "resume"  # without a readable checkpoint this stops, and nothing is replaced
         task = progress.add_task(f"{name}: {cfg.trainer.name}, round", total=cfg.rounds)
         advance = lambda r: progress.update(task, completed=r)  # noqa: E731
         if cfg.runtime == "flower-sim":

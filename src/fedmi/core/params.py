@@ -105,11 +105,14 @@ def all_finite(p: ParamsT) -> bool:
 _ORDER_KEY = "fedmi.order"  # safetensors sorts tensors by name; the model's order is kept here
 
 
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str],
+                      previous: Path | None = None) -> None:
     """`safetensors.torch.save_file`, atomically (a temporary file, then a rename) and byte for byte
     the same for the same tensors and metadata: the library keeps metadata in a hash map, which
     writes its keys in a different order from one save to the next, so the header's metadata is
     rewritten here with its keys sorted (the header's length, and so every offset, stays the same).
+
+    `previous`: where the file being replaced is kept (moved there once the new one is complete).
 
     Example: ``write_safetensors({"w": w}, "model.safetensors", {"model": "unet"})``
     """
@@ -126,6 +129,8 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, met
             raise FedmiError(f"{path}: the safetensors header grew when its metadata was sorted")
         f.seek(8)
         f.write(text + b" " * (length - len(text)))  # the format pads its header with spaces
+    if previous is not None and path.exists():
+        os.replace(path, previous)
     os.replace(tmp, path)
 
 

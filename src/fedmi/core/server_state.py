@@ -9,12 +9,15 @@ run's model exactly.
 The file is one safetensors file: the global parameters under their own names (so
 `params.load` reads it as a model), the pipeline's state tensors under a reserved prefix, and in
 its metadata a JSON skeleton of the nested state, the generator and the history. It is written to
-a temporary file and renamed, so a crash mid-write leaves the previous one intact.
+a temporary file and renamed, and the round before stays beside it (`previous_path`) until the
+next one is complete: `load_resumable` falls back to it, with a warning, when the latest cannot be
+read (a disk that filled, a file cut short).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from safetensors import SafetensorError, safe_open
 from fedmi.core import params as P
 from fedmi.core.rng import Stream, numpy_generator
 from fedmi.errors import FedmiError
+
+log = logging.getLogger("fedmi")
 
 _STATE_PREFIX = "fedmi.state/"  # state tensors; not a model parameter name
 _META = "fedmi.checkpoint"
@@ -68,7 +73,7 @@ class ServerState:
                 "selection_rng": self.selection.bit_generator.state, "history": self.history}
         metadata = {_META: json.dumps(meta), _ORDER: json.dumps(list(self.params)),
                     "round": str(self.round), "seed": str(self.seed)}
-        P.write_safetensors(tensors, path, metadata)
+        P.write_safetensors(tensors, path, metadata, previous=previous_path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "ServerState":
@@ -89,6 +94,34 @@ class ServerState:
         selection.bit_generator.state = meta["selection_rng"]
         return cls(P.Params((k, tensors[k]) for k in order), decode(meta["state"], tensors), selection,
                    meta["completed_rounds"], meta["history"], meta["seed"])
+
+
+class NotResumable(FedmiError):
+    """No checkpoint of a run folder can be read: the run cannot go on from where it stopped."""
+
+
+def previous_path(path: Path) -> Path:
+    """Where the checkpoint of the round before `path`'s is kept."""
+    path = Path(path)
+    return path.with_name(path.name.replace(".safetensors", "") + ".previous.safetensors")
+
+
+def load_resumable(path: Path) -> ServerState:
+    """The latest readable checkpoint: `path`, or, where it is missing or unreadable, the one of the
+    round before it (with a warning). NotResumable, saying what is there, where neither can be read."""
+    path = Path(path)
+    problems = []
+    for candidate in (path, previous_path(path)):
+        try:
+            state = ServerState.load(candidate)
+        except FedmiError as e:
+            problems.append(str(e))
+            continue
+        if candidate != path:
+            log.warning("%s; resuming from the checkpoint before it (%s, round %d)", problems[0], candidate.name,
+                        state.round)
+        return state
+    raise NotResumable(f"cannot resume: {problems[0]}, and {problems[1]}")
 
 
 def encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -31,7 +31,9 @@ are the foreground (class 1), or its values are the classes with `num_classes` >
 Each image passes through MONAI transforms, in this order: resampling to `spacing` (where given;
 images that carry a spacing), resizing to `size` (area averaging; masks nearest-neighbour) and
 intensity scaling to [0, 1] (`intensity`: min-max per image, or its 0.5-99.5 percentiles,
-clipped). A file that cannot be read, an image without its label or mask, or a mask whose shape
+clipped, or `scale`: divided by the largest value the format holds, 255 for 8-bit PNG, 65535 for
+16-bit, 2^BitsStored - 1 for DICOM, the integer type's maximum for NIfTI; the embedded MedMNIST
+sets are scaled so). A file that cannot be read, an image without its label or mask, or a mask whose shape
 is not its image's, is an error naming the file; with `on_error: skip` it is left out instead,
 counted and listed (`Federation.skipped`, and the run's summary.json).
 """
@@ -62,6 +64,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
+# Pillow's grey modes wider than 8 bits, and the largest value each holds (None: floating point)
+WIDE_GREY = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I": 2.0**31 - 1, "F": None}
+
+
 class FileProblem(Exception):
     """One file's problem: what is wrong with it (the loader adds where)."""
 
@@ -73,6 +79,7 @@ class Loaded:
     array: np.ndarray
     spacing: tuple[float, ...] | None = None
     converted_from: str | None = None  # the file's colour mode where it was converted (RGB read as grey)
+    maximum: float | None = None  # the largest value the file's format can hold (255 for 8-bit), if it has one
 
 
 # -- readers: one per format ------------------------------------------------------------------
@@ -86,11 +93,14 @@ def read_image(path: Path, channels: int = 1) -> Loaded:
     try:
         with Image.open(path) as img:
             mode = img.mode
-            array = np.asarray(img.convert(target), dtype=np.float32)
+            # 16-bit and float grey images are read as they are: converting them to 8-bit would clip them
+            keep = channels == 1 and mode in WIDE_GREY
+            array = np.asarray(img if keep else img.convert(target), dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise FileProblem(f"not a readable image ({_short(e)})") from None
     return Loaded(array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0),
-                  converted_from=None if mode == target else mode)
+                  converted_from=None if mode == target or keep else mode,
+                  maximum=WIDE_GREY.get(mode, 255.0) if keep else 255.0)
 
 
 def _dicom_pixels(ds, path: Path) -> np.ndarray:
@@ -100,6 +110,15 @@ def _dicom_pixels(ds, path: Path) -> np.ndarray:
         raise FileProblem(f"its pixels cannot be decoded ({_short(e)})") from None
     slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
     return pixels * slope + intercept  # stored values to modality units (Hounsfield units for CT)
+
+
+def _dicom_maximum(ds) -> float | None:
+    """The largest stored value BitsStored allows, in modality units (after the rescale)."""
+    bits = getattr(ds, "BitsStored", None)
+    if bits is None:
+        return None
+    stored = 2.0 ** (int(bits) - (1 if int(getattr(ds, "PixelRepresentation", 0)) == 1 else 0)) - 1
+    return stored * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
 
 
 def _read_dicom_file(path: Path):
@@ -120,7 +139,7 @@ def read_dicom(path: Path) -> Loaded:
         if pixels.ndim != 2:
             raise FileProblem(f"holds {pixels.ndim}-D pixel data (frames or colour); fedmi reads one grey image per file")
         spacing = getattr(ds, "PixelSpacing", None)
-        return Loaded(pixels[None], tuple(float(s) for s in spacing) if spacing else None)
+        return Loaded(pixels[None], tuple(float(s) for s in spacing) if spacing else None, maximum=_dicom_maximum(ds))
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise FileProblem("an empty series folder")
@@ -146,7 +165,7 @@ def read_dicom(path: Path) -> Loaded:
     spacing = None
     if in_plane is not None:
         spacing = (float(np.median(gaps)) if len(gaps) else 1.0, float(in_plane[0]), float(in_plane[1]))
-    return Loaded(np.stack(pixels)[None], spacing)
+    return Loaded(np.stack(pixels)[None], spacing, maximum=_dicom_maximum(slices[0][0]))
 
 
 def read_nifti(path: Path) -> Loaded:
@@ -161,12 +180,15 @@ def read_nifti(path: Path) -> Loaded:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except (ImageFileError, OSError, EOFError, ValueError) as e:
         raise FileProblem(f"not a readable NIfTI file ({_short(e)})") from None
+    stored = img.get_data_dtype()
+    slope, intercept = img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") else (None, None)
+    maximum = float(np.iinfo(stored).max) * (slope or 1.0) + (intercept or 0.0) if stored.kind in "ui" else None
     zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
     if data.ndim == 3 and data.shape[2] == 1:
         data, zooms = data[:, :, 0], zooms[:2]
     if data.ndim not in (2, 3):
         raise FileProblem(f"holds a {data.ndim}-D array {data.shape}; fedmi reads 2-D images and 3-D volumes")
-    return Loaded(data[None], zooms)
+    return Loaded(data[None], zooms, maximum=maximum)
 
 
 READERS = {"image": read_image, "dicom": read_dicom, "nifti": read_nifti}
@@ -218,12 +240,18 @@ def _transform(loaded: Loaded, size: list[int] | None, spacing: list[float] | No
     return np.asarray(tensor, dtype=np.float32)
 
 
-def _scaled(image: np.ndarray, how: str) -> np.ndarray:
-    """Intensities to [0, 1] per image: min-max, or the 0.5-99.5 percentiles clipped (MONAI's transforms)."""
+def _scaled(image: np.ndarray, how: str, maximum: float | None = None) -> np.ndarray:
+    """Intensities to [0, 1] per image: min-max, or the 0.5-99.5 percentiles clipped (MONAI's
+    transforms); or `scale`: divided by the format's maximum (255 for 8-bit), the same for every image."""
     from monai.transforms import ScaleIntensity, ScaleIntensityRangePercentiles
 
     if how == "none":
         return image
+    if how == "scale":
+        if maximum is None or maximum <= 0:
+            raise FileProblem("has no fixed maximum (floating-point pixels); intensity: scale needs integer pixels "
+                              "(use minmax or percentile)")
+        return image / np.float32(maximum)
     scale = ScaleIntensity(0.0, 1.0) if how == "minmax" else \
         ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)
     with warnings.catch_warnings():  # a constant image: MONAI warns and returns it unscaled
@@ -256,7 +284,10 @@ class ImageFilesOptions(DatasetOptions):
     spacing: list[float] | None = Field(None, min_length=2, max_length=3, json_schema_extra={"cli": False},
                                         description="resample images that carry a spacing to this (mm)")
     channels: Literal[1, 3] = Field(1, json_schema_extra={"cli": False})
-    intensity: Literal["minmax", "percentile", "none"] = Field("minmax", json_schema_extra={"cli": False})
+    intensity: Literal["minmax", "percentile", "scale", "none"] = Field(
+        "minmax", json_schema_extra={"cli": False},
+        description="minmax or percentile: per image; scale: divided by the format's maximum (255 for 8-bit), as "
+                    "the embedded MedMNIST sets are; none: as stored")
     num_classes: int = Field(2, ge=2, le=255, json_schema_extra={"cli": False})
     on_error: Literal["stop", "skip"] = Field("stop", json_schema_extra={"cli": False})
     positive_label: str | None = Field(None, description=POSITIVE_LABEL_HELP)
@@ -300,7 +331,7 @@ def _load_entry(path: Path, folder: SiteFolder, root: Path, options: ImageFilesO
     if options.task != "segmentation" and path.name not in labels:
         raise FileProblem(f"has no label in {folder.labels}")
     loaded = _read(folder.format, path, options.channels)
-    image = _scaled(_transform(loaded, options.size, options.spacing, mask=False), options.intensity)
+    image = _scaled(_transform(loaded, options.size, options.spacing, mask=False), options.intensity, loaded.maximum)
     seen.add(path, loaded, image)
     if options.task != "segmentation":
         return image, labels[path.name]

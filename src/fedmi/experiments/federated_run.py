@@ -22,11 +22,11 @@ from fedmi.core.local import SiteStates
 from fedmi.core.runner import Runner, RunResult
 from fedmi.core.device import resolve_device
 from fedmi.core.runtime import Runtime
-from fedmi.core.server_state import ServerState
+from fedmi.core.server_state import NotResumable, load_resumable
 from fedmi.core.tasks import Task
 from fedmi.data.federation import Federation
 from fedmi.data.registry import load_federation
-from fedmi.errors import FedmiError
+from fedmi.errors import FedmiError, counted
 from fedmi.models import build_model
 from fedmi.runtime import make_runtime
 from fedmi.server import make_aggregator, make_selector
@@ -158,7 +158,13 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     if resume:
         if checkpoint is None:
             raise FedmiError("resuming needs the run's folder")
-        start = ServerState.load(checkpoint)
+        try:
+            start = load_resumable(checkpoint)
+        except NotResumable as e:
+            metrics = out / "metrics.jsonl"
+            kept = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+            raise NotResumable(f"{e}; {out} is left as it is ({counted(kept, 'round')} in metrics.jsonl); to start "
+                               "the run afresh, give its config again with --overwrite") from None
         if site_states is not None:
             site_states.load(out / SITES / f"round-{start.round}")
 

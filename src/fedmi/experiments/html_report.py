@@ -21,8 +21,8 @@ import numpy as np
 import yaml
 
 from fedmi.core import params as P
-from fedmi.errors import FedmiError
-from fedmi.experiments.outputs import RUN_CONFIG, TABLE2_SETTINGS
+from fedmi.errors import FedmiError, counted
+from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, TABLE2_SETTINGS, UNITS
 
 log = logging.getLogger("fedmi")
 REPORT = "report.html"
@@ -103,7 +103,37 @@ def _load(run_dir: Path) -> dict:
                 "test_fraction": config.get("test_fraction", 0.2), "weights": preferred[0] if preferred else None,
                 "dataset": results.get("dataset", ""), "description": results.get("description", ""),
                 "synthetic": results.get("synthetic", False), "config_text": json.dumps(settings or config, indent=2)}
+    if (run_dir / UNITS).is_file():
+        done = sum(1 for line in (run_dir / UNITS).read_text().splitlines() if line.strip())
+        raise FedmiError(f"{run_dir}: an unfinished Table II protocol ({counted(done, 'unit')} of work done, no "
+                         f"results.json yet): continue it with fedmi table2 --resume {run_dir}, then report it")
+    if (run_dir / RUN_CONFIG).is_file() and (run_dir / "metrics.jsonl").is_file():
+        return _unfinished(run_dir)
     raise FedmiError(f"{run_dir}: not a fedmi run or protocol folder (no summary.json or results.json)")
+
+
+def _unfinished(run_dir: Path) -> dict:
+    """An interrupted run's folder: its rounds so far (metrics.jsonl), its config, its checkpoint's model."""
+    config = yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written when the run stopped
+            break
+    if not records:
+        raise FedmiError(f"{run_dir}: a run that stopped before its first round finished: nothing to report; "
+                         f"continue it with fedmi run --resume {run_dir}")
+    final = next((r["test"] for r in reversed(records) if r.get("test")), {})
+    first = next(iter(final.values()), {})
+    metrics = [k for k in first if k not in ("n", "one_class", "loss") and "_" not in k]
+    data = config.get("data") or {}
+    return {"kind": "unfinished", "summary": {"final": final, "table_metrics": metrics}, "history": records,
+            "rounds": (records[-1].get("round"), config.get("rounds")), "data": data, "model": config.get("model"),
+            "model_options": config.get("model_options") or {}, "seed": config.get("seed", 0),
+            "test_fraction": data.get("test_fraction", 0.2), "weights": run_dir / CHECKPOINT,
+            "dataset": data.get("dataset", ""), "description": "", "synthetic": False,
+            "config_text": (run_dir / RUN_CONFIG).read_text()}
 
 
 def _data_sections(info: dict, scratch: Path) -> tuple[str, str]:
@@ -190,12 +220,19 @@ def write_html_report(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise FedmiError(f"no run folder at {run_dir}")
     info = _load(run_dir)
-    title = f"fedmi {'run' if info['kind'] == 'run' else 'Table II protocol'}: {info['dataset']}"
+    kind = {"run": "run", "unfinished": "run (unfinished)", "table2": "Table II protocol"}[info["kind"]]
+    title = f"fedmi {kind}: {info['dataset']}"
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p class='note'>{html.escape(info['description'])}</p>"]
+    if info["kind"] == "unfinished":
+        done, total = info["rounds"]
+        log.warning("%s is an unfinished run (round %s of %s): the report shows its rounds so far", run_dir, done, total)
+        parts.append(f"<p class='synthetic'>UNFINISHED: this run stopped after round {done} of {total}; the results "
+                     f"are its model's at round {done}. Continue it with: fedmi run --resume "
+                     f"{html.escape(str(run_dir))}</p>")
     if info["synthetic"]:
         parts.append("<p class='synthetic'>SYNTHETIC DATA: results say nothing about real patients.</p>")
     parts.append("<h2>Results</h2>")
-    if info["kind"] == "run":
+    if info["kind"] in ("run", "unfinished"):
         parts.append(_final_table(info["summary"]))
     elif (run_dir / "table.md").is_file():
         parts.append(_markdown_table((run_dir / "table.md").read_text(), skip=info["description"]))
@@ -203,11 +240,17 @@ def write_html_report(run_dir: Path) -> Path:
     if skipped:
         parts.append(f"<p class='note'>{len(skipped)} files were left out while loading the data:</p>"
                      + _table(["file", "reason"], [[s["file"], s["reason"]] for s in skipped]))
-    plots = sorted(run_dir.glob("*.png"), key=lambda p: (p.name != "convergence.png", p.name))
-    if plots:
-        parts.append("<h2>Plots</h2>")
-        parts += [_image(p, p.stem.replace("_", " ")) for p in plots]
     with tempfile.TemporaryDirectory() as scratch:
+        plots = sorted(run_dir.glob("*.png"), key=lambda p: (p.name != "convergence.png", p.name))
+        if info["kind"] == "unfinished" and info["summary"]["table_metrics"]:
+            from fedmi.experiments.report import plot_convergence
+
+            plots = [Path(scratch) / "convergence.png"]
+            plot_convergence(info["history"], plots[0], f"{title}, rounds 1-{info['rounds'][0]}",
+                             "auc" if "auc" in info["summary"]["table_metrics"] else info["summary"]["table_metrics"][0])
+        if plots:
+            parts.append("<h2>Plots</h2>")
+            parts += [_image(p, p.stem.replace("_", " ")) for p in plots]
         card, predictions = _data_sections(info, Path(scratch))
         if predictions:
             parts += ["<h2>Example predictions</h2>", predictions]

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
+from fedmi.core.server_state import NotResumable
 from fedmi.errors import FedmiError
 
 CHECKPOINT = "checkpoint.safetensors"  # the server's resumable state, rewritten after every round
@@ -114,7 +115,7 @@ def output_folder(target: Path, mode: Mode = "new", resume_command: str = "--res
         folder.mkdir(parents=True, exist_ok=True)
         yield folder
     except (Exception, KeyboardInterrupt) as e:
-        kept = (folder / progress).is_file()
+        kept = (folder / progress).is_file() and not isinstance(e, NotResumable)
         if not kept and created:
             shutil.rmtree(folder, ignore_errors=True)  # nothing worth keeping: leave no trace
         note = ""

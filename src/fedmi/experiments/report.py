@@ -108,7 +108,7 @@ def table_notes(result: Table2Result) -> list[str]:
     whose model predicted one class for every test case."""
     positive = class_note(result.task.name, result.label_names)
     return ([positive] if positive else []) + undefined_notes(result) + \
-        uniform_warnings(result.uniform_predictions(), result.label_names)
+        uniform_warnings(result.uniform_predictions(), result.label_names, result.task.name)
 
 
 def undefined_notes(result: Table2Result) -> list[str]:
@@ -141,7 +141,8 @@ def undefined_notes(result: Table2Result) -> list[str]:
     return lines
 
 
-def uniform_warnings(found: Iterable[tuple[str, str, int, int, list[int]]], label_names: Sequence[str]) -> list[str]:
+def uniform_warnings(found: Iterable[tuple[str, str, int, int, list[int]]], label_names: Sequence[str],
+                     task_name: str = "binary") -> list[str]:
     """One line per (setting, site) whose model predicted a single class for every test case."""
     lines = []
     for label, site, k, n, classes in found:
@@ -150,7 +151,7 @@ def uniform_warnings(found: Iterable[tuple[str, str, int, int, list[int]]], labe
         # Single on a common test set scores every site's own model: count models, not repeats.
         unit = "models" if label == "Single" and site == COMMON_TEST else "repeats"
         lines.append(f"WARNING: {label} at {site} predicted one class ({which}) for every test case in {k} of {n} "
-                     f"{unit}: its SEN/SPE there reflect that, not skill")
+                     f"{unit}: its {'SEN/SPE' if task_name == 'binary' else 'ACC/BACC'} there reflect that, not skill")
     return lines
 
 

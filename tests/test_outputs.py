@@ -258,7 +258,7 @@ def cut_run(monkeypatch, capsys, tmp_path):
     """A 6-round run stopped (Ctrl-C) once round 4 is checkpointed, and the same run uninterrupted."""
     from fedmi.core.runner import Runner
 
-    cfg = write(tmp_path, "c.yaml", RUN % 6 + "trainer: {momentum: 0.5}\n")
+    cfg = write(tmp_path, "c.yaml", RUN % 6 + "trainer: {momentum: 0.5}\ncheckpoint_every: 1\n")
     code, _, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "whole")
     assert code == 0, stderr
     run_round = Runner.run_round
@@ -279,6 +279,8 @@ def cut_run(monkeypatch, capsys, tmp_path):
 def test_a_cut_short_checkpoint_falls_back_to_the_round_before(monkeypatch, capsys, cut_run):
     out, whole = cut_run
     assert (out / "checkpoint.previous.safetensors").is_file()  # round 3, kept until round 4's was complete
+    if (out / "sites").is_dir():  # the sites' states of the last three checkpoints, no older
+        assert sorted(p.name for p in (out / "sites").iterdir()) == ["round-2", "round-3", "round-4"]
     data = (out / "checkpoint.safetensors").read_bytes()
     (out / "checkpoint.safetensors").write_bytes(data[: len(data) // 2])  # a disk that filled mid-write
     code, _, stderr = fedmi(monkeypatch, capsys, "run", "--resume", out)

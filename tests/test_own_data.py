@@ -223,3 +223,25 @@ def test_a_site_too_small_to_split_is_refused_or_left_out(monkeypatch, capsys, t
     assert "site C has 2 samples" in stderr and "left out" in stderr
     results = json.loads((tmp_path / "y" / "results.json").read_text())
     assert results["sites"] == ["A", "B"] and results["results"]["FedAvg"]["A"]["auc"]["mean"] is not None
+
+
+def test_image_folders_with_three_text_classes_are_a_three_class_task(caplog, tmp_path):
+    """An image folder's labels CSV follows the table's rules: three grades are a 3-class task, and a
+    positive label makes it one against the rest, with the merged classes named."""
+    folders = []
+    for i, name in enumerate(("east", "west")):
+        root = png_site(tmp_path / name, 12, 80 + 20 * i, i)
+        rows = (root / "labels.csv").read_text().splitlines()
+        grades = ("low", "mid", "high")
+        (root / "labels.csv").write_text("\n".join([rows[0]] + [f"{r.split(',')[0]}, {grades[k % 3]}"
+                                                              for k, r in enumerate(rows[1:])]) + "\n")
+        folders.append({"name": name, "path": str(root), "labels": "labels.csv"})
+    fed = load_federation("images", folders=folders)
+    assert fed.task.name == "multiclass" and fed.label_names == ("high", "low", "mid")
+    assert fed.sites[0].y.tolist()[:3] == [1, 2, 0]  # low, mid, high by name, spaces trimmed
+    with caplog.at_level("WARNING", logger="fedmi"):
+        ovr = load_federation("images", folders=folders, positive_label="high")
+    assert ovr.task.name == "binary" and ovr.sites[0].y.tolist()[:3] == [0, 0, 1]
+    assert "'low', 'mid' are merged into 'not high'" in caplog.text
+    with pytest.raises(Exception, match="task binary, but the labels hold 3 classes"):
+        load_federation("images", folders=folders, task="binary")

@@ -152,3 +152,49 @@ def test_robust_aggregators_stop_a_poisoning_site():
     assert poisoned > 1.0  # the attack works on the plain weighted mean
     for robust in ("median", "krum(f=1)"):
         assert dist(final(robust, attacked=True)) < 0.1 * poisoned
+
+
+def test_checkpoint_cadence_every_k_rounds_or_adaptive(three_sites, tmp_path, monkeypatch):
+    """checkpoint_every=k writes after rounds k, 2k, ... and the last; None writes once the time since the
+    last write is CHECKPOINT_SPACING times what it took (a fake clock: no timing in tests)."""
+    import fedmi.core.runner as runner_module
+
+    def written(every, clock=None):
+        model = build_model("logistic", (5,), 0)
+        rounds = []
+        runner = Runner(SequentialRuntime(model, three_sites), make_method("fedavg"), make_aggregator("fedavg"),
+                        rounds=7, checkpoint=tmp_path / f"c{every}.safetensors", checkpoint_every=every,
+                        before_checkpoint=rounds.append, **({"clock": clock} if clock else {}))
+        runner.run(_init(model))
+        return rounds
+
+    assert written(1) == [1, 2, 3, 4, 5, 6, 7]
+    assert written(3) == [3, 6, 7]
+    now = {"t": 0.0}
+
+    def clock():  # each reading 1 s after the one before: a write takes 1 s
+        now["t"] += 1.0
+        return now["t"]
+
+    monkeypatch.setattr(runner_module, "CHECKPOINT_SPACING", 3.0)
+    # round 1 is written; each later round's check reads the clock once, so 3 s after a write has
+    # passed at the third round after it
+    assert written(None, clock) == [1, 4, 7]
+
+
+def test_the_last_n_checkpoints_are_kept_and_a_cut_short_latest_falls_back(three_sites, tmp_path, caplog):
+    from fedmi.core.server_state import ServerState, load_resumable
+
+    model = build_model("logistic", (5,), 0)
+    path = tmp_path / "checkpoint.safetensors"
+    Runner(SequentialRuntime(model, three_sites), make_method("fedavg"), make_aggregator("fedavg"), rounds=5,
+           checkpoint=path, keep_checkpoints=3).run(_init(model))
+    kept = {p.name: ServerState.load(p).round for p in tmp_path.glob("checkpoint*.safetensors")}
+    assert kept == {"checkpoint.safetensors": 5, "checkpoint.previous.safetensors": 4,
+                    "checkpoint.previous-2.safetensors": 3}
+    for name, cut in (("checkpoint.safetensors", 3), ("checkpoint.previous.safetensors", 10)):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:cut])
+    with caplog.at_level("WARNING", logger="fedmi"):
+        assert load_resumable(path).round == 3  # the newest one that can still be read
+    assert "checkpoint.previous-2.safetensors, round 3" in caplog.text

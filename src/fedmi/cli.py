@@ -736,7 +736,7 @@ def inspect_data(
     out_console.print(table)
     out_console.print(f"sample shape {tuple(fed.input_shape)}; {fed.task.name} task"
                       + (f"; common test set of {card['common_test']['n']}" if "common_test" in card else "")
-                      + (f"; {len(fed.skipped)} files skipped (listed in data_card.json)" if fed.skipped else ""),
+                      + (f"; {counted(len(fed.skipped), 'file')} skipped (listed in data_card.json)" if fed.skipped else ""),
                       highlight=False)
     out_console.print(f"wrote {target}/: " + ", ".join(p.name for p in written), highlight=False)
 

@@ -119,6 +119,10 @@ def check_update(update: Update, reference: P.ParamsT, max_norm: float | None) -
         raise FedmiError(f"update from site {update.site}: norm {norm:.3g} exceeds the limit {max_norm:.3g}")
 
 
+# With `checkpoint_every=None` a checkpoint is written once the time since the last one is this many
+# times what writing it took: writing then costs at most 1/(1 + CHECKPOINT_SPACING) of the run's time
+# (5 %), whatever the model's size, and a crash loses at most that much more work.
+CHECKPOINT_SPACING = 19.0
 GROWTH_LIMIT = 100.0  # a training loss this many times its first round's means training diverged
 AMPLIFIED = 2.0  # a server step this many times the sites' mean update distance made the model diverge
 
@@ -190,8 +194,12 @@ class Runner:
     max_update_norm: float | None = None
     min_sites: int = 1  # a round with fewer accepted updates is run again
     max_retries: int = 2  # ... at most this many times, then the run stops with an error
-    checkpoint: Path | None = None  # the server state, written after every round
+    checkpoint: Path | None = None  # the server state, written after the rounds `checkpoint_every` says
+    # every k rounds (and after the last); None: as often as keeps writing within 5 % of the time
+    checkpoint_every: int | None = 1
+    keep_checkpoints: int = 2  # the latest and the ones before it kept (the fallback of a cut-short latest)
     before_checkpoint: Callable[[int], None] | None = None  # called with the round just before it is written
+    clock: Callable[[], float] = time.perf_counter  # the adaptive cadence's clock
     sink: Callable[[dict], None] | None = None  # receives one record per round
     tags: dict = field(default_factory=dict)  # added to every record (method, repeat, ...)
     selection: ValidationSelection | None = None  # keep the round that scores best on validation splits
@@ -212,6 +220,11 @@ class Runner:
             raise FedmiError(f"rounds must be at least 1, got {self.rounds}")
         if self.min_sites < 1:
             raise FedmiError(f"min_sites must be at least 1, got {self.min_sites}")
+        if self.keep_checkpoints < 1:
+            raise FedmiError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise FedmiError(f"checkpoint_every must be at least 1 (or None: adaptive), got {self.checkpoint_every}")
+        self._last_write = None
         if resume is None:
             state = self.initial_state(params)
         else:
@@ -297,11 +310,26 @@ class Runner:
         state = ServerState(params, aggregation, state.selection, r + 1, [*state.history, record], state.seed)
         if self.sink is not None:
             self.sink(record)
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self._checkpoint_due(state.round):
+            started = self.clock()
             if self.before_checkpoint is not None:
                 self.before_checkpoint(state.round)
-            state.save(self.checkpoint)
+            state.save(self.checkpoint, self.keep_checkpoints)
+            ended = self.clock()
+            self._last_write = (ended, ended - started)
         return state
+
+    def _checkpoint_due(self, completed: int) -> bool:
+        """Whether to write the state after round `completed` (always after the last, and the first)."""
+        if completed == self.rounds:
+            return True
+        if self.checkpoint_every is not None:
+            return completed % self.checkpoint_every == 0
+        last = getattr(self, "_last_write", None)
+        if last is None:
+            return True
+        ended, took = last
+        return self.clock() - ended >= CHECKPOINT_SPACING * took
 
     def _round(self, state: ServerState, chosen: list[str], info: RoundInfo
                ) -> tuple[P.Params, Any, list[_Report], list[str]]:

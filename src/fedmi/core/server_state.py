@@ -9,8 +9,9 @@ run's model exactly.
 The file is one safetensors file: the global parameters under their own names (so
 `params.load` reads it as a model), the pipeline's state tensors under a reserved prefix, and in
 its metadata a JSON skeleton of the nested state, the generator and the history. It is written to
-a temporary file and renamed, and the round before stays beside it (`previous_path`) until the
-next one is complete: `load_resumable` falls back to it, with a warning, when the latest cannot be
+a temporary file and renamed, and the checkpoints before it stay beside it (`kept_paths`: the
+latest and `keep - 1` earlier ones, moved along by renames once the next one is complete):
+`load_resumable` falls back to the newest readable one, with a warning, when the latest cannot be
 read (a disk that filled, a file cut short).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,8 @@ class ServerState:
     def initial(cls, params: P.ParamsT, aggregation: Any, seed: int) -> "ServerState":
         return cls(P.clone(params), aggregation, numpy_generator(Stream.SELECTION, seed), 0, [], seed)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, keep: int = 2) -> None:
+        """Write the state to `path`, keeping the `keep - 1` checkpoints before it (`kept_paths`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
@@ -73,7 +76,11 @@ class ServerState:
                 "selection_rng": self.selection.bit_generator.state, "history": self.history}
         metadata = {_META: json.dumps(meta), _ORDER: json.dumps(list(self.params)),
                     "round": str(self.round), "seed": str(self.seed)}
-        P.write_safetensors(tensors, path, metadata, previous=previous_path(path))
+        chain = kept_paths(path, keep)
+        for older, oldest in zip(chain[-2:0:-1], chain[:1:-1]):  # previous-2 -> previous-3, previous -> previous-2
+            if older.exists():
+                os.replace(older, oldest)
+        P.write_safetensors(tensors, path, metadata, previous=chain[1] if keep > 1 else None)
 
     @classmethod
     def load(cls, path: str | Path) -> "ServerState":
@@ -100,18 +107,23 @@ class NotResumable(FedmiError):
     """No checkpoint of a run folder can be read: the run cannot go on from where it stopped."""
 
 
-def previous_path(path: Path) -> Path:
-    """Where the checkpoint of the round before `path`'s is kept."""
+def kept_paths(path: Path, keep: int) -> list[Path]:
+    """The files of the latest checkpoint and the `keep - 1` before it, newest first:
+    checkpoint.safetensors, checkpoint.previous.safetensors, checkpoint.previous-2.safetensors, ..."""
     path = Path(path)
-    return path.with_name(path.name.replace(".safetensors", "") + ".previous.safetensors")
+    stem = path.name.replace(".safetensors", "")
+    return [path] + [path.with_name(f"{stem}.previous{'' if k == 1 else f'-{k}'}.safetensors")
+                     for k in range(1, max(1, keep))]
 
 
 def load_resumable(path: Path) -> ServerState:
-    """The latest readable checkpoint: `path`, or, where it is missing or unreadable, the one of the
-    round before it (with a warning). NotResumable, saying what is there, where neither can be read."""
+    """The latest readable checkpoint: `path`, or, where it is missing or unreadable, the newest
+    readable one kept before it (with a warning). NotResumable, saying what is there, where none can."""
     path = Path(path)
+    earlier = sorted(path.parent.glob(path.name.replace(".safetensors", "") + ".previous*.safetensors"),
+                     key=lambda p: int(p.name.split(".previous")[1].split(".")[0].lstrip("-") or 1))
     problems = []
-    for candidate in (path, previous_path(path)):
+    for candidate in [path, *earlier] if earlier else [path, kept_paths(path, 2)[1]]:
         try:
             state = ServerState.load(candidate)
         except FedmiError as e:
@@ -121,7 +133,7 @@ def load_resumable(path: Path) -> ServerState:
             log.warning("%s; resuming from the checkpoint before it (%s, round %d)", problems[0], candidate.name,
                         state.round)
         return state
-    raise NotResumable(f"cannot resume: {problems[0]}, and {problems[1]}")
+    raise NotResumable(f"cannot resume: {problems[0]}, and {'; '.join(problems[1:])}")
 
 
 def encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

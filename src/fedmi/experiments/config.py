@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -124,6 +124,11 @@ class RunConfig(Settings):
     max_update_norm: float | None = Field(None, gt=0)
     min_sites: int = Field(1, ge=1)  # a round with fewer acceptable updates is run again
     max_retries: int = Field(2, ge=0)  # ... at most this many times
+    # How often the resumable state is written: every k rounds, or "auto" (as often as keeps the
+    # writing within 5 % of the run's time); always after the last round.
+    checkpoint_every: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # Checkpoints kept: the latest and keep_checkpoints - 1 before it (the fallback of a cut-short latest).
+    keep_checkpoints: int = Field(2, ge=1, le=100)
     runtime: str = "auto"  # auto, a registered runtime (sequential, vectorised, processes) or flower-sim
     workers: int | None = Field(None, ge=1, le=1024)  # processes: worker processes; flower-sim: concurrent clients
     device: str = "cpu"  # where simulated sites compute: cpu, cuda, cuda:N, mps or auto (fedmi.core.device)

@@ -59,8 +59,8 @@ def federation_for(d: DataConfig, seed: int, test_fraction: float | None = None)
         fed.augment = d.augment.build()
         fed.augment.check(fed.input_shape)
     if fed.skipped:
-        log.warning("%d files were left out (on_error: skip), the first: %s: %s; the run's summary lists them",
-                    len(fed.skipped), *fed.skipped[0])
+        log.warning("%s left out (on_error: skip), the first: %s: %s; the run's summary lists them",
+                    counted(len(fed.skipped), "file"), *fed.skipped[0])
     return fed
 
 
@@ -166,12 +166,17 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
             raise NotResumable(f"{e}; {out} is left as it is ({counted(kept, 'round')} in metrics.jsonl); to start "
                                "the run afresh, give its config again with --overwrite") from None
         if site_states is not None:
+            if not (out / SITES / f"round-{start.round}").is_dir():
+                raise NotResumable(f"cannot resume: the sites' states for round {start.round} are missing from "
+                                   f"{out / SITES}; to start the run afresh, give its config again with --overwrite")
             site_states.load(out / SITES / f"round-{start.round}")
 
     def save_sites(completed: int) -> None:
         """The sites' own checkpoints for this round, written before the server's names the round."""
         site_states.save(out / SITES / f"round-{completed}")
-        shutil.rmtree(out / SITES / f"round-{completed - 2}", ignore_errors=True)
+        rounds = sorted(int(p.name.split("-")[1]) for p in (out / SITES).glob("round-*"))
+        for r in rounds[:-(cfg.keep_checkpoints + 1)]:  # the kept checkpoints' and this round's (written first)
+            shutil.rmtree(out / SITES / f"round-{r}", ignore_errors=True)
     sink = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +201,8 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
             min_sites=cfg.min_sites,
             max_retries=cfg.max_retries,
             checkpoint=checkpoint,
+            checkpoint_every=None if cfg.checkpoint_every == "auto" else cfg.checkpoint_every,
+            keep_checkpoints=cfg.keep_checkpoints,
             before_checkpoint=save_sites if site_states is not None and out is not None else None,
             sink=sink,
             tags={"method": cfg.trainer.name},

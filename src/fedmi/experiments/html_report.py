@@ -238,7 +238,7 @@ def write_html_report(run_dir: Path) -> Path:
         parts.append(_markdown_table((run_dir / "table.md").read_text(), skip=info["description"]))
     skipped = (info.get("summary") or {}).get("skipped_files") or (info.get("results") or {}).get("skipped_files")
     if skipped:
-        parts.append(f"<p class='note'>{len(skipped)} files were left out while loading the data:</p>"
+        parts.append(f"<p class='note'>{counted(len(skipped), 'file')} left out while loading the data:</p>"
                      + _table(["file", "reason"], [[s["file"], s["reason"]] for s in skipped]))
     with tempfile.TemporaryDirectory() as scratch:
         plots = sorted(run_dir.glob("*.png"), key=lambda p: (p.name != "convergence.png", p.name))

@@ -282,3 +282,24 @@ def test_intensity_scale_keeps_16_bit_images_whole(tmp_path):
     (root / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(4)))
     fed = _images([{"name": "A", "path": str(root), "labels": "labels.csv"}], intensity="scale")
     assert fed.sites[0].x[:, 0, 0, 0].tolist() == pytest.approx([0.0, 1000 / 65535, 40000 / 65535, 1.0])
+
+
+def test_a_labels_csv_separated_by_semicolons_or_not_utf8_is_read_or_told(tmp_path):
+    a = _png_site(tmp_path / "a", 4, 80)
+    labels = a / "labels.csv"
+    labels.write_text(labels.read_text().replace(",", ";"))
+    assert _images([{"name": "A", "path": str(a), "labels": "labels.csv"}], positive_label="tumour").sites[0].n == 4
+    labels.write_bytes(labels.read_text().replace("normal", "négatif").encode("latin-1"))
+    with pytest.raises(FedmiError, match="labels.csv: not UTF-8 text .*save it as UTF-8"):
+        _images([{"name": "A", "path": str(a), "labels": "labels.csv"}], positive_label="tumour")
+
+
+def test_16_bit_images_read_as_three_channels_are_not_cut_to_8_bits(tmp_path):
+    root = tmp_path / "a"
+    root.mkdir()
+    for i, v in enumerate((1000, 65535)):
+        Image.fromarray(np.full((4, 4), v, np.uint16)).save(root / f"{i}.png")
+    (root / "labels.csv").write_text("file,label\n0.png,0\n1.png,1\n")
+    fed = _images([{"name": "A", "path": str(root), "labels": "labels.csv"}], channels=3, intensity="scale")
+    assert fed.input_shape == (3, 4, 4)
+    assert np.allclose(fed.sites[0].x[:, :, 0, 0], [[1000 / 65535] * 3, [1.0] * 3])

@@ -245,3 +245,28 @@ def test_image_folders_with_three_text_classes_are_a_three_class_task(caplog, tm
     assert "'low', 'mid' are merged into 'not high'" in caplog.text
     with pytest.raises(Exception, match="task binary, but the labels hold 3 classes"):
         load_federation("images", folders=folders, task="binary")
+
+
+def test_numbers_written_differently_are_one_class(tmp_path):
+    """0/1 at one site and 0.0/1.0 at another (a table written from a float column) are the same classes."""
+    from fedmi.data.labels import classes_of
+
+    folders = [{"name": name, "path": str(png_site(tmp_path / name, 6, 90, i)), "labels": "labels.csv"}
+               for i, name in enumerate(("east", "west"))]
+    for name, (neg, pos) in (("east", ("0", "1")), ("west", ("0.0", "1.0"))):
+        labels = tmp_path / name / "labels.csv"
+        labels.write_text(labels.read_text().replace("normal", neg).replace("tumour", pos))
+    fed = load_federation("images", folders=folders)
+    assert fed.task.name == "binary" and fed.label_names == ("0", "1")
+    assert fed.sites[0].y.tolist() == fed.sites[1].y.tolist() == [0, 1, 0, 1, 0, 1]
+    assert classes_of({"A": ["1.5", "1000001", "1000002"]}).names == ("1.5", "1000001", "1000002")  # none merged
+
+
+def test_a_decimal_comma_is_named(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("site;label;f1\nA;0;1,5\nA;1;2,5\n")
+    with pytest.raises(Exception, match="feature column 'f1' is not numeric .*a decimal comma"):
+        load_federation(f"csv:{path}")
+    path.write_text("site,label,f1\n")
+    with pytest.raises(Exception, match="a header but no rows"):
+        load_federation(f"csv:{path}")

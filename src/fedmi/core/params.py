@@ -10,7 +10,7 @@ import os
 import struct
 from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -106,13 +106,15 @@ _ORDER_KEY = "fedmi.order"  # safetensors sorts tensors by name; the model's ord
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str],
-                      previous: Path | None = None) -> None:
-    """`safetensors.torch.save_file`, atomically (a temporary file, then a rename) and byte for byte
-    the same for the same tensors and metadata: the library keeps metadata in a hash map, which
-    writes its keys in a different order from one save to the next, so the header's metadata is
-    rewritten here with its keys sorted (the header's length, and so every offset, stays the same).
+                      previous: Sequence[Path] = ()) -> None:
+    """`safetensors.torch.save_file`, atomically and byte for byte the same for the same tensors and
+    metadata: the library keeps metadata in a hash map, which writes its keys in a different order
+    from one save to the next, so the header's metadata is rewritten here with its keys sorted (the
+    header's length, and so every offset, stays the same).
 
-    `previous`: where the file being replaced is kept (moved there once the new one is complete).
+    The file is written whole to a temporary file and synced first. Then the copies in `previous`
+    (newest first) each move one place down, the file being replaced becomes `previous[0]` (a hard
+    link: `path` exists throughout), and the new file takes its place by a rename.
 
     Example: ``write_safetensors({"w": w}, "model.safetensors", {"model": "unet"})``
     """
@@ -129,9 +131,36 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, met
             raise FedmiError(f"{path}: the safetensors header grew when its metadata was sorted")
         f.seek(8)
         f.write(text + b" " * (length - len(text)))  # the format pads its header with spaces
-    if previous is not None and path.exists():
-        os.replace(path, previous)
+        f.flush()
+        os.fsync(f.fileno())
+    previous = [Path(p) for p in previous]
+    for newer, older in zip(reversed(previous[:-1]), reversed(previous[1:])):
+        if newer.exists():
+            os.replace(newer, older)
+    if previous and path.exists():
+        hold = previous[0].with_name(previous[0].name + ".tmp")
+        hold.unlink(missing_ok=True)
+        try:
+            os.link(path, hold)
+            os.replace(hold, previous[0])
+        except OSError:  # a filesystem without hard links: moved, and `path` is missing for a moment
+            os.replace(path, previous[0])
     os.replace(tmp, path)
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """The folder's entries (the renames) made durable, where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save(p: ParamsT, path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -10,7 +10,7 @@ The file is one safetensors file: the global parameters under their own names (s
 `params.load` reads it as a model), the pipeline's state tensors under a reserved prefix, and in
 its metadata a JSON skeleton of the nested state, the generator and the history. It is written to
 a temporary file and renamed, and the checkpoints before it stay beside it (`kept_paths`: the
-latest and `keep - 1` earlier ones, moved along by renames once the next one is complete):
+latest and `keep - 1` earlier ones, moved along once the next one is written whole):
 `load_resumable` falls back to the newest readable one, with a warning, when the latest cannot be
 read (a disk that filled, a file cut short).
 """
@@ -76,11 +76,7 @@ class ServerState:
                 "selection_rng": self.selection.bit_generator.state, "history": self.history}
         metadata = {_META: json.dumps(meta), _ORDER: json.dumps(list(self.params)),
                     "round": str(self.round), "seed": str(self.seed)}
-        chain = kept_paths(path, keep)
-        for older, oldest in zip(chain[-2:0:-1], chain[:1:-1]):  # previous-2 -> previous-3, previous -> previous-2
-            if older.exists():
-                os.replace(older, oldest)
-        P.write_safetensors(tensors, path, metadata, previous=chain[1] if keep > 1 else None)
+        P.write_safetensors(tensors, path, metadata, previous=kept_paths(path, keep)[1:])
 
     @classmethod
     def load(cls, path: str | Path) -> "ServerState":
@@ -116,24 +112,42 @@ def kept_paths(path: Path, keep: int) -> list[Path]:
                      for k in range(1, max(1, keep))]
 
 
+def existing_checkpoints(path: Path) -> list[Path]:
+    """The checkpoint files a run folder holds for `path`: the latest and those kept before it,
+    newest first (only names `kept_paths` gives)."""
+    path = Path(path)
+    stem = path.name.replace(".safetensors", "")
+    earlier = {}
+    for p in path.parent.glob(f"{stem}.previous*.safetensors"):
+        k = p.name[len(stem) + len(".previous"):-len(".safetensors")].lstrip("-") or "1"
+        if k.isdigit():
+            earlier[int(k)] = p
+    return [p for p in [path, *(earlier[k] for k in sorted(earlier))] if p.is_file()]
+
+
 def load_resumable(path: Path) -> ServerState:
     """The latest readable checkpoint: `path`, or, where it is missing or unreadable, the newest
-    readable one kept before it (with a warning). NotResumable, saying what is there, where none can."""
+    readable one kept before it (with a warning; the unreadable ones are renamed *.unreadable, so
+    that the next save does not keep them in its place). NotResumable, saying what is there, where
+    none can be read."""
     path = Path(path)
-    earlier = sorted(path.parent.glob(path.name.replace(".safetensors", "") + ".previous*.safetensors"),
-                     key=lambda p: int(p.name.split(".previous")[1].split(".")[0].lstrip("-") or 1))
-    problems = []
-    for candidate in [path, *earlier] if earlier else [path, kept_paths(path, 2)[1]]:
+    candidates = existing_checkpoints(path)
+    problems = [] if path in candidates else [f"no checkpoint at {path}"]
+    if not candidates:
+        raise NotResumable(f"cannot resume: no checkpoint at {path} (nor one kept before it)")
+    for candidate in candidates:
         try:
             state = ServerState.load(candidate)
         except FedmiError as e:
             problems.append(str(e))
             continue
-        if candidate != path:
+        if problems:
             log.warning("%s; resuming from the checkpoint before it (%s, round %d)", problems[0], candidate.name,
                         state.round)
+            for bad in candidates[: candidates.index(candidate)]:
+                os.replace(bad, bad.with_name(bad.name + ".unreadable"))
         return state
-    raise NotResumable(f"cannot resume: {problems[0]}, and {'; '.join(problems[1:])}")
+    raise NotResumable(f"cannot resume: {'; '.join(problems)}")
 
 
 def encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ def _rows(mask: pd.Series) -> str:
 
 
 def _label_values(col: pd.Series, path: Path, name: str) -> pd.Series:
-    """The label column as trimmed text (2.0 read as a number is the class 2)."""
-    values = col.map(lambda v: "" if pd.isna(v) else (f"{v:g}" if isinstance(v, float) else str(v)).strip())
+    """The label column as trimmed text (`fedmi.data.labels` compares numbers by value: 2.0 is class 2)."""
+    values = col.map(lambda v: "" if pd.isna(v) else str(v).strip())
     empty = values == ""
     if empty.any():
         raise FedmiError(f"{path}: label column '{name}' is empty at {_rows(empty)}")
@@ -44,9 +45,10 @@ def _label_values(col: pd.Series, path: Path, name: str) -> pd.Series:
 DELIMITERS = (",", ";", "\t", "|")
 
 
-def _read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
-    """The table and its header's column names; the delimiter is the header's most frequent of
-    `DELIMITERS` (a comma where none occurs), so Excel's `;` files read as they are."""
+def decode_csv(path: Path) -> tuple[str, str]:
+    """A CSV file's text and delimiter: UTF-8 (a BOM allowed), else an error saying to save it so; the
+    delimiter is the header's most frequent of `DELIMITERS` (a comma where none occurs), so Excel's
+    `;` files read as they are."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -57,6 +59,12 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
     delimiter = max(DELIMITERS, key=lambda d: (first.count(d), d == ","))
     if delimiter != ",":
         log.info("%s: columns separated by %r", path, delimiter)
+    return text, delimiter
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The table and its header's column names."""
+    text, delimiter = decode_csv(path)
     try:
         header = next(csv.reader(io.StringIO(text), delimiter=delimiter), [])
         df = pd.read_csv(io.StringIO(text), sep=delimiter)
@@ -104,6 +112,8 @@ def load_csv(
         if col is not None and col not in df.columns:
             raise FedmiError(f"{path}: no {role} column '{col}' (columns: {', '.join(map(str, df.columns[:12]))}"
                              f"{' ...' if len(df.columns) > 12 else ''})")
+    if df.empty:
+        raise FedmiError(f"{path}: a header but no rows")
     if df[site_column].isna().any():
         raise FedmiError(f"{path}: site column '{site_column}' is empty at {_rows(df[site_column].isna())}")
     site_values = df[site_column].astype(str).str.strip()
@@ -128,8 +138,9 @@ def load_csv(
         values = pd.to_numeric(df[c], errors="coerce")
         non_numeric = values.isna() & df[c].notna()
         if non_numeric.any():
-            raise FedmiError(f"{path}: feature column '{c}' is not numeric "
-                             f"('{df[c][non_numeric].iloc[0]}' at {_rows(non_numeric)})")
+            first = str(df[c][non_numeric].iloc[0])
+            comma = " (a decimal comma? write numbers with a decimal point)" if re.fullmatch(r"-?\d+,\d+", first) else ""
+            raise FedmiError(f"{path}: feature column '{c}' is not numeric ('{first}' at {_rows(non_numeric)}){comma}")
         missing = ~np.isfinite(values.to_numpy(dtype=float))
         if missing.any():
             raise FedmiError(f"{path}: feature column '{c}' has missing, NaN or infinite values at "

@@ -216,10 +216,12 @@ class Federation:
         if empty is None:
             return None
         unit = "patient" if site.groups is not None else "sample"
-        have = counted(len(np.unique(site.groups)) if site.groups is not None else site.n, unit)
+        have = counted(site.n, "sample")
         if by_class:
             have += " (" + ", ".join(f"{self.class_name(int(c))}: {n}"
                                      for c, n in zip(*np.unique(site.y, return_counts=True))) + ")"
+        if site.groups is not None:
+            have = f"{counted(len(np.unique(site.groups)), 'patient')}, {have}"
         need = f"{_smallest_split(test_fraction)} {unit}s" + (" of one class" if by_class else "")
         return (f"site {site.name} has {have}: a {test_fraction:.0%} test split leaves its {empty} split empty; "
                 f"a site needs at least {need}")

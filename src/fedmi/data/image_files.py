@@ -30,10 +30,11 @@ are the foreground (class 1), or its values are the classes with `num_classes` >
 
 Each image passes through MONAI transforms, in this order: resampling to `spacing` (where given;
 images that carry a spacing), resizing to `size` (area averaging; masks nearest-neighbour) and
-intensity scaling to [0, 1] (`intensity`: min-max per image, or its 0.5-99.5 percentiles,
-clipped, or `scale`: divided by the largest value the format holds, 255 for 8-bit PNG, 65535 for
-16-bit, 2^BitsStored - 1 for DICOM, the integer type's maximum for NIfTI; the embedded MedMNIST
-sets are scaled so). A file that cannot be read, an image without its label or mask, or a mask whose shape
+intensity scaling (`intensity`: min-max per image to [0, 1], or its 0.5-99.5 percentiles,
+clipped; or `scale`: divided by the largest value the format holds, 255 for 8-bit PNG, 65535 for
+16-bit, 2^BitsStored - 1 for DICOM (after its rescale), the integer type's maximum for NIfTI, the
+same for every image, as the embedded MedMNIST sets are scaled: unsigned data lands in [0, 1],
+signed or offset data such as CT's Hounsfield units also below 0). A file that cannot be read, an image without its label or mask, or a mask whose shape
 is not its image's, is an error naming the file; with `on_error: skip` it is left out instead,
 counted and listed (`Federation.skipped`, and the run's summary.json).
 """
@@ -41,6 +42,7 @@ counted and listed (`Federation.skipped`, and the run's summary.json).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ from pydantic import Field
 
 from fedmi.core.schema import Settings
 from fedmi.core.tasks import SegmentationTask
+from fedmi.data.csv_features import decode_csv
 from fedmi.data.federation import Federation, Site
 from fedmi.data.labels import classes_of
 from fedmi.data.registry import DATASETS, POSITIVE_LABEL_HELP, Dataset, DatasetOptions
@@ -94,13 +97,16 @@ def read_image(path: Path, channels: int = 1) -> Loaded:
         with Image.open(path) as img:
             mode = img.mode
             # 16-bit and float grey images are read as they are: converting them to 8-bit would clip them
-            keep = channels == 1 and mode in WIDE_GREY
+            keep = mode in WIDE_GREY
             array = np.asarray(img if keep else img.convert(target), dtype=np.float32)
+            # Pillow opened 16-bit PNGs as "I" before it had "I;16"; a PNG holds at most 16 bits
+            maximum = (65535.0 if img.format == "PNG" and mode == "I" else WIDE_GREY[mode]) if keep else 255.0
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise FileProblem(f"not a readable image ({_short(e)})") from None
+    if keep and channels == 3:  # grey repeated into three channels, not cut to 8 bits by RGB
+        array = np.repeat(array[..., None], 3, axis=-1)
     return Loaded(array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0),
-                  converted_from=None if mode == target or keep else mode,
-                  maximum=WIDE_GREY.get(mode, 255.0) if keep else 255.0)
+                  converted_from=None if mode == target or (keep and channels == 1) else mode, maximum=maximum)
 
 
 def _dicom_pixels(ds, path: Path) -> np.ndarray:
@@ -301,22 +307,22 @@ def _read_labels(folder: SiteFolder, root: Path) -> tuple[dict[str, str], dict[s
     path = root / folder.labels
     if not path.is_file():
         raise FedmiError(f"site {folder.name}: no labels file at {path}")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("file", "label") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise FedmiError(f"{path}: no column '{missing[0]}' (columns: {', '.join(reader.fieldnames or [])})")
-        has_patients = "patient" in (reader.fieldnames or [])
-        labels, patients = {}, {}
-        for line, row in enumerate(reader, start=2):
-            name, value = (row["file"] or "").strip(), (row["label"] or "").strip()
-            if not name or not value:
-                raise FedmiError(f"{path}, line {line}: empty file or label")
-            labels[name] = value
-            if has_patients:
-                patients[name] = (row["patient"] or "").strip()
-                if not patients[name]:
-                    raise FedmiError(f"{path}, line {line}: empty patient")
+    text, delimiter = decode_csv(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    missing = [c for c in ("file", "label") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise FedmiError(f"{path}: no column '{missing[0]}' (columns: {', '.join(reader.fieldnames or [])})")
+    has_patients = "patient" in (reader.fieldnames or [])
+    labels, patients = {}, {}
+    for line, row in enumerate(reader, start=2):
+        name, value = (row["file"] or "").strip(), (row["label"] or "").strip()
+        if not name or not value:
+            raise FedmiError(f"{path}, line {line}: empty file or label")
+        labels[name] = value
+        if has_patients:
+            patients[name] = (row["patient"] or "").strip()
+            if not patients[name]:
+                raise FedmiError(f"{path}, line {line}: empty patient")
     return labels, patients if has_patients else None
 
 

@@ -2,7 +2,8 @@
 
 One rule for every source of labels (a CSV's label column, an image folder's labels CSV):
 
-- values are compared after trimming spaces; two spellings that differ only in case ("Malignant" at
+- values are compared after trimming spaces, numbers by value ("1", "1.0" and "01" are one class,
+  named "1"); two spellings that differ only in case ("Malignant" at
   one site, "malignant" at another) are an error naming both and their sites, not two classes;
 - classes are ordered numbers first (numerically: 0, 1, 2, 10), then text (alphabetically);
 - two classes are a binary task: 0/1 (or any two numbers) count the larger as positive, two text
@@ -44,12 +45,24 @@ class Classes:
     positive: str | None = None  # the class counted against the rest (one-vs-rest), if any
 
     def encode(self, values: Iterable[str]) -> np.ndarray:
-        """Each (trimmed) label's class index, int64."""
-        values = [str(v).strip() for v in values]
+        """Each label's class index, int64 (labels compared as `canonical` makes them)."""
+        values = [canonical(v) for v in values]
         if self.positive is not None:  # binary: the positive class is 1, every other 0
             return np.array([int(v == self.positive) for v in values], dtype=np.int64)
         index = {name: i for i, name in enumerate(self.names)}
         return np.array([index[v] for v in values], dtype=np.int64)
+
+
+def canonical(value: object) -> str:
+    """A label as classes are compared: trimmed text, and a number by its value (an integer without
+    a decimal point: 1.0 and 01 are "1"; others as Python writes the float)."""
+    text = str(value).strip()
+    if not _is_number(text):
+        return text
+    number = float(text)
+    if not np.isfinite(number):
+        return text
+    return str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
 
 
 def _is_number(text: str) -> bool:
@@ -86,7 +99,7 @@ def classes_of(values_by_site: Mapping[str, Iterable[str]], positive_label: str 
     first_site: dict[str, str] = {}
     for site, values in values_by_site.items():
         for v in values:
-            first_site.setdefault(str(v).strip(), site)
+            first_site.setdefault(canonical(v), site)
     spellings: dict[str, list[str]] = {}
     for v in first_site:
         spellings.setdefault(v.casefold(), []).append(v)
@@ -95,10 +108,12 @@ def classes_of(values_by_site: Mapping[str, Iterable[str]], positive_label: str 
             shown = " and ".join(f"'{v}' (site {first_site[v]})" for v in variants[:3])
             raise FedmiError(f"{where}: labels differ only in case: {shown}; spell each class alike at every site")
     names = _ordered(first_site)
+    if not names:
+        raise FedmiError(f"{where}: no labels (a header but no rows?)")
     if len(names) < 2:
         raise FedmiError(f"{where}: every label is {_listed(names)}; a classifier needs two or more classes")
     if positive_label is not None:
-        return _one_against_rest(names, str(positive_label).strip(), task, where)
+        return _one_against_rest(names, canonical(positive_label), task, where)
     if task == "multiclass":
         return Classes(tuple(names), MulticlassTask(num_classes=len(names)))
     if len(names) > 2:

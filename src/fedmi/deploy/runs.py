@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from fedmi.apps import tickets
+from fedmi.core.server_state import existing_checkpoints
 from fedmi.deploy.app_pin import APP_COMPONENTS
 from fedmi.deploy.connection import Connection, json_object
 from fedmi.deploy.processes import without_colours
@@ -64,7 +65,7 @@ def submit(connection: Connection, config: Path | None, run_dir: Path, resume: b
     if resume:
         check_output(run_dir, "resume", "fedmi submit --resume")
         cfg = load_config(run_dir / RUN_CONFIG)
-        if not (run_dir / CHECKPOINT).is_file():
+        if not existing_checkpoints(run_dir / CHECKPOINT):
             raise FedmiError(f"{run_dir} has no checkpoint: nothing to resume (did round 1 finish?)")
     else:
         if config is None:

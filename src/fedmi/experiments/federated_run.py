@@ -170,11 +170,15 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
                 raise NotResumable(f"cannot resume: the sites' states for round {start.round} are missing from "
                                    f"{out / SITES}; to start the run afresh, give its config again with --overwrite")
             site_states.load(out / SITES / f"round-{start.round}")
+            for later in (out / SITES).glob("round-*"):  # from checkpoints that could not be read: not kept
+                if later.name[len("round-"):].isdigit() and int(later.name[len("round-"):]) > start.round:
+                    shutil.rmtree(later, ignore_errors=True)
 
     def save_sites(completed: int) -> None:
         """The sites' own checkpoints for this round, written before the server's names the round."""
         site_states.save(out / SITES / f"round-{completed}")
-        rounds = sorted(int(p.name.split("-")[1]) for p in (out / SITES).glob("round-*"))
+        rounds = sorted(int(p.name[len("round-"):]) for p in (out / SITES).glob("round-*")
+                        if p.name[len("round-"):].isdigit())
         for r in rounds[:-(cfg.keep_checkpoints + 1)]:  # the kept checkpoints' and this round's (written first)
             shutil.rmtree(out / SITES / f"round-{r}", ignore_errors=True)
     sink = None

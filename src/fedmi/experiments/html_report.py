@@ -226,9 +226,9 @@ def write_html_report(run_dir: Path) -> Path:
     if info["kind"] == "unfinished":
         done, total = info["rounds"]
         log.warning("%s is an unfinished run (round %s of %s): the report shows its rounds so far", run_dir, done, total)
-        parts.append(f"<p class='synthetic'>UNFINISHED: this run stopped after round {done} of {total}; the results "
-                     f"are its model's at round {done}. Continue it with: fedmi run --resume "
-                     f"{html.escape(str(run_dir))}</p>")
+        parts.append(f"<p class='synthetic'>UNFINISHED: this run stopped after round {done} of {total}; the table "
+                     f"is its last evaluated round's, the example predictions its last checkpoint's. Continue it "
+                     f"with: fedmi run --resume {html.escape(str(run_dir))}</p>")
     if info["synthetic"]:
         parts.append("<p class='synthetic'>SYNTHETIC DATA: results say nothing about real patients.</p>")
     parts.append("<h2>Results</h2>")

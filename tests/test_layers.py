@@ -1,4 +1,4 @@
-"""The layer rule: core <- {data, models, client, server} <- runtime <- experiments <- apps <- api
+"""The layer rule: core <- privacy <- {data, models, client, server} <- runtime <- experiments <- apps <- api
 <- deploy <- cli. A module imports only from its own package or from lower layers, even inside a
 function; the four method-and-data packages do not import one another."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import fedmi
 
 ROOT = Path(fedmi.__file__).parent
-LAYERS = [("core",), ("data", "models", "client", "server"), ("runtime",), ("experiments",), ("apps",), ("api",),
+LAYERS = [("core",), ("privacy",), ("data", "models", "client", "server"), ("runtime",), ("experiments",), ("apps",), ("api",),
           ("deploy",), ("cli",)]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 PART_OF = {"errors": "core", "__main__": "cli"}  # top-level modules that belong to a layer's package

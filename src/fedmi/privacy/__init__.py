@@ -1,0 +1,8 @@
+"""Differential privacy: budgets (`accountant`) and, built on them, the mechanisms a run applies.
+
+A layer of its own between `core` and the method packages (client, server), which use it.
+"""
+
+from fedmi.privacy.accountant import GaussianRounds, PrivacyAccountant, calibrate_noise
+
+__all__ = ["GaussianRounds", "PrivacyAccountant", "calibrate_noise"]

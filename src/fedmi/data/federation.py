@@ -318,7 +318,7 @@ class Federation:
         if site.test_mask is not None:
             test = site.test_mask
         elif why := self._too_small(site, test_fraction):
-            raise FedmiError(f"{why} (or set small_sites: leave_out to run without it)")
+            raise FedmiError(f"{why} (to run without it: small_sites: leave_out, or --small-sites leave_out)")
         else:
             # Stratified by class where a sample has one class label; else by sample (masks, values).
             strata = site.y if self.task.name in ("binary", "multiclass") else np.zeros(site.n, dtype=np.int64)

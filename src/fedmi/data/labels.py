@@ -103,10 +103,11 @@ def classes_of(values_by_site: Mapping[str, Iterable[str]], positive_label: str 
     spellings: dict[str, list[str]] = {}
     for v in first_site:
         spellings.setdefault(v.casefold(), []).append(v)
-    for variants in spellings.values():
-        if len(variants) > 1:
-            shown = " and ".join(f"'{v}' (site {first_site[v]})" for v in variants[:3])
-            raise FedmiError(f"{where}: labels differ only in case: {shown}; spell each class alike at every site")
+    clashes = [" and ".join(f"'{v}' (site {first_site[v]})" for v in variants[:3])
+               for variants in spellings.values() if len(variants) > 1]
+    if clashes:
+        raise FedmiError(f"{where}: labels differ only in case: {'; '.join(clashes[:4])}"
+                         f"{' ...' if len(clashes) > 4 else ''}; spell each class alike at every site")
     names = _ordered(first_site)
     if not names:
         raise FedmiError(f"{where}: no labels (a header but no rows?)")

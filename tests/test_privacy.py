@@ -1,16 +1,26 @@
-"""The privacy accountant (`fedmi.privacy`): Google's dp-accounting composing the Gaussian mechanism,
-checked against the textbook single Gaussian mechanism and against its own properties."""
+"""Differential privacy: the accountant (`fedmi.privacy`: Google's dp-accounting composing the Gaussian
+mechanism, checked against the textbook single Gaussian mechanism and its own properties), and
+client-level DP-FedAvg (updates clipped at the site, Gaussian noise on their sum, ε in every record)."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections import OrderedDict
 
 import pytest
+import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from fedmi.client import make_method
+from fedmi.core import params as P
+from fedmi.core.types import RoundInfo, Update
 from fedmi.errors import FedmiError
-from fedmi.privacy import PrivacyAccountant, calibrate_noise
+from fedmi.experiments.config import parse_config
+from fedmi.experiments.federated_run import build_method, run_federated
+from fedmi.privacy import PrivacyAccountant, calibrate_noise, float_norm
+from fedmi.server.privacy.dp_mean import DpMean
 
 
 def exact_gaussian_epsilon(sigma: float, delta: float) -> float:
@@ -83,3 +93,135 @@ def test_the_accountant_resumes_from_its_state():
 def test_bad_settings_are_refused(build):
     with pytest.raises(FedmiError):
         build()
+
+
+# -- client-level DP-FedAvg: clipped at the site, noise on the sum, the budget in every record --------------
+
+def dp_config(**privacy):
+    return parse_config({"data": {"dataset": "heart-disease"}, "rounds": 3, "runtime": "sequential",
+                         "trainer": {"lr": 0.5}, "privacy": {"clip_norm": 0.05, **privacy}}, "test")
+
+
+@pytest.mark.parametrize("runtime", ["sequential", "vectorised"])
+def test_no_update_leaving_a_site_has_norm_above_the_clip(runtime, monkeypatch, tmp_path):
+    """Every update a site sends is clipped there (lr 0.5 makes the unclipped ones far longer than C)."""
+    from fedmi.runtime.sequential import SequentialRuntime
+    from fedmi.runtime.vectorised import VectorisedRuntime
+
+    sent = []
+    cls = SequentialRuntime if runtime == "sequential" else VectorisedRuntime
+    train = cls.train
+
+    def spying(self, *args, **kwargs):
+        for u in train(self, *args, **kwargs):
+            sent.append((float_norm(u.delta), u.metrics["update_norm"]))
+            yield u
+
+    monkeypatch.setattr(cls, "train", spying)
+    cfg = dp_config(noise_multiplier=1.0).model_copy(update={"runtime": runtime})
+    run_federated(cfg, tmp_path / "run")
+    assert len(sent) == 4 * 3
+    assert all(norm <= 0.05 * (1 + 1e-5) for norm, _ in sent)
+    assert max(before for _, before in sent) > 0.5  # clipping had work to do
+
+
+def test_the_noise_has_standard_deviation_z_times_c_over_the_sites():
+    like = OrderedDict(w=torch.zeros(200_000), steps=torch.zeros((), dtype=torch.int64))
+    step = DpMean(clip_norm=2.0, noise_multiplier=1.5, expected_sites=4)
+    acc = step.start(like)
+    for k in range(3):  # three zero updates: the result is the noise alone, over the fixed denominator 4
+        acc = step.fold(acc, Update(f"s{k}", P.zeros_like(like), 10))
+    delta, state = step.finish_round(acc, like, step.init(like), RoundInfo(0, 1, 7, 3))
+    assert float(delta["w"].std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.01)
+    assert abs(float(delta["w"].mean())) < 0.01 and int(delta["steps"]) == 0
+    assert step.report(state)["epsilon"] == pytest.approx(exact_gaussian_epsilon(1.5, 1e-5), rel=2e-3)
+
+
+def test_a_site_that_does_not_clip_gains_nothing():
+    like = OrderedDict(w=torch.zeros(3))
+    step = DpMean(clip_norm=1.0, noise_multiplier=0.0, expected_sites=2)
+    acc = step.fold(step.start(like), Update("liar", OrderedDict(w=torch.tensor([300.0, 400.0, 0.0])), 10))
+    delta, _ = step.finish_round(acc, like, step.init(like), RoundInfo(0, 1, 0, 1))
+    assert torch.allclose(delta["w"], torch.tensor([0.3, 0.4, 0.0]))  # clipped to norm 1, over 2 sites
+
+
+@pytest.mark.parametrize("runtime", ["sequential", "vectorised"])
+def test_no_noise_and_no_clipping_is_the_unweighted_mean(runtime, tmp_path):
+    """z = 0 and C far above any update: DP-FedAvg's aggregate is the sites' plain mean (`mean`)."""
+    base = {"data": {"dataset": "heart-disease"}, "rounds": 3, "runtime": runtime}
+    private = run_federated(parse_config({**base, "privacy": {"clip_norm": 1e9, "noise_multiplier": 0.0}}, "t"),
+                            tmp_path / "a").result
+    plain = run_federated(parse_config({**base, "aggregator": "mean"}, "t"), tmp_path / "b").result
+    assert P.allclose(private.params, plain.params, rtol=0, atol=1e-6)
+    assert private.history[-1]["epsilon"] == float("inf")  # no noise: no privacy, and it says so
+
+
+def test_every_record_carries_the_budget_and_a_resumed_run_continues_it(tmp_path):
+    whole = run_federated(dp_config(noise_multiplier=1.2), tmp_path / "whole").result
+    acc = PrivacyAccountant(1e-5)
+    for record in whole.history:
+        acc.spend(1.2)
+        assert record["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9) and record["delta"] == 1e-5
+    cut = dp_config(noise_multiplier=1.2).model_copy(update={"rounds": 2})
+    run_federated(cut, tmp_path / "cut")
+    resumed = run_federated(dp_config(noise_multiplier=1.2), tmp_path / "cut", resume=True).result
+    assert resumed.history[-1]["epsilon"] == whole.history[-1]["epsilon"]
+    assert P.allclose(resumed.params, whole.params, rtol=0, atol=0)  # the same noise, from (seed, round)
+
+
+def test_a_target_epsilon_calibrates_the_noise(tmp_path):
+    result = run_federated(dp_config(target_epsilon=6.0), tmp_path / "run").result
+    assert 0.99 * 6.0 <= result.history[-1]["epsilon"] <= 6.0
+
+
+def test_privacy_settings_that_do_not_fit_are_refused():
+    for privacy, extra, message in (({"clip_norm": 1.0}, {}, "noise_multiplier or target_epsilon"),
+                                    ({"clip_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 2.0}, {}, "one of"),
+                                    ({"clip_norm": 1.0, "noise_multiplier": 1.0}, {"aggregator": "median"}, "dp_mean"),
+                                    ({"clip_norm": 1.0, "noise_multiplier": 1.0}, {"fraction": 0.5}, "every site"),
+                                    ({"clip_norm": 0.0, "noise_multiplier": 1.0}, {}, "clip_norm")):
+        with pytest.raises(FedmiError, match=message):
+            parse_config({"data": {"dataset": "heart-disease"}, "privacy": privacy, **extra}, "test")
+
+
+def test_the_deployed_site_expects_the_clipping_method():
+    """A deployed site checks the server's trainer against the signed config's: with privacy, the
+    clipped one, so a server that drops the clipping is refused (site_guard compares the specs)."""
+    cfg = dp_config(noise_multiplier=1.0)
+    spec = build_method(cfg).spec()
+    assert spec["name"] == "dp_clip" and spec["options"]["clip_norm"] == 0.05
+    assert spec["options"]["inner"] == make_method("fedavg", lr=0.5).spec()
+    assert json.dumps(spec) != json.dumps(make_method("fedavg", lr=0.5).spec())
+
+
+def test_the_budget_is_in_the_summary_the_cli_line_and_the_report(monkeypatch, capsys, tmp_path):
+    from test_cli import fedmi
+
+    cfg = tmp_path / "dp.yaml"
+    cfg.write_text("data: {dataset: heart-disease}\nrounds: 2\nruntime: sequential\n"
+                   "privacy: {clip_norm: 0.5, noise_multiplier: 1.0}\n")
+    code, stdout, stderr = fedmi(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "run")
+    assert code == 0, stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
+    acc = PrivacyAccountant(1e-5)
+    acc.spend(1.0, rounds=2)
+    assert summary["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9) and summary["noise_multiplier"] == 1.0
+    assert f"privacy: epsilon {acc.epsilon():.3g} at delta 1e-05 after 2 rounds" in " ".join(stdout.split())
+    code, _, stderr = fedmi(monkeypatch, capsys, "report", tmp_path / "run")
+    assert code == 0, stderr
+    assert f"epsilon {acc.epsilon():.3g} at delta 1e-05" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_unsampled_rounds_compose_as_one_gaussian_as_the_pld_says():
+    """The closed form for rounds without sampling (one Gaussian of z (sum r_i / z_i²)^-1/2) equals the
+    library's PLD accountant composing them round by round."""
+    import dp_accounting
+    from dp_accounting import pld
+
+    acc = PrivacyAccountant(1e-5)
+    acc.spend(1.0, rounds=20)
+    acc.spend(2.0, rounds=10)
+    reference = pld.PLDAccountant()
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 20))
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), 10))
+    assert acc.epsilon() == pytest.approx(reference.get_epsilon(1e-5), rel=1e-3)

@@ -351,6 +351,11 @@ def run(
     title = f"{cfg.trainer.name} on {fed.name}" + (" (SYNTHETIC DATA)" if fed.synthetic else "")
     _print_final(f"{title}: after {counted(cfg.rounds, 'round')}", fed.task.table_metrics, done.result.history[-1]["test"],
                  fed.task.name, fed.label_names)
+    last = done.result.history[-1]
+    if "epsilon" in last:
+        out_console.print(f"privacy: epsilon {last['epsilon']:.3g} at delta {last['delta']:g} after "
+                          f"{counted(last['round'], 'round')} (client level: each site's update clipped to norm "
+                          f"{cfg.privacy.clip_norm:g} at the site, Gaussian noise on their sum)", highlight=False)
     if not fed.has_fixed_split:
         from fedmi.experiments.table2 import METHODS as SETTINGS
 

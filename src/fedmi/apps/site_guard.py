@@ -12,9 +12,10 @@ import math
 from pathlib import Path
 
 from fedmi.apps import tickets
-from fedmi.client import METHODS, make_method
+from fedmi.client import METHODS
 from fedmi.errors import FedmiError
 from fedmi.experiments.config import SitePolicy, parse_config
+from fedmi.experiments.federated_run import build_method
 
 
 def _plain(value: object) -> object:
@@ -84,7 +85,7 @@ def check_signed(kind: str, task: dict, public_key_path: Path, state_dir: Path, 
     if task.get("share_label_counts") and not METHODS.get(cfg.trainer.name).needs_label_distribution:
         raise FedmiError("refused: the task asks for label counts that the signed run's method does not use")
     if "trainer" in task:
-        expected = _plain(make_method(cfg.trainer.name, **cfg.trainer.options()).spec())
+        expected = _plain(build_method(cfg).spec())  # with privacy: clipped at this site
         if _plain(task["trainer"]) != expected:
             raise FedmiError("refused: the task's trainer is not the signed run's (it asks "
                              f"{json.dumps(task['trainer'])[:200]})")

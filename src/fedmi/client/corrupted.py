@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from fedmi.core.local import Batch, LocalMethod, SiteContext, State, register_method
+from fedmi.client.wrapped import WrappedMethod
+from fedmi.core.local import LocalMethod, SiteContext, State, register_method
 from fedmi.core.rng import Stream, torch_generator
 from fedmi.errors import FedmiError
 
@@ -30,7 +31,7 @@ DEFAULT_SCALE = {"sign_flip": 1.0, "scaled": 10.0, "gaussian": 1.0, "nan": 1.0, 
 
 
 @register_method
-class CorruptedUpdates(LocalMethod):
+class CorruptedUpdates(WrappedMethod):
     """Another local method whose named sites corrupt their updates.
 
     Args:
@@ -45,39 +46,14 @@ class CorruptedUpdates(LocalMethod):
 
     def __init__(self, inner: LocalMethod | dict, kind: str, sites: list[str] | tuple[str, ...],
                  scale: float | None = None):
-        if not isinstance(inner, LocalMethod):
-            from fedmi.client import method_from_spec  # the package imports this module: not at import time
-
-            inner = method_from_spec(inner)
+        super().__init__(inner)
         if kind not in UPDATE_CORRUPTIONS:
             raise FedmiError(f"corrupted updates: unknown kind '{kind}'; kinds: {', '.join(UPDATE_CORRUPTIONS)}")
-        self.inner, self.kind, self.sites = inner, kind, tuple(sites)
+        self.kind, self.sites = kind, tuple(sites)
         self.scale = DEFAULT_SCALE[kind] if scale is None else float(scale)
-        self.schedule = inner.schedule
-        self.elementwise = inner.elementwise
-        self.needs_label_distribution = inner.needs_label_distribution
-        self.default_aggregator = inner.default_aggregator
 
     def options(self) -> dict[str, Any]:
-        return {"inner": self.inner.spec(), "kind": self.kind, "sites": list(self.sites), "scale": self.scale}
-
-    def init(self, global_params, site_state, ctx: SiteContext) -> State:
-        return self.inner.init(global_params, site_state, ctx)
-
-    def trainable(self, state: State) -> dict[str, torch.Tensor]:
-        return self.inner.trainable(state)
-
-    def regulariser(self, state: State, ctx: SiteContext) -> torch.Tensor | None:
-        return self.inner.regulariser(state, ctx)
-
-    def objective(self, state: State, batch: Batch, ctx: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inner.objective(state, batch, ctx)
-
-    def step(self, state: State, grads: dict[str, torch.Tensor], ctx: SiteContext) -> State:
-        return self.inner.step(state, grads, ctx)
-
-    def evaluation_params(self, global_params, site_state):
-        return self.inner.evaluation_params(global_params, site_state)
+        return {**super().options(), "kind": self.kind, "sites": list(self.sites), "scale": self.scale}
 
     def final(self, state: State, ctx: SiteContext):
         update, kept = self.inner.final(state, ctx)

@@ -31,6 +31,7 @@ class Stream(IntEnum):
     CENTRAL_TRAINING = 5  # (seed, which, site): centralised baselines
     SELECTION = 6  # (seed,): which sites train in each round
     AUGMENTATION = 7  # (seed, round, site, step): a site's random augmentation of one batch
+    PRIVACY_NOISE = 8  # (seed, round): the Gaussian noise a differentially private aggregate adds
 
 
 def torch_generator(stream: Stream, *key: int) -> torch.Generator:

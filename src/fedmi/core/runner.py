@@ -47,6 +47,8 @@ class Aggregator(Protocol):
     # refuses, before round 1, a federation that could never give that many.
     # Optional: `broadcast(state) -> dict[str, Tensor]`, what the sites receive with the parameters
     # (SCAFFOLD's server control variate), as `RoundInfo.extras`.
+    # Optional: `report(state) -> dict[str, float]`, figures of its state each round's record carries
+    # (the privacy budget spent so far, `epsilon` and `delta`).
 
 
 class Selector(Protocol):
@@ -301,6 +303,8 @@ class Runner:
         params, aggregation, accepted, rejected = self._round(state, chosen, info)
         seconds = time.perf_counter() - started  # broadcast, local training, upload, aggregation
         record = self._record(r, accepted, rejected, params)
+        if hasattr(self.aggregator, "report"):
+            record.update(self.aggregator.report(aggregation))
         self._check_divergence(r, record, accepted, state.params, params, state.history)
         record["seconds"] = round(seconds, 4)
         if joined or left:

@@ -109,6 +109,25 @@ class TrainerConfig(Settings):
         return self.model_dump(exclude={"name"}, exclude_none=True)
 
 
+class PrivacyConfig(Settings):
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018): every site's update is
+    clipped to L2 norm `clip_norm` at the site, and the server adds Gaussian noise of standard
+    deviation noise_multiplier · clip_norm to their sum, divided by the number of sites. Give the
+    noise multiplier, or the ε to spend over the run (the noise is then calibrated to it); ε is
+    reported at `delta`, which should be below 1 / the number of sites."""
+
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> "PrivacyConfig":
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give noise_multiplier or target_epsilon, one of the two")
+        return self
+
+
 class RunConfig(Settings):
     data: DataConfig = DataConfig()
     model: str | None = None  # a registered model (fedmi.models); None: the data's recipe (experiments.defaults)
@@ -133,8 +152,21 @@ class RunConfig(Settings):
     workers: int | None = Field(None, ge=1, le=1024)  # processes: worker processes; flower-sim: concurrent clients
     device: str = "cpu"  # where simulated sites compute: cpu, cuda, cuda:N, mps or auto (fedmi.core.device)
     deployment: DeploymentConfig = DeploymentConfig()
+    privacy: PrivacyConfig | None = None  # client-level differential privacy (DP-FedAvg)
     out: str | None = None
     trackers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)  # also write metrics there
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> "RunConfig":
+        if self.privacy is None:
+            return self
+        if self.aggregator is not None:
+            raise ValueError("privacy makes the aggregate dp_mean (the clipped sum with noise); leave aggregator "
+                             "out (server_lr sets the server's step)")
+        if self.fraction < 1 or self.selection != "fraction":
+            raise ValueError("privacy runs every site in every round (its accounting takes no sampling of sites); "
+                             "leave fraction at 1 and selection at fraction")
+        return self
 
     @field_validator("model")
     @classmethod

@@ -18,7 +18,7 @@ from fedmi.experiments.defaults import describe_recipe, model_defaults, trainer_
 from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, JsonlWriter, to_json
 from fedmi.experiments.trackers import make_trackers
 from fedmi.core import params as P
-from fedmi.core.local import SiteStates
+from fedmi.core.local import LocalMethod, SiteStates
 from fedmi.core.runner import Runner, RunResult
 from fedmi.core.device import resolve_device
 from fedmi.core.runtime import Runtime
@@ -30,6 +30,7 @@ from fedmi.errors import FedmiError, counted
 from fedmi.models import build_model
 from fedmi.runtime import make_runtime
 from fedmi.server import make_aggregator, make_selector
+from fedmi.server.pipeline import AggregationPipeline
 
 log = logging.getLogger("fedmi")
 
@@ -138,6 +139,32 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     return FederatedRun(cfg, fed, result, getattr(runtime, "site_states", None))
 
 
+def build_method(cfg: RunConfig) -> LocalMethod:
+    """The local method every site runs: the config's trainer, its updates clipped at the site where
+    the config asks for privacy. The deployed site checks the server's against this one."""
+    method = make_method(cfg.trainer.name, **cfg.trainer.options())
+    if cfg.privacy is not None:
+        method = make_method("dp_clip", inner=method.spec(), clip_norm=cfg.privacy.clip_norm)
+    return method
+
+
+def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> AggregationPipeline:
+    """The server's aggregation: the config's pipeline, or with privacy the clipped sum with Gaussian
+    noise over a fixed `num_sites` (`dp_mean`), its noise calibrated to `target_epsilon` if given."""
+    if cfg.privacy is None:
+        return make_aggregator(cfg.aggregator, cfg.server_lr, method)
+    from fedmi.privacy import calibrate_noise
+    from fedmi.server.optimizers import ServerSGD
+    from fedmi.server.privacy.dp_mean import DpMean
+
+    z = cfg.privacy.noise_multiplier
+    if z is None:
+        z = calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
+        log.info("privacy: noise multiplier %.4f spends epsilon %g at delta %g over %d rounds",
+                 z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
+    return DpMean(cfg.privacy.clip_norm, z, num_sites, cfg.privacy.delta) | ServerSGD(cfg.server_lr)
+
+
 def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, ...], task: Task, out: Path | None,
                      on_round: Callable[[int], None] | None = None, resume: bool = False,
                      summary: dict | None = None, model: nn.Module | None = None) -> RunResult:
@@ -150,8 +177,8 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     if model is None:
         model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs, cfg.model_options)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
-    method = make_method(cfg.trainer.name, **cfg.trainer.options())
-    aggregator = make_aggregator(cfg.aggregator, cfg.server_lr, method)
+    method = build_method(cfg)
+    aggregator = build_aggregator(cfg, method, len(runtime.site_infos()))
     checkpoint = None if out is None else out / CHECKPOINT
     site_states: SiteStates | None = getattr(runtime, "site_states", None)  # simulated sites keep theirs here
     start = None
@@ -224,6 +251,10 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
                metadata={"dataset": str(summary.get("dataset", "")), "model": cfg.model, "rounds": str(cfg.rounds)})
         summary = {**summary, "config": cfg.model_dump(), "aggregator": str(aggregator), "task": task.name,
                    "table_metrics": list(task.table_metrics), "final": result.history[-1].get("test")}
+        if "epsilon" in result.history[-1]:  # the budget the whole run spent
+            summary["privacy"] = {"epsilon": result.history[-1]["epsilon"], "delta": result.history[-1]["delta"],
+                                  "level": "client", "clip_norm": cfg.privacy.clip_norm,
+                                  "noise_multiplier": aggregator.parts()[1].noise_multiplier}
         (out / "summary.json").write_text(to_json(summary, indent=2) + "\n")
         title = f"{cfg.trainer.name} on {summary.get('dataset', 'the federation')}" + \
             (" (SYNTHETIC DATA)" if summary.get("synthetic") else "")

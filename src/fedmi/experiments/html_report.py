@@ -234,6 +234,11 @@ def write_html_report(run_dir: Path) -> Path:
     parts.append("<h2>Results</h2>")
     if info["kind"] in ("run", "unfinished"):
         parts.append(_final_table(info["summary"]))
+        privacy = info["summary"].get("privacy")
+        if privacy:
+            parts.append(f"<p class='note'>Differential privacy ({privacy['level']} level): epsilon "
+                         f"{privacy['epsilon']:.3g} at delta {privacy['delta']:g}; each site's update clipped to norm "
+                         f"{privacy['clip_norm']:g}, Gaussian noise multiplier {privacy['noise_multiplier']:.3g}.</p>")
     elif (run_dir / "table.md").is_file():
         parts.append(_markdown_table((run_dir / "table.md").read_text(), skip=info["description"]))
     skipped = (info.get("summary") or {}).get("skipped_files") or (info.get("results") or {}).get("skipped_files")

@@ -4,5 +4,7 @@ A layer of its own between `core` and the method packages (client, server), whic
 """
 
 from fedmi.privacy.accountant import GaussianRounds, PrivacyAccountant, calibrate_noise
+from fedmi.privacy.mechanisms import clip_to_norm, float_norm, gaussian_noise_like
 
-__all__ = ["GaussianRounds", "PrivacyAccountant", "calibrate_noise"]
+__all__ = ["GaussianRounds", "PrivacyAccountant", "calibrate_noise", "clip_to_norm", "float_norm",
+           "gaussian_noise_like"]

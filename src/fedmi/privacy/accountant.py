@@ -5,7 +5,8 @@ noise of standard deviation z·C added: the Gaussian mechanism with noise multip
 participants (sites, or a site's samples) are drawn by Poisson sampling with rate q, privacy is
 amplified by the sampling. `PrivacyAccountant` records each round as it happened (z, q) and gives
 (ε, δ) for the whole composition, with the library's privacy-loss-distribution accountant (PLD,
-tight) or its Rényi accountant (RDP, an upper bound, the cross-check). Nothing here computes a
+tight) or its Rényi accountant (RDP, an upper bound, the cross-check). Rounds without sampling
+compose exactly into one Gaussian mechanism, whose ε the library computes in closed form. Nothing here computes a
 bound by hand: the library does, and the tests compare it with a textbook case.
 
     accountant = PrivacyAccountant(delta=1e-5)
@@ -109,6 +110,14 @@ class PrivacyAccountant:
         """ε at `delta` (default: the accountant's) of every round recorded; 0 before the first."""
         if not self.history:
             return 0.0
+        if self.backend == "pld" and all(h.sampling_rate == 1.0 for h in self.history):
+            # Gaussian mechanisms compose exactly into one, of noise multiplier (sum_i r_i / z_i²)^(-1/2)
+            # (Dong, Roth and Su 2019, Gaussian DP): the library's exact ε of that one, without the PLD's
+            # convolutions (seconds at 50 rounds) or its discretisation.
+            import dp_accounting
+
+            z = sum(h.rounds / h.noise_multiplier ** 2 for h in self.history) ** -0.5
+            return float(dp_accounting.get_epsilon_gaussian(z, self.delta if delta is None else delta))
         accountant = _fresh(self.backend, self.pld_interval)
         with _quiet_library():
             for step in self.history:

@@ -59,6 +59,16 @@ class Step:
         """
         return {}
 
+    def report(self, state: Any) -> dict[str, float]:
+        """Figures of this step's state that each round's record carries (default: none).
+
+        Args:
+          state: this step's state after the round.
+        Returns:
+          Name -> number, e.g. {"epsilon": 1.2, "delta": 1e-5} (the privacy budget spent so far).
+        """
+        return {}
+
     def min_updates(self) -> int:
         """The fewest updates a round needs for this step to be defined (Krum: 2f + 3).
 

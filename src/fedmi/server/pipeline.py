@@ -80,6 +80,13 @@ class AggregationPipeline:
             out.update(step.broadcast(step_state))
         return out
 
+    def report(self, state: tuple) -> dict:
+        """What each round's record carries of the steps' state: every step's `report`, merged."""
+        out: dict = {}
+        for step, step_state in zip(self._all_steps(), state):
+            out.update(step.report(step_state))
+        return out
+
     def begin_round(self, state: tuple, params: P.ParamsT, round_info: RoundInfo) -> "RoundAggregation":
         """Open a round: `add` each accepted update as it arrives, then `finish`."""
         return RoundAggregation(self, state, params, round_info)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from fedmi.core.types import RoundInfo, Update
 from fedmi.errors import FedmiError, check_number
+from fedmi.privacy import float_norm
 from fedmi.server.base import STEPS, UpdateTransform
 
 
@@ -46,8 +47,7 @@ class NormBound(UpdateTransform):
     @staticmethod
     def norm(update: Update) -> float:
         """||delta|| over the floating-point entries, accumulated in float64."""
-        total = sum(float((v.double() ** 2).sum()) for v in update.delta.values() if v.is_floating_point())
-        return total ** 0.5
+        return float_norm(update.delta)
 
     def bound(self, norms: list[float]) -> float:
         """M for a round whose updates have these norms."""

@@ -145,7 +145,7 @@ def test_a_site_that_does_not_clip_gains_nothing():
     assert torch.allclose(delta["w"], torch.tensor([0.3, 0.4, 0.0]))  # clipped to norm 1, over 2 sites
 
 
-@pytest.mark.parametrize("runtime", ["sequential", "vectorised"])
+@pytest.mark.parametrize("runtime", ["sequential", "vectorised", "processes"])
 def test_no_noise_and_no_clipping_is_the_unweighted_mean(runtime, tmp_path):
     """z = 0 and C far above any update: DP-FedAvg's aggregate is the sites' plain mean (`mean`)."""
     base = {"data": {"dataset": "heart-disease"}, "rounds": 3, "runtime": runtime}

@@ -69,6 +69,12 @@ def test_calibration_hits_the_target_within_one_percent():
     acc.spend(z, 0.5, 20)
     assert 0.99 * 2.0 <= acc.epsilon() <= 2.0
     assert calibrate_noise(1.0, 1e-5, rounds=1) == pytest.approx(exact_sigma(1.0, 1e-5), rel=1e-3)
+    z = calibrate_noise(8.0, 1e-5, rounds=50)  # unsampled rounds: the closed form, checked by the PLD
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent, pld
+
+    reference = pld.PLDAccountant()
+    reference.compose(SelfComposedDpEvent(GaussianDpEvent(z), 50))
+    assert reference.get_epsilon(1e-5) == pytest.approx(8.0, rel=1e-3)
 
 
 def exact_sigma(epsilon: float, delta: float) -> float:

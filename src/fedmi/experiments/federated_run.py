@@ -178,7 +178,8 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs, cfg.model_options)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
     method = build_method(cfg)
-    aggregator = build_aggregator(cfg, method, len(runtime.site_infos()))
+    # the fixed denominator of a private aggregate; a grid's sites are asked only then (the runner asks anyway)
+    aggregator = build_aggregator(cfg, method, len(runtime.site_infos()) if cfg.privacy is not None else 0)
     checkpoint = None if out is None else out / CHECKPOINT
     site_states: SiteStates | None = getattr(runtime, "site_states", None)  # simulated sites keep theirs here
     start = None

@@ -149,6 +149,8 @@ def calibrate_noise(target_epsilon: float, delta: float, rounds: int, sampling_r
 
     check_number("target_epsilon", target_epsilon, 0, low_open=True)
     check_number("delta", delta, 0, 1, low_open=True, high_open=True)
+    if backend == "pld" and sampling_rate == 1.0:  # r rounds of z compose into one of z / sqrt(r): closed form
+        return max(MIN_NOISE, float(dp_accounting.get_sigma_gaussian(target_epsilon, delta)) * rounds ** 0.5)
     with _quiet_library():
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: _fresh(backend, pld_interval),

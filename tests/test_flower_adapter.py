@@ -9,7 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from local_grid import LocalGrid, heart_config
 
 from fedmi.core import params as P
@@ -341,3 +341,31 @@ def test_a_site_enrolled_while_the_run_goes_on_joins_at_the_next_round_boundary(
     assert caplog.text.count("node 103 was not enrolled with fedmi") == 1  # said once, not every round
     assert [r["sites"] for r in result.history] == [HEART_SITES[:3], HEART_SITES, HEART_SITES]
     assert result.history[1]["joined"] == ["VA Long Beach"]
+
+
+def test_a_site_whose_update_never_arrived_undoes_that_rounds_state(caplog):
+    """SCAFFOLD keeps a control variate at each site. Hungary trains in round 2 (its state moves on) but
+    its reply is lost, as when a site is killed before its reply leaves; the next request says the
+    server has nothing of that round from it, so the site goes back to its state before it. The run
+    then equals the in-process run in which Hungary skipped round 2, as its records say."""
+    from fedmi.deploy.local import Replay, in_process_run
+
+    cfg = heart_config(rounds=3, min_sites=2, trainer={"name": "scaffold", "lr": 0.05, "batch_size": 32,
+                                                       "local_steps": 5}, deployment={"round_timeout": 0.3})
+    honest = client_app()
+    calls = {"train": 0}
+
+    def lost_once(msg, context):
+        reply = honest(msg, context)  # it trains: its state in the context moves on
+        if msg.metadata.message_type == "train":
+            calls["train"] += 1
+            if calls["train"] == 2:
+                return Message(Error(code=0, reason="connection reset"), reply_to=msg)  # the reply is lost
+        return reply
+
+    with caplog.at_level(logging.WARNING, logger="fedmi"):
+        result = run_on_grid(_grid({1: lost_once}), cfg, None, simulation=True)
+    assert [("Hungary" in r["sites"]) for r in result.history] == [True, False, True]
+    assert "round 2: this site's update never reached the server; its state change is undone" in caplog.text
+    expected = in_process_run(cfg, HEART_SITES, Replay(result.history, first=HEART_SITES)).params
+    assert P.allclose(result.params, expected, rtol=1e-5, atol=1e-6)

@@ -120,6 +120,10 @@ def _stock_method(config: ConfigRecord):
 
 # The method's site state in the node's context: its tensors, and the JSON skeleton that nests them.
 _SITE_STATE, _SKELETON = "fedmi.site-state", "fedmi.site-state.skeleton"
+# The state before the last training task, and that task's round: undone when the server says it
+# never received that round's update (the site was killed before its reply left, or it came too late).
+_BEFORE, _BEFORE_SKELETON, _TRAINED_ROUND = "fedmi.site-state.before", "fedmi.site-state.before.skeleton", \
+    "fedmi.site-state.trained-round"
 
 
 def _kept_state(context: Context) -> State | None:
@@ -142,6 +146,36 @@ def _keep_state(context: Context, state: State | None) -> None:
     context.state[_SKELETON] = ConfigRecord({"skeleton": json.dumps(skeleton)})
 
 
+def _drop(context: Context, *keys: str) -> None:
+    for key in keys:
+        if key in context.state:
+            del context.state[key]
+
+
+def _move_state(context: Context, source: tuple[str, str], target: tuple[str, str]) -> None:
+    """The state records under `source` (array, skeleton) moved to `target` (cleared if there are none)."""
+    _drop(context, *target)
+    for src, dst in zip(source, target):
+        if src in context.state:
+            context.state[dst] = context.state[src]
+            del context.state[src]
+
+
+def _undo_unreceived(context: Context, task: dict) -> None:
+    """If the server says it never received this site's last trained update, go back to the state
+    before that training (the run's records then say, truly, that this site did not train then)."""
+    trained = context.state.config_records.get(_TRAINED_ROUND)
+    if trained is None or "received_round" not in task:
+        return
+    if int(trained["round"]) > int(task["received_round"]):
+        log.warning("round %d: this site's update never reached the server; its state change is undone",
+                    int(trained["round"]) + 1)
+        _move_state(context, (_BEFORE, _BEFORE_SKELETON), (_SITE_STATE, _SKELETON))
+    else:
+        _drop(context, _BEFORE, _BEFORE_SKELETON)  # received: the old state is not needed
+    _drop(context, _TRAINED_ROUND)
+
+
 def client_app(default_data: DataConfig | None = None) -> ClientApp:
     """fedmi's ClientApp. `default_data`: the federation simulated nodes take their site from
     when a request does not say (a stock Flower strategy's requests carry no fedmi task)."""
@@ -157,6 +191,7 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
         key = task.get("site_index")
         site, site_task = site_data(context, task, key, default_data)
         guard(kind, task, context, site)
+        _undo_unreceived(context, task)
         if key is None:
             key = zlib.crc32(site.name.encode())
         input_shape = tuple(site.x_train.shape[1:])
@@ -189,7 +224,12 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
             if codec.SERVER_EXTRAS in msg.content.array_records else {}
         round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]),
                                int(task.get("num_sites", 0)), extras)
-        update, kept = train_site(method, model, site_task, site, params, _kept_state(context), round_info, key)
+        before = _kept_state(context)
+        update, kept = train_site(method, model, site_task, site, params, before, round_info, key)
+        if "received_round" in task:  # kept until the server says it has this round's update
+            _keep_state(context, before)
+            _move_state(context, (_SITE_STATE, _SKELETON), (_BEFORE, _BEFORE_SKELETON))
+            context.state[_TRAINED_ROUND] = ConfigRecord({"round": round_info.round})
         _keep_state(context, kept)
         if "trainer" in task:
             return Message(codec.update_content(update, codec.is_packed(msg.content["arrays"])), reply_to=msg)

@@ -82,6 +82,10 @@ class GridRuntime:
         self.poll_interval = poll_interval
         self._sites: dict[str, _Site] = {}  # the sites selection may choose
         self._departed: dict[str, _Site] = {}  # sites that left: their key is kept for when they return
+        # site -> the last round (0-based) whose trained update reached the server. Each request tells the
+        # site, so that a site whose reply was lost (killed, timed out) undoes that round's state change,
+        # as if it had not trained: the run then is the one its records describe.
+        self._received: dict[str, int] = {}
         self._next_try: dict[int, float] = {}  # node id -> when a node that did not introduce itself is asked again
         self._connected = False  # True once `connect` has the run's sites: later ones join
         self._max_bytes: int | None = None
@@ -287,7 +291,8 @@ class GridRuntime:
             site = self._site(name)
             arrays, broadcast = encoded(site.input_shape is not None)  # a fedmi site: packed
             content = RecordDict({"arrays": arrays, "config": codec.task_config(
-                server_round, {**self.request, **task, "site_index": site.key})})
+                server_round, {**self.request, **task, "site_index": site.key,
+                               "received_round": self._received.get(name, -1)})})
             if broadcast is not None:
                 content[codec.SERVER_EXTRAS] = broadcast
             out.append(Message(content, dst_node_id=site.node_id, message_type=kind, group_id=str(server_round)))
@@ -320,6 +325,7 @@ class GridRuntime:
                 else:
                     log.warning("round %d: site %s failed: %s", r, name, _reason(reply))
                 continue
+            self._received[name] = round_info.round  # it trained, and the server has its answer
             size = codec.content_bytes(reply.content)
             if size > limit:  # refused unread
                 yield Rejected(name, f"update from site {name}: its reply holds {size} bytes of arrays, "

@@ -151,6 +151,23 @@ def test_a_site_that_does_not_clip_gains_nothing():
     assert torch.allclose(delta["w"], torch.tensor([0.3, 0.4, 0.0]))  # clipped to norm 1, over 2 sites
 
 
+def test_dp_mean_after_an_update_transform_gives_its_streaming_aggregate():
+    """A transform before dp_mean makes the round buffer its updates: the aggregate is the same."""
+    from fedmi.server import parse_pipeline
+
+    like = OrderedDict(w=torch.zeros(5))
+    updates = [Update(f"s{k}", OrderedDict(w=torch.randn(5, generator=torch.Generator().manual_seed(k))), 10)
+               for k in range(3)]
+    info = RoundInfo(0, 1, 4, 3)
+    out = {}
+    for text in ("dp_mean(clip_norm=1.0, noise_multiplier=1.0, expected_sites=3)",
+                 "norm_bound(max_norm=1e9) | dp_mean(clip_norm=1.0, noise_multiplier=1.0, expected_sites=3)"):
+        pipeline = parse_pipeline(text)
+        out[text], _ = pipeline.aggregate(pipeline.init(like), like, updates, info)
+    first, second = out.values()
+    assert torch.equal(first["w"], second["w"])
+
+
 @pytest.mark.parametrize("runtime", ["sequential", "vectorised", "processes"])
 def test_no_noise_and_no_clipping_is_the_unweighted_mean(runtime, tmp_path):
     """z = 0 and C far above any update: DP-FedAvg's aggregate is the sites' plain mean (`mean`)."""

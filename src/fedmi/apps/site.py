@@ -134,11 +134,15 @@ def _kept_state(context: Context) -> State | None:
     return decode(json.loads(str(config["skeleton"])), codec.record_params(record, "site state"))
 
 
+def _drop(context: Context, *keys: str) -> None:
+    for key in keys:
+        if key in context.state:
+            del context.state[key]
+
+
 def _keep_state(context: Context, state: State | None) -> None:
     if state is None:
-        for key in (_SITE_STATE, _SKELETON):
-            if key in context.state:
-                del context.state[key]
+        _drop(context, _SITE_STATE, _SKELETON)
         return
     tensors: dict = {}
     skeleton = encode(state, tensors)
@@ -146,19 +150,12 @@ def _keep_state(context: Context, state: State | None) -> None:
     context.state[_SKELETON] = ConfigRecord({"skeleton": json.dumps(skeleton)})
 
 
-def _drop(context: Context, *keys: str) -> None:
-    for key in keys:
-        if key in context.state:
-            del context.state[key]
-
-
-def _move_state(context: Context, source: tuple[str, str], target: tuple[str, str]) -> None:
-    """The state records under `source` (array, skeleton) moved to `target` (cleared if there are none)."""
+def _copy_state(context: Context, source: tuple[str, str], target: tuple[str, str]) -> None:
+    """The state records under `source` (array, skeleton) put under `target` too (cleared if there are none)."""
     _drop(context, *target)
     for src, dst in zip(source, target):
         if src in context.state:
             context.state[dst] = context.state[src]
-            del context.state[src]
 
 
 def _undo_unreceived(context: Context, task: dict) -> None:
@@ -170,9 +167,8 @@ def _undo_unreceived(context: Context, task: dict) -> None:
     if int(trained["round"]) > int(task["received_round"]):
         log.warning("round %d: this site's update never reached the server; its state change is undone",
                     int(trained["round"]) + 1)
-        _move_state(context, (_BEFORE, _BEFORE_SKELETON), (_SITE_STATE, _SKELETON))
-    else:
-        _drop(context, _BEFORE, _BEFORE_SKELETON)  # received: the old state is not needed
+        _copy_state(context, (_BEFORE, _BEFORE_SKELETON), (_SITE_STATE, _SKELETON))
+    _drop(context, _BEFORE, _BEFORE_SKELETON)  # undone, or received: the old state is not needed
     _drop(context, _TRAINED_ROUND)
 
 
@@ -224,11 +220,9 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
             if codec.SERVER_EXTRAS in msg.content.array_records else {}
         round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]),
                                int(task.get("num_sites", 0)), extras)
-        before = _kept_state(context)
-        update, kept = train_site(method, model, site_task, site, params, before, round_info, key)
-        if "received_round" in task:  # kept until the server says it has this round's update
-            _keep_state(context, before)
-            _move_state(context, (_SITE_STATE, _SKELETON), (_BEFORE, _BEFORE_SKELETON))
+        update, kept = train_site(method, model, site_task, site, params, _kept_state(context), round_info, key)
+        if "received_round" in task:  # the state before, kept until the server says it has this round's update
+            _copy_state(context, (_SITE_STATE, _SKELETON), (_BEFORE, _BEFORE_SKELETON))
             context.state[_TRAINED_ROUND] = ConfigRecord({"round": round_info.round})
         _keep_state(context, kept)
         if "trainer" in task:

@@ -202,6 +202,8 @@ class Runner:
     keep_checkpoints: int = 2  # the latest and the ones before it kept (the fallback of a cut-short latest)
     before_checkpoint: Callable[[int], None] | None = None  # called with the round just before it is written
     clock: Callable[[], float] = time.perf_counter  # the adaptive cadence's clock
+    # (when the last checkpoint's write ended, how long it took): the adaptive cadence's measure
+    _last_write: tuple[float, float] | None = field(default=None, init=False, repr=False)
     sink: Callable[[dict], None] | None = None  # receives one record per round
     tags: dict = field(default_factory=dict)  # added to every record (method, repeat, ...)
     selection: ValidationSelection | None = None  # keep the round that scores best on validation splits
@@ -329,10 +331,9 @@ class Runner:
             return True
         if self.checkpoint_every is not None:
             return completed % self.checkpoint_every == 0
-        last = getattr(self, "_last_write", None)
-        if last is None:
+        if self._last_write is None:
             return True
-        ended, took = last
+        ended, took = self._last_write
         return self.clock() - ended >= CHECKPOINT_SPACING * took
 
     def _round(self, state: ServerState, chosen: list[str], info: RoundInfo

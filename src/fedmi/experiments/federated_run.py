@@ -165,6 +165,13 @@ def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> Agg
     return DpMean(cfg.privacy.clip_norm, z, num_sites, cfg.privacy.delta) | ServerSGD(cfg.server_lr)
 
 
+def site_state_folders(out: Path) -> dict[int, Path]:
+    """The simulated sites' state folders in a run folder, by the round they hold (`sites/round-N`)."""
+    prefix = "round-"
+    return {int(p.name[len(prefix):]): p for p in (out / SITES).glob(prefix + "*")
+            if p.name[len(prefix):].isdigit()}
+
+
 def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, ...], task: Task, out: Path | None,
                      on_round: Callable[[int], None] | None = None, resume: bool = False,
                      summary: dict | None = None, model: nn.Module | None = None) -> RunResult:
@@ -194,21 +201,21 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
             raise NotResumable(f"{e}; {out} is left as it is ({counted(kept, 'round')} in metrics.jsonl); to start "
                                "the run afresh, give its config again with --overwrite") from None
         if site_states is not None:
-            if not (out / SITES / f"round-{start.round}").is_dir():
+            folders = site_state_folders(out)
+            if start.round not in folders:
                 raise NotResumable(f"cannot resume: the sites' states for round {start.round} are missing from "
                                    f"{out / SITES}; to start the run afresh, give its config again with --overwrite")
-            site_states.load(out / SITES / f"round-{start.round}")
-            for later in (out / SITES).glob("round-*"):  # from checkpoints that could not be read: not kept
-                if later.name[len("round-"):].isdigit() and int(later.name[len("round-"):]) > start.round:
+            site_states.load(folders[start.round])
+            for r, later in folders.items():  # from checkpoints that could not be read: not kept
+                if r > start.round:
                     shutil.rmtree(later, ignore_errors=True)
 
     def save_sites(completed: int) -> None:
         """The sites' own checkpoints for this round, written before the server's names the round."""
         site_states.save(out / SITES / f"round-{completed}")
-        rounds = sorted(int(p.name[len("round-"):]) for p in (out / SITES).glob("round-*")
-                        if p.name[len("round-"):].isdigit())
-        for r in rounds[:-(cfg.keep_checkpoints + 1)]:  # the kept checkpoints' and this round's (written first)
-            shutil.rmtree(out / SITES / f"round-{r}", ignore_errors=True)
+        folders = site_state_folders(out)
+        for r in sorted(folders)[:-(cfg.keep_checkpoints + 1)]:  # the kept checkpoints' and this round's
+            shutil.rmtree(folders[r], ignore_errors=True)
     sink = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

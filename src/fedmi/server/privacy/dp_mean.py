@@ -83,6 +83,13 @@ class DpMean(Reducer):
         acc.weight = float(self.expected_sites)  # the fixed denominator, however many sites came
         return acc.mean(), accountant.state_dict()
 
+    def reduce_round(self, updates, like: P.ParamsT, state: Any, round_info: RoundInfo) -> tuple[P.Params, Any]:
+        """The same aggregate when the round buffers its updates (a transform before this step)."""
+        acc = self.start(like)
+        for u in updates:
+            acc = self.fold(acc, u)
+        return self.finish_round(acc, like, state, round_info)
+
     def report(self, state: Any) -> dict[str, float]:
         accountant = PrivacyAccountant.from_state(state)
         epsilon = accountant.epsilon() if self.noise_multiplier > 0 else float("inf")

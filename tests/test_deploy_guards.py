@@ -201,7 +201,7 @@ def test_a_site_runs_only_what_the_operator_signed(pki, tmp_path):
     cfg = heart_config()
     signed = _signed(pki, cfg)
     check = lambda task, kind="train", run=1: site_guard.check_signed(kind, task, pki / "operator.pub",  # noqa: E731
-                                                                      tmp_path, run)
+                                                                      tmp_path, run, 200)
     check(_train_task(cfg, signed))
     # Finding 2's reconstruction: the signed run's ticket, with a trainer of the attacker's own.
     attack = make_method("fedavg", lr=1.0, batch_size=1, local_steps=1).spec()

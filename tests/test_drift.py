@@ -61,7 +61,7 @@ def test_scaffold_site_update_follows_option_two():
     server = {SCAFFOLD_SERVER_CONTROL + k: torch.full_like(v, 0.01) for k, v in params.items()}
     own = {"control": {k: torch.full_like(v, -0.02) for k, v in params.items()}}
     method = make_method("scaffold", lr=0.1, batch_size=10, local_steps=4)
-    from fedmi.runtime.sequential import train_site
+    from fedmi.core.site_loop import train_site
     from fedmi.core.tasks import BinaryTask
 
     update, kept = train_site(method, model, BinaryTask(), site, params, own, RoundInfo(0, 5, 0, 1, server), 0)

@@ -9,7 +9,7 @@ from local_grid import LocalGrid
 from fedmi.apps.server import run_on_grid
 from fedmi.apps.site import client_app
 from fedmi.client import make_method
-from fedmi.client.evaluation import evaluate_site
+from fedmi.core.site_loop import evaluate_site
 from fedmi.core import params as P
 from fedmi.experiments.config import parse_config
 from fedmi.experiments.federated_run import run_federated

@@ -14,7 +14,8 @@ from fedmi.core.tasks import BinaryTask, RegressionTask
 from fedmi.core.types import RoundInfo, SiteData, label_counts
 from fedmi.errors import FedmiError
 from fedmi.models import build_model
-from fedmi.runtime.sequential import SequentialRuntime, site_context
+from fedmi.runtime.sequential import SequentialRuntime
+from fedmi.core.site_loop import site_context
 from fedmi.server import make_aggregator
 
 

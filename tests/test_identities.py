@@ -14,7 +14,8 @@ from fedmi.core.tasks import BinaryTask
 from fedmi.core.runner import Runner
 from fedmi.core.types import RoundInfo
 from fedmi.models import build_model
-from fedmi.runtime.sequential import SequentialRuntime, train_site
+from fedmi.runtime.sequential import SequentialRuntime
+from fedmi.core.site_loop import train_site
 from fedmi.server import make_aggregator, server_sgd, weighted_mean
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from fedmi.client.evaluation import evaluate_site
+from fedmi.core.site_loop import evaluate_site
 from fedmi.data import load_federation
 from fedmi.errors import FedmiError
 from fedmi.experiments.config import parse_config

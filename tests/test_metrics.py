@@ -56,7 +56,7 @@ def test_a_diverged_model_is_reported_not_scored(three_sites):
 
     import torch
 
-    from fedmi.client.evaluation import evaluate_site
+    from fedmi.core.site_loop import evaluate_site
     from fedmi.core.tasks import BinaryTask
     from fedmi.errors import FedmiError
     from fedmi.models import build_model

@@ -11,7 +11,7 @@ from fedmi.core import params as P
 from fedmi.core.types import RoundInfo
 from fedmi.errors import FedmiError
 from fedmi.models import build_model
-from fedmi.runtime.sequential import train_site
+from fedmi.core.site_loop import train_site
 from fedmi.core.tasks import BinaryTask
 from tests.conftest import make_site_data
 

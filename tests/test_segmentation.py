@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import fedmi
-from fedmi.client.evaluation import evaluate_site
+from fedmi.core.site_loop import evaluate_site
 from fedmi.data import load_federation
 from fedmi.data.fedbca import ASSETS, load_centre
 from fedmi.experiments.data_card import data_card

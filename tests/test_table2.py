@@ -264,7 +264,7 @@ def test_val_fraction_chooses_each_model_on_held_out_training_data(small_federat
     scores = [r["val_score"] for r in result.history]
     assert result.best_round == 1 + scores.index(max(scores))
     # The chosen model is the global model after that round, never one scored on the test split.
-    from fedmi.client.evaluation import evaluate_site
+    from fedmi.core.site_loop import evaluate_site
 
     chosen = [evaluate_site(model, raw.task, result.best_params, s, "val")["auc"] for s in held.values()]
     assert np.mean(chosen) == pytest.approx(max(scores))

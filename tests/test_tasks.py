@@ -407,7 +407,7 @@ def test_uniform_prediction_names_the_one_class_a_model_predicts():
 
 
 def test_one_class_is_flagged_only_where_the_test_split_holds_several():
-    from fedmi.client.evaluation import evaluate_site
+    from fedmi.core.site_loop import evaluate_site
     from fedmi.core.types import SiteData
     from fedmi.models import build_model
 

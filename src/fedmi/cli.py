@@ -321,7 +321,7 @@ def run(
     """One federated training run described by a YAML config; `--resume RUN_DIR` continues an interrupted one."""
     _setup_logging(verbose)
     from fedmi.experiments.config import load_config
-    from fedmi.experiments.federated_run import run_federated
+    from fedmi.experiments.federated_run import privacy_line, run_federated
     from fedmi.experiments.outputs import RUN_CONFIG, check_output, output_folder
     if (config is None) == (resume is None):
         raise FedmiError("fedmi run: give a config file to start a run, or --resume RUN_DIR to continue one")
@@ -352,10 +352,8 @@ def run(
     _print_final(f"{title}: after {counted(cfg.rounds, 'round')}", fed.task.table_metrics, done.result.history[-1]["test"],
                  fed.task.name, fed.label_names)
     last = done.result.history[-1]
-    if "epsilon" in last:
-        out_console.print(f"privacy: epsilon {last['epsilon']:.3g} at delta {last['delta']:g} after "
-                          f"{counted(last['round'], 'round')} (client level: each site's update clipped to norm "
-                          f"{cfg.privacy.clip_norm:g} at the site, Gaussian noise on their sum)", highlight=False)
+    if cfg.privacy is not None and (line := privacy_line(last, cfg.privacy.clip_norm)):
+        out_console.print(line, highlight=False, soft_wrap=True)
     if not fed.has_fixed_split:
         from fedmi.experiments.table2 import METHODS as SETTINGS
 
@@ -638,6 +636,57 @@ def robustness(
     for kind, b in best_aggregators(result).items():
         out_console.print(f"{kind}: best {b['aggregator']} {b['score']:.3f} (drop {b['drop']:+.3f} against the clean "
                           "weighted mean)", highlight=False)
+    out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
+
+
+@app.command()
+def privacy(
+    config: Path = typer.Argument(..., help="YAML file of the federated run to make private (as for fedmi run)"),
+    level: str = _option("sample", help="sample (DP-SGD at each site) or client (DP-FedAvg)"),
+    clip_norm: float = _option(..., help="C: the bound on each sample's gradient (sample) or site's update (client)"),
+    epsilons: Optional[str] = _option(None, help="target ε of each private setting, e.g. 1,4,16"),
+    noise_multipliers: Optional[str] = _option(None, help="noise multipliers of further settings, e.g. 0.5,1,2"),
+    delta: float = _option(1e-5, help="the δ at which ε is calibrated and reported"),
+    repeats: int = _option(5, help="repeats (each its own split and initial model)"),
+    no_clipped: bool = _option(False, "--no-clipped", help="leave out the clipped run without noise"),
+    out: Optional[Path] = _option(None, help="output folder (default runs/privacy-CONFIG)"),
+    overwrite: bool = _option(False, "--overwrite", help="replace the results already in the output folder"),
+    verbose: bool = _option(False, "--verbose", "-v", help="log every round and every decision"),
+) -> None:
+    """What each privacy budget costs: the reference, clipping alone and each ε, mean ± std over repeats."""
+    _setup_logging(verbose)
+    from fedmi.experiments.config import load_config, validated
+    from fedmi.experiments.outputs import output_folder
+    from fedmi.experiments.privacy_utility import (PRIVACY, PrivacyUtilityConfig, run_privacy_utility, work_units,
+                                                   write_privacy_report)
+
+    base = load_config(config)
+    if base.privacy is not None:
+        raise FedmiError(f"{config}: the run already names its privacy; fedmi privacy sets it for each setting "
+                         "(remove the privacy field)")
+    raw = {"level": level, "clip_norm": clip_norm, "delta": delta, "repeats": repeats, "clipped": not no_clipped,
+           "epsilons": _numbers(epsilons, "--epsilons") if epsilons else [],
+           "noise_multipliers": _numbers(noise_multipliers, "--noise-multipliers") if noise_multipliers else []}
+    cfg = validated(PrivacyUtilityConfig, raw, "fedmi privacy", prefix="option ")
+    for _, setting in cfg.settings()[1:]:  # a setting the run cannot take (client level with fraction < 1)
+        validated(type(base), {**base.model_dump(mode="json"), "privacy": setting.model_dump(mode="json")},
+                  f"fedmi privacy {config}")
+    target = out or Path("runs") / f"privacy-{config.stem}"
+    with output_folder(target, "overwrite" if overwrite else "new", settings=PRIVACY, progress=PRIVACY) as path:
+        with _progress() as progress:
+            task = progress.add_task(config.stem, total=work_units(cfg))
+            result = run_privacy_utility(base, cfg, advance=lambda n: progress.update(task, advance=1, description=n))
+        write_privacy_report(result, path)
+    table = Table(title=f"Privacy and utility: {result.dataset} ({result.metric.upper()}, mean ± std over "
+                        f"{cfg.repeats} repeats)")
+    for col in ("Setting", "ε", "Mean over sites"):
+        table.add_column(col, justify="left" if col == "Setting" else "right")
+    from fedmi.core.metrics import format_summary
+    from fedmi.experiments.privacy_utility import epsilon_cell
+
+    for label, s in result.summary().items():
+        table.add_row(label, "–" if label == "no privacy" else epsilon_cell(s), format_summary(s["mean"]))
+    out_console.print(table)
     out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from fedmi.apps import site_guard
 from fedmi.client import make_method, method_from_spec
-from fedmi.client.evaluation import evaluate_site
+from fedmi.core.site_loop import evaluate_site
 from fedmi.core import params as P
 from fedmi.core.local import State
 from fedmi.core.server_state import decode, encode
@@ -37,7 +37,7 @@ from fedmi.experiments.config import DataConfig, SiteConfig, load_yaml_model
 from fedmi.experiments.federated_run import federation_for
 from fedmi.models import MODELS, build_model
 from fedmi.runtime.flower import codec
-from fedmi.runtime.sequential import train_site
+from fedmi.core.site_loop import train_site
 
 log = logging.getLogger("fedmi")
 
@@ -75,7 +75,7 @@ def guard(kind: str, task: dict, context: Context, site: SiteData) -> None:
         return
     if "operator-key" in node:
         site_guard.check_signed(kind, task, Path(str(node["operator-key"])), Path(str(node["state-dir"])),
-                                context.run_id)
+                                context.run_id, site.num_train)
     site_guard.check_policy(_site_config(str(node["data-config"])).policy, kind, task, site.num_train)
 
 

@@ -68,7 +68,24 @@ def check_policy(policy: SitePolicy, kind: str, task: dict, num_train: int) -> N
                          f"allows (min_samples_per_update: {policy.min_samples_per_update})")
 
 
-def check_signed(kind: str, task: dict, public_key_path: Path, state_dir: Path, run_id: int) -> None:
+def _expected_method(cfg, asked: object, num_train: int):
+    """The trainer the signed config makes. With DP-SGD calibrated to a target ε the server chose the
+    noise for the site that spends most: the site takes the task's noise multiplier if it is at
+    least what keeps this site within the target (its own size, the signed rounds), and refuses less."""
+    privacy = cfg.privacy
+    if privacy is None or privacy.level != "sample" or privacy.noise_multiplier is not None:
+        return build_method(cfg)
+    own = build_method(cfg, [num_train])
+    options = asked.get("options", {}) if isinstance(asked, dict) else {}
+    z = options.get("noise_multiplier")
+    if not isinstance(z, (int, float)) or z < own.noise_multiplier * (1 - 1e-6):
+        raise FedmiError(f"refused: the task's DP-SGD noise multiplier ({z!r}) is below {own.noise_multiplier:.4g}, "
+                         f"which keeps this site within the signed target_epsilon {privacy.target_epsilon:g}")
+    return build_method(cfg.model_copy(update={"privacy": privacy.model_copy(
+        update={"noise_multiplier": float(z), "target_epsilon": None})}))
+
+
+def check_signed(kind: str, task: dict, public_key_path: Path, state_dir: Path, run_id: int, num_train: int) -> None:
     """Refuse a task whose run the operator did not sign, whose ticket belongs to another run, or
     that asks anything other than the signed configuration says."""
     ticket = tickets.verify(tickets.load_public_key(public_key_path), task.get(tickets.TICKET),
@@ -85,7 +102,7 @@ def check_signed(kind: str, task: dict, public_key_path: Path, state_dir: Path, 
     if task.get("share_label_counts") and not METHODS.get(cfg.trainer.name).needs_label_distribution:
         raise FedmiError("refused: the task asks for label counts that the signed run's method does not use")
     if "trainer" in task:
-        expected = _plain(build_method(cfg).spec())  # with privacy: clipped at this site
+        expected = _plain(_expected_method(cfg, task["trainer"], num_train).spec())  # with the signed privacy
         if _plain(task["trainer"]) != expected:
             raise FedmiError("refused: the task's trainer is not the signed run's (it asks "
                              f"{json.dumps(task['trainer'])[:200]})")

@@ -9,13 +9,18 @@ few array operations per round instead of a generator and a permutation per site
 Within a pass, batches are consecutive slices of `batch_size` (the last one may be smaller); the
 next pass is a new order. `local_steps` counts batches across passes; `local_epochs` counts
 passes. A full batch (batch_size None, or at least the site's size) keeps the data in order.
+
+With `sampling="poisson"` (DP-SGD's, whose privacy amplification by sampling assumes it) each
+batch instead takes every sample independently with probability q = batch_size / n, decided by
+the same kind of hash of (seed, r, key, step, i): batch sizes vary about batch_size, and an epoch
+is ceil(n / batch_size) steps.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +39,8 @@ class LocalSchedule:
       batch_size: samples per mini-batch; None is the site's whole training set.
       local_steps: mini-batch iterations per round (give this or `local_epochs`).
       local_epochs: passes over the site's training set per round.
+      sampling: "shuffle" (each pass a new order, cut into batches) or "poisson" (each sample in
+        each batch with probability batch_size / n, independently).
 
     Example: ``LocalSchedule(batch_size=32, local_steps=10)`` is FedAvg's "10 local iterations".
     """
@@ -41,6 +48,7 @@ class LocalSchedule:
     batch_size: int | None = 32
     local_steps: int | None = 10
     local_epochs: int | None = None
+    sampling: Literal["shuffle", "poisson"] = "shuffle"
 
     def __post_init__(self) -> None:
         if (self.local_steps is None) == (self.local_epochs is None):
@@ -49,6 +57,17 @@ class LocalSchedule:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise FedmiError(f"trainer {name} must be a positive integer, got {value!r}")
+        if self.sampling not in ("shuffle", "poisson"):
+            raise FedmiError(f"trainer sampling must be shuffle or poisson, got {self.sampling!r}")
+
+    def sampling_rate(self, size: int) -> float:
+        """q: the probability that a given sample is in a given batch of a site of `size` samples
+        under Poisson sampling (1 with full batches)."""
+        return 1.0 if self.batch_size is None or self.batch_size >= size else self.batch_size / size
+
+    def expected_size(self, size: int) -> int:
+        """The batch size a site of `size` samples draws (its mean, under Poisson sampling)."""
+        return size if self.batch_size is None else min(self.batch_size, size)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -152,6 +171,8 @@ def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: l
     sizes = tuple(np.asarray(sizes, dtype=np.int64).tolist())
     if any(n < 1 for n in sizes):
         raise FedmiError("a site with no training samples cannot train")
+    if schedule.sampling == "poisson":
+        return _poisson_plan(schedule, sizes, keys, seed, round_index)
     lay = _layout(schedule.batch_size, schedule.local_steps, schedule.local_epochs, sizes)
     site_hash = _chain(_chain(_chain(np.full(len(sizes), int(Stream.LOCAL_TRAINING), np.uint64), seed), round_index),
                        np.asarray(keys, dtype=np.int64).astype(np.uint64))
@@ -162,6 +183,31 @@ def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: l
     perm = lay.elem_i[np.argsort(key, kind="stable")]  # position within each segment's site
     index = np.where(lay.mask.numpy(), perm[lay.gather], 0)
     return BatchPlan(torch.from_numpy(index), lay.mask, lay.steps)
+
+
+def _poisson_plan(schedule: LocalSchedule, sizes: tuple[int, ...], keys, seed: int, round_index: int) -> BatchPlan:
+    """`plan_batches` under Poisson sampling: sample i is in site j's batch t when the hash of
+    (seed, round, key_j, t, i), read as a fraction of 2^64, is below q_j."""
+    n = np.asarray(sizes, dtype=np.int64)
+    bs = n.copy() if schedule.batch_size is None else np.minimum(schedule.batch_size, n)
+    steps = np.full_like(n, schedule.local_steps) if schedule.local_steps is not None else \
+        -(-n // bs) * schedule.local_epochs
+    site_hash = _chain(_chain(_chain(np.full(len(n), int(Stream.POISSON_BATCHES), np.uint64), seed), round_index),
+                       np.asarray(keys, dtype=np.int64).astype(np.uint64))
+    chosen = []
+    for j in range(len(n)):
+        h = _chain(site_hash[j], np.arange(steps[j], dtype=np.uint64))[:, None]
+        u = (_chain(h, np.arange(n[j], dtype=np.uint64)[None, :]) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+        chosen.append(u < (1.0 if bs[j] >= n[j] else bs[j] / n[j]))  # (steps, n): in the batch or not
+    width = max(int(c.sum(1).max()) for c in chosen)
+    index = np.zeros((len(n), int(steps.max()), width), np.int64)
+    mask = np.zeros(index.shape, bool)
+    for j, c in enumerate(chosen):
+        order = np.argsort(~c, axis=1, kind="stable")[:, :width]  # the chosen first, in index order
+        real = np.take_along_axis(c, order, 1)
+        index[j, : steps[j], : order.shape[1]] = np.where(real, order, 0)
+        mask[j, : steps[j], : order.shape[1]] = real
+    return BatchPlan(torch.from_numpy(index), torch.from_numpy(mask), torch.from_numpy(steps))
 
 
 def site_batches(schedule: LocalSchedule, size: int, key: int, seed: int, round_index: int) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ are disjoint, so each site gets exactly its own gradient). `torch.func.grad` wou
 call but costs about 1 ms of overhead per call on a small model against 0.2 ms for autograd.
 
 Models run functionally on the state's parameter and buffer dicts (what
-`torch.func.functional_call` does; `fedmi.runtime.sequential.FunctionalModel`), so
+`torch.func.functional_call` does; `fedmi.core.site_loop.FunctionalModel`), so
 batch-norm statistics are ordinary state: they change in place during the forward pass in
 training mode, and a method decides whether they travel to the server or stay at the site.
 
@@ -126,6 +126,10 @@ class LocalMethod:
         (SCAFFOLD's "scaffold"); None: FedAvg's weighted mean.
       needs_label_distribution: True if the method reads the federation's label distribution
         (`ctx.round.extras["label_distribution"]`, built from the sites' declared label counts).
+      per_sample_gradients: True if the method forms each step's gradient from its samples' own
+        gradients (`combine_gradients`; DP-SGD clips each one). Its objective must be the default
+        one (the task's loss at state["params"] plus `regulariser`), and the model must mix no
+        samples in its forward pass (no batch norm).
     Attributes:
       schedule: the local batch size and steps or epochs (`LocalSchedule`).
 
@@ -154,6 +158,7 @@ class LocalMethod:
     elementwise: ClassVar[bool] = False
     needs_label_distribution: ClassVar[bool] = False
     default_aggregator: ClassVar[str | None] = None
+    per_sample_gradients: ClassVar[bool] = False
     schedule: LocalSchedule = LocalSchedule()
 
     def init(self, global_params: P.ParamsT, site_state: State | None, ctx: SiteContext) -> State:
@@ -201,6 +206,31 @@ class LocalMethod:
           The new client state.
         """
         raise NotImplementedError(f"{type(self).__name__} must define step()")
+
+    def combine_gradients(self, sample_grads: dict[str, torch.Tensor], mask: torch.Tensor,
+                          expected_size: torch.Tensor, noise: dict[str, torch.Tensor], ctx: SiteContext
+                          ) -> dict[str, torch.Tensor]:
+        """The batch's data gradient from its samples' own gradients (methods with `per_sample_gradients`).
+
+        Runs under vmap over sites, like `step`: tensor operations only.
+
+        Args:
+          sample_grads: name -> (width, *shape), each sample's gradient of its own loss; rows where
+            `mask` is False are padding (their values are not zero: mask them).
+          mask: (width,) bool, the batch's real samples.
+          expected_size: () the batch size the site's schedule expects (with Poisson sampling the
+            real size varies round a mean of this).
+          noise: name -> standard normal draws shaped like the parameter, fresh each step (from the
+            site's own stream: the same on every runtime).
+          ctx: the site's context.
+        Returns:
+          name -> the gradient, as `step` receives it (the regulariser's gradient is added to it).
+        Example (the plain mean, what autograd gives; DP-SGD's is in `fedmi.client.privacy.dp_sgd`):
+          ``{k: (g * mask.view(-1, *[1] * (g.dim() - 1))).sum(0) / mask.sum() for k, g in sample_grads.items()}``
+        """
+        real = mask.to(next(iter(sample_grads.values())).dtype)
+        count = real.sum().clamp_min(1)
+        return {k: torch.tensordot(real, g, dims=1) / count for k, g in sample_grads.items()}
 
     def final(self, state: State, ctx: SiteContext) -> tuple[Update, State | None]:
         """(the site's `Update` for the server, the state the site keeps for next round)."""
@@ -269,6 +299,9 @@ class SiteStates:
 
 def personalised(method: LocalMethod) -> bool:
     """Whether sites evaluate with models of their own (site state substituted into the global model)."""
+    inner = getattr(method, "inner", None)  # a method that trains as another does (fedmi.client.wrapped)
+    if isinstance(inner, LocalMethod):
+        return personalised(inner)
     return type(method).evaluation_params is not LocalMethod.evaluation_params
 
 

@@ -32,6 +32,8 @@ class Stream(IntEnum):
     SELECTION = 6  # (seed,): which sites train in each round
     AUGMENTATION = 7  # (seed, round, site, step): a site's random augmentation of one batch
     PRIVACY_NOISE = 8  # (seed, round): the Gaussian noise a differentially private aggregate adds
+    SAMPLE_NOISE = 9  # (seed, round, site, step): the noise DP-SGD adds to one step's gradient at a site
+    POISSON_BATCHES = 10  # (seed, round, site): which samples a Poisson-sampled batch holds (core.batches' hash)
 
 
 def torch_generator(stream: Stream, *key: int) -> torch.Generator:

@@ -73,6 +73,9 @@ class _Report:
     num_examples: int
     train_loss: float | None
     norm: float  # of its delta: how far the site moved the model (to tell who made a run diverge)
+    epsilon: float | None = None  # the site's own privacy budget spent so far (sample-level DP, DP-SGD)
+    delta: float | None = None
+    noise_multiplier: float | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,25 @@ def _mean_loss(accepted: Sequence[_Report]) -> float | None:
     if not n or any(a.train_loss is None for a in accepted):
         return None
     return sum(a.num_examples * a.train_loss for a in accepted) / n
+
+
+def _site_budgets(accepted: Sequence[_Report], history: Sequence[dict]) -> dict:
+    """The sample-level privacy budget of a round's record, where the sites report one (DP-SGD):
+    each site's ε so far ("site_epsilon": a site that sat the round out keeps its last) and the
+    largest of them ("sample_epsilon", at "sample_delta"), the run's guarantee to every patient, and
+    the sites' noise multiplier where they share one."""
+    reported = {a.site: a.epsilon for a in accepted if a.epsilon is not None}
+    if not reported:
+        return {}
+    last = history[-1] if history else {}
+    budgets = {**last.get("site_epsilon", {}), **reported}
+    delta = max(a.delta for a in accepted if a.delta is not None)
+    out = {"site_epsilon": budgets, "sample_epsilon": max(budgets.values()),
+           "sample_delta": max(delta, last.get("sample_delta", 0.0))}
+    noise = {a.noise_multiplier for a in accepted if a.noise_multiplier is not None}
+    if len(noise) == 1:
+        out["noise_multiplier"] = noise.pop()
+    return out
 
 
 def _stops(completed: int) -> str:
@@ -305,6 +327,7 @@ class Runner:
         params, aggregation, accepted, rejected = self._round(state, chosen, info)
         seconds = time.perf_counter() - started  # broadcast, local training, upload, aggregation
         record = self._record(r, accepted, rejected, params)
+        record.update(_site_budgets(accepted, state.history))
         if hasattr(self.aggregator, "report"):
             record.update(self.aggregator.report(aggregation))
         self._check_divergence(r, record, accepted, state.params, params, state.history)
@@ -382,7 +405,9 @@ class Runner:
             log.warning("round %d: rejected %s", r + 1, e)
             return None
         round_agg.add(update)
-        return _Report(update.site, update.num_examples, update.metrics.get("train_loss"), _distance(update.delta))
+        m = update.metrics
+        return _Report(update.site, update.num_examples, m.get("train_loss"), _distance(update.delta),
+                       m.get("epsilon"), m.get("delta"), m.get("noise_multiplier"))
 
     def _local_lr(self) -> str:
         lr = self.method.spec().get("options", {}).get("lr") if hasattr(self.method, "spec") else None

@@ -25,7 +25,7 @@ class Runtime(Protocol):
             def site_infos(self): return [s.info for s in self.sites]
             def train(self, method, params, sites, round_info):
                 for name in sites:
-                    yield train_site(...)         # see fedmi.runtime.sequential
+                    yield train_site(...)         # see fedmi.core.site_loop
             def evaluate(self, params, method=None, sites=None, split="test"): ...
             def close(self): pass
     """

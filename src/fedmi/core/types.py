@@ -101,7 +101,7 @@ class SiteData:
     `augment`, where given, is applied to each training batch at the site:
     `augment(x, y, generator) -> (x, y)` (`fedmi.data.augment.Augment`).
     `test_cases`, where given, names the case (a tumour, a patient) of each test sample: evaluation
-    then scores cases, each by the mean of its samples' scores (`fedmi.client.evaluation`).
+    then scores cases, each by the mean of its samples' scores (`fedmi.core.site_loop`).
     `x_val`, `y_val`, where given, are a validation part of the site's data, never trained on: a
     protocol chooses among rounds (or epochs) by its metrics there, not by the test split's.
     """

@@ -110,12 +110,21 @@ class TrainerConfig(Settings):
 
 
 class PrivacyConfig(Settings):
-    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018): every site's update is
-    clipped to L2 norm `clip_norm` at the site, and the server adds Gaussian noise of standard
-    deviation noise_multiplier · clip_norm to their sum, divided by the number of sites. Give the
-    noise multiplier, or the ε to spend over the run (the noise is then calibrated to it); ε is
-    reported at `delta`, which should be below 1 / the number of sites."""
+    """Differential privacy, at one of two levels.
 
+    - `level: client`, DP-FedAvg (McMahan et al. 2018): every site's update is clipped to L2 norm
+      `clip_norm` at the site, and the server adds Gaussian noise of standard deviation
+      noise_multiplier · clip_norm to their sum, divided by the number of sites. It protects a
+      whole site's data; ε should be read at a `delta` below 1 / the number of sites.
+    - `level: sample`, DP-SGD at each site (Abadi et al. 2016): every local step's batch is
+      Poisson-sampled, each sample's gradient clipped to `clip_norm`, and Gaussian noise of standard
+      deviation noise_multiplier · clip_norm added to their sum. It protects each patient's record;
+      each site accounts its own steps, and the run's ε is the largest over the sites.
+
+    Give the noise multiplier, or the ε to spend over the run (the noise is then calibrated to it:
+    at sample level, for the site that spends most, the smallest at the batch size)."""
+
+    level: Literal["client", "sample"] = "client"
     clip_norm: float = Field(gt=0)
     noise_multiplier: float | None = Field(None, ge=0)
     target_epsilon: float | None = Field(None, gt=0)
@@ -152,13 +161,13 @@ class RunConfig(Settings):
     workers: int | None = Field(None, ge=1, le=1024)  # processes: worker processes; flower-sim: concurrent clients
     device: str = "cpu"  # where simulated sites compute: cpu, cuda, cuda:N, mps or auto (fedmi.core.device)
     deployment: DeploymentConfig = DeploymentConfig()
-    privacy: PrivacyConfig | None = None  # client-level differential privacy (DP-FedAvg)
+    privacy: PrivacyConfig | None = None  # differential privacy: DP-FedAvg (client) or DP-SGD (sample)
     out: str | None = None
     trackers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)  # also write metrics there
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> "RunConfig":
-        if self.privacy is None:
+        if self.privacy is None or self.privacy.level == "sample":  # DP-SGD is the sites' own: any server
             return self
         if self.aggregator is not None:
             raise ValueError("privacy makes the aggregate dp_mean (the clipped sum with noise); leave aggregator "

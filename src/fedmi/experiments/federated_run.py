@@ -6,7 +6,7 @@ import logging
 
 import shutil
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -139,19 +139,46 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     return FederatedRun(cfg, fed, result, getattr(runtime, "site_states", None))
 
 
-def build_method(cfg: RunConfig) -> LocalMethod:
-    """The local method every site runs: the config's trainer, its updates clipped at the site where
-    the config asks for privacy. The deployed site checks the server's against this one."""
+def build_method(cfg: RunConfig, site_sizes: Sequence[int] = ()) -> LocalMethod:
+    """The local method every site runs: the config's trainer, with the config's privacy: its updates
+    clipped at the site (client level) or its steps made DP-SGD's (sample level, with the noise
+    calibrated to `target_epsilon` for the sites of `site_sizes` training samples when it is given).
+    The deployed site checks the server's against this one."""
     method = make_method(cfg.trainer.name, **cfg.trainer.options())
-    if cfg.privacy is not None:
-        method = make_method("dp_clip", inner=method.spec(), clip_norm=cfg.privacy.clip_norm)
-    return method
+    privacy = cfg.privacy
+    if privacy is None:
+        return method
+    if privacy.level == "client":
+        return make_method("dp_clip", inner=method.spec(), clip_norm=privacy.clip_norm)
+    z = privacy.noise_multiplier
+    if z is None:
+        if not site_sizes:
+            raise FedmiError("privacy: calibrating DP-SGD's noise to target_epsilon needs the sites' sizes")
+        z = sample_noise(method, cfg, site_sizes)
+    return make_method("dp_sgd", inner=method.spec(), clip_norm=privacy.clip_norm, noise_multiplier=z,
+                       delta=privacy.delta)
+
+
+def sample_noise(method: LocalMethod, cfg: RunConfig, site_sizes: Sequence[int]) -> float:
+    """DP-SGD's noise multiplier that keeps every site within `target_epsilon` over the run: each
+    site's steps (every round, sampled at its rate b / n_k) calibrated, the largest kept."""
+    from fedmi.privacy import calibrate_noise
+
+    schedule = replace(method.schedule, sampling="poisson")
+    needs = set()
+    for n in site_sizes:
+        per_round = schedule.local_steps or schedule.local_epochs * -(-n // schedule.expected_size(n))
+        needs.add((schedule.sampling_rate(n), per_round * cfg.rounds))
+    z = max(calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, steps, rate) for rate, steps in needs)
+    log.info("privacy: DP-SGD noise multiplier %.4f spends at most epsilon %g at delta %g at any site over %d rounds",
+             z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
+    return z
 
 
 def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> AggregationPipeline:
     """The server's aggregation: the config's pipeline, or with privacy the clipped sum with Gaussian
     noise over a fixed `num_sites` (`dp_mean`), its noise calibrated to `target_epsilon` if given."""
-    if cfg.privacy is None:
+    if cfg.privacy is None or cfg.privacy.level == "sample":
         return make_aggregator(cfg.aggregator, cfg.server_lr, method)
     from fedmi.privacy import calibrate_noise
     from fedmi.server.optimizers import ServerSGD
@@ -163,6 +190,33 @@ def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> Agg
         log.info("privacy: noise multiplier %.4f spends epsilon %g at delta %g over %d rounds",
                  z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
     return DpMean(cfg.privacy.clip_norm, z, num_sites, cfg.privacy.delta) | ServerSGD(cfg.server_lr)
+
+
+def privacy_spent(record: dict, clip_norm: float) -> dict | None:
+    """What a run's last round says it spent: ε at δ, the level, the clipping bound and the noise
+    multiplier (and at sample level, each site's ε); None for a run without privacy."""
+    if "epsilon" in record:
+        return {"epsilon": record["epsilon"], "delta": record["delta"], "level": "client",
+                "clip_norm": clip_norm, "noise_multiplier": record.get("noise_multiplier")}
+    if "sample_epsilon" in record:
+        return {"epsilon": record["sample_epsilon"], "delta": record["sample_delta"], "level": "sample",
+                "clip_norm": clip_norm, "noise_multiplier": record.get("noise_multiplier"),
+                "site_epsilon": record["site_epsilon"]}
+    return None
+
+
+def privacy_line(record: dict, clip_norm: float) -> str | None:
+    """The line a run ends with on the budget it spent (None without privacy), from its last record."""
+    rounds = counted(record["round"], "round")
+    if "epsilon" in record:
+        return (f"privacy: epsilon {record['epsilon']:.3g} at delta {record['delta']:g} after {rounds} (client "
+                f"level: each site's update clipped to norm {clip_norm:g} at the site, Gaussian noise on their sum)")
+    if "sample_epsilon" in record:
+        sites = ", ".join(f"{site} {eps:.3g}" for site, eps in record["site_epsilon"].items())
+        return (f"privacy: epsilon {record['sample_epsilon']:.3g} at delta {record['sample_delta']:g} after {rounds} "
+                f"(sample level, the largest over the sites: DP-SGD at each, every sample's gradient clipped to "
+                f"norm {clip_norm:g}; by site: {sites})")
+    return None
 
 
 def site_state_folders(out: Path) -> dict[int, Path]:
@@ -184,9 +238,15 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     if model is None:
         model = build_model(cfg.model, input_shape, cfg.seed, task.num_outputs, cfg.model_options)
     init = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
-    method = build_method(cfg)
-    # the fixed denominator of a private aggregate; a grid's sites are asked only then (the runner asks anyway)
-    aggregator = build_aggregator(cfg, method, len(runtime.site_infos()) if cfg.privacy is not None else 0)
+    # The sites' sizes (a grid's are asked only where privacy needs them; the runner asks anyway):
+    # DP-SGD's calibration, and the fixed denominator of a private aggregate.
+    infos = runtime.site_infos() if cfg.privacy is not None else []
+    method = build_method(cfg, [i.num_train for i in infos])
+    if method.per_sample_gradients:
+        from fedmi.core.site_loop import check_per_sample, model_forward
+
+        check_per_sample(method, model_forward(model).batch_norm)
+    aggregator = build_aggregator(cfg, method, len(infos))
     checkpoint = None if out is None else out / CHECKPOINT
     site_states: SiteStates | None = getattr(runtime, "site_states", None)  # simulated sites keep theirs here
     start = None
@@ -259,10 +319,8 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
                metadata={"dataset": str(summary.get("dataset", "")), "model": cfg.model, "rounds": str(cfg.rounds)})
         summary = {**summary, "config": cfg.model_dump(), "aggregator": str(aggregator), "task": task.name,
                    "table_metrics": list(task.table_metrics), "final": result.history[-1].get("test")}
-        if "epsilon" in result.history[-1]:  # the budget the whole run spent
-            summary["privacy"] = {"epsilon": result.history[-1]["epsilon"], "delta": result.history[-1]["delta"],
-                                  "level": "client", "clip_norm": cfg.privacy.clip_norm,
-                                  "noise_multiplier": aggregator.parts()[1].noise_multiplier}
+        if cfg.privacy is not None and (spent := privacy_spent(result.history[-1], cfg.privacy.clip_norm)):
+            summary["privacy"] = spent
         (out / "summary.json").write_text(to_json(summary, indent=2) + "\n")
         title = f"{cfg.trainer.name} on {summary.get('dataset', 'the federation')}" + \
             (" (SYNTHETIC DATA)" if summary.get("synthetic") else "")

@@ -22,7 +22,7 @@ import yaml
 
 from fedmi.core import params as P
 from fedmi.errors import FedmiError, counted
-from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, TABLE2_SETTINGS, UNITS
+from fedmi.experiments.outputs import CHECKPOINT, PRIVACY, RUN_CONFIG, TABLE2_SETTINGS, UNITS
 
 log = logging.getLogger("fedmi")
 REPORT = "report.html"
@@ -103,6 +103,14 @@ def _load(run_dir: Path) -> dict:
                 "test_fraction": config.get("test_fraction", 0.2), "weights": preferred[0] if preferred else None,
                 "dataset": results.get("dataset", ""), "description": results.get("description", ""),
                 "synthetic": results.get("synthetic", False), "config_text": json.dumps(settings or config, indent=2)}
+    if (run_dir / PRIVACY).is_file():
+        results = json.loads((run_dir / PRIVACY).read_text())
+        run = results.get("run") or {}
+        return {"kind": "privacy", "results": results, "data": run.get("data"), "model": run.get("model"),
+                "model_options": run.get("model_options") or {}, "seed": run.get("seed", 0),
+                "test_fraction": (run.get("data") or {}).get("test_fraction", 0.2), "weights": None,
+                "dataset": results.get("dataset", ""), "description": "", "synthetic": results.get("synthetic", False),
+                "config_text": json.dumps({"run": run, "privacy_utility": results.get("config")}, indent=2)}
     if (run_dir / UNITS).is_file():
         done = sum(1 for line in (run_dir / UNITS).read_text().splitlines() if line.strip())
         raise FedmiError(f"{run_dir}: an unfinished Table II protocol ({counted(done, 'unit')} of work done, no "
@@ -220,7 +228,8 @@ def write_html_report(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise FedmiError(f"no run folder at {run_dir}")
     info = _load(run_dir)
-    kind = {"run": "run", "unfinished": "run (unfinished)", "table2": "Table II protocol"}[info["kind"]]
+    kind = {"run": "run", "unfinished": "run (unfinished)", "table2": "Table II protocol",
+            "privacy": "privacy-utility protocol"}[info["kind"]]
     title = f"fedmi {kind}: {info['dataset']}"
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p class='note'>{html.escape(info['description'])}</p>"]
     if info["kind"] == "unfinished":
@@ -236,9 +245,13 @@ def write_html_report(run_dir: Path) -> Path:
         parts.append(_final_table(info["summary"]))
         privacy = info["summary"].get("privacy")
         if privacy:
+            what = ("each site's update clipped to norm" if privacy["level"] == "client" else
+                    "DP-SGD at each site, every sample's gradient clipped to norm")
+            by_site = "".join(f"; {html.escape(site)} {eps:.3g}" for site, eps in privacy.get("site_epsilon", {}).items())
             parts.append(f"<p class='note'>Differential privacy ({privacy['level']} level): epsilon "
-                         f"{privacy['epsilon']:.3g} at delta {privacy['delta']:g}; each site's update clipped to norm "
-                         f"{privacy['clip_norm']:g}, Gaussian noise multiplier {privacy['noise_multiplier']:.3g}.</p>")
+                         f"{privacy['epsilon']:.3g} at delta {privacy['delta']:g}{' (the largest over the sites' if by_site else ''}"
+                         f"{by_site}{')' if by_site else ''}; {what} {privacy['clip_norm']:g}, Gaussian noise multiplier "
+                         f"{privacy['noise_multiplier']:.3g}.</p>")
     elif (run_dir / "table.md").is_file():
         parts.append(_markdown_table((run_dir / "table.md").read_text(), skip=info["description"]))
     skipped = (info.get("summary") or {}).get("skipped_files") or (info.get("results") or {}).get("skipped_files")

@@ -32,8 +32,9 @@ RUN_CONFIG = "config.yaml"  # the run's settings, kept in its folder for --resum
 TABLE2_SETTINGS = "table2.json"  # a protocol's settings, likewise
 UNITS = "units.jsonl"  # a protocol's finished units of work (a setting in a repeat), one per line
 ROBUSTNESS = "robustness.json"  # the corrupted-site protocol's results
+PRIVACY = "privacy.json"  # the privacy-utility protocol's results
 RUN_MARKERS = (RUN_CONFIG, CHECKPOINT, TABLE2_SETTINGS, UNITS, "metrics.jsonl", "summary.json", "results.json",
-               ROBUSTNESS)
+               ROBUSTNESS, PRIVACY)
 
 Mode = Literal["new", "overwrite", "resume"]
 

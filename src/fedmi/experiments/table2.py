@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from fedmi.client import make_method
-from fedmi.client.evaluation import evaluate_site
+from fedmi.core.site_loop import evaluate_site
 from fedmi.core import params as P
 from fedmi.core.device import check_device_runtime, resolve_device
 from fedmi.core.local import LocalMethod, personalised
@@ -46,7 +46,7 @@ from fedmi.experiments.defaults import DEFAULT_LR, model_defaults, trainer_defau
 from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, to_json
 from fedmi.models import MODELS, build_model
 from fedmi.runtime import make_runtime, runtime_names
-from fedmi.runtime.sequential import train_site
+from fedmi.core.site_loop import train_site
 from fedmi.server import make_aggregator, make_selector
 
 CENTRALISED = ("cross", "single", "mix")

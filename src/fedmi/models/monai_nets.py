@@ -13,7 +13,8 @@ For small images (a side under 64 pixels, as MedMNIST's 28) the ResNets take the
 that MedMNIST v2's ResNet-18 (28) uses: a 3x3 first convolution with stride 1 and no max-pooling,
 so that a 28-pixel image is not reduced to 7 pixels before the first residual block. Every
 network's batch-norm statistics are buffers: a method decides whether they are averaged (FedAvg)
-or stay at the site (FedBN).
+or stay at the site (FedBN). `norm: group` (or `instance`) builds any of them with that norm in place of each batch norm,
+as DP-SGD needs: its per-sample gradients are undefined where a batch's samples are normalised together.
 
 Example (YAML)::
 
@@ -23,6 +24,7 @@ Example (YAML)::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -41,9 +43,43 @@ def _spatial(input_shape: tuple[int, ...], model: str) -> tuple[int, int]:
     return len(input_shape) - 1, input_shape[0]
 
 
+GROUPS = 8  # `norm: group`'s groups (fewer where a layer's width is not a multiple of 8)
+NORMS = ("batch", "group", "instance")
+
+
+def replace_batch_norm(model: nn.Module, norm: str) -> nn.Module:
+    """`model` with every batch-norm layer replaced, in place, by a group norm of `GROUPS` groups or an
+    affine instance norm over the same channels. Done here rather than through the networks' own
+    `norm` argument, which MONAI 1.6's ResNet passes to its stem but not to its residual blocks."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            channels = child.num_features
+            if norm == "group":
+                new: nn.Module = nn.GroupNorm(math.gcd(channels, GROUPS), channels)
+            else:
+                new = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[_dims(child)](channels, affine=True)
+            setattr(model, name, new)
+        else:
+            replace_batch_norm(child, norm)
+    return model
+
+
+def _dims(batch_norm: nn.Module) -> int:
+    return {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(batch_norm), 2)
+
+
 def _build(cls: type, model: str, defaults: dict[str, Any], options: dict[str, Any]) -> nn.Module:
+    options = dict(options)
+    norm = "batch"  # built with batch norm, then replaced
+    if isinstance(options.get("norm"), str):
+        norm = options.pop("norm")
+        if norm not in NORMS:
+            raise FedmiError(f"model '{model}': norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    elif isinstance(options.get("norm"), list):  # MONAI's (name, arguments) pair, as YAML writes it
+        options["norm"] = tuple(options["norm"])
     try:
-        return cls(**{**defaults, **options})
+        return replace_batch_norm(cls(**{**defaults, **options}), norm) if norm != "batch" else \
+            cls(**{**defaults, **options})
     except (TypeError, ValueError, AssertionError) as e:
         raise FedmiError(f"model '{model}': {e}") from None
 

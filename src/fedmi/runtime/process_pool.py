@@ -30,7 +30,8 @@ from fedmi.core.runtime import RUNTIMES
 from fedmi.core.tasks import Task
 from fedmi.core.types import RoundInfo, SiteData, Update
 from fedmi.errors import FedmiError, one_line
-from fedmi.runtime.sequential import SequentialRuntime, train_site
+from fedmi.runtime.sequential import SequentialRuntime
+from fedmi.core.site_loop import train_site
 
 log = logging.getLogger("fedmi")
 

@@ -93,4 +93,4 @@ class DpMean(Reducer):
     def report(self, state: Any) -> dict[str, float]:
         accountant = PrivacyAccountant.from_state(state)
         epsilon = accountant.epsilon() if self.noise_multiplier > 0 else float("inf")
-        return {"epsilon": epsilon, "delta": self.delta}
+        return {"epsilon": epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier}

@@ -266,3 +266,85 @@ def test_sample_level_settings_reach_the_method_and_the_deployed_site_checks_the
     weak = {**spec, "options": {**spec["options"], "noise_multiplier": 0.3}}
     with pytest.raises(FedmiError, match="refused: the task's DP-SGD noise multiplier"):
         _expected_method(cfg, weak, 400)
+
+
+# -- what a site releases and keeps: fresh noise everywhere, no losses, a budget that cannot be undone ----------
+
+def dp_method(**options):
+    inner = make_method("fedavg", lr=0.2, batch_size=8, local_steps=3)
+    return make_method("dp_sgd", inner=inner.spec(), clip_norm=0.5, noise_multiplier=1.0, **options)
+
+
+def test_each_site_round_and_private_key_draws_its_own_noise(heart):
+    fed, sites = heart
+    twin = [sites[0], SiteData("twin", sites[0].x_train, sites[0].y_train, sites[0].x_test, sites[0].y_test)]
+    first = updates("sequential", dp_method(), fed, twin)
+    assert max(float((first[sites[0].name].delta[k] - first["twin"].delta[k]).abs().max())
+               for k in first["twin"].delta) > 1e-3  # the same data at two sites: not the same noise
+    model = build_model("mlp", fed.input_shape, 0, 1)
+    site = sites[0]
+    run = lambda r, private_key=None: train_site(dp_method(), model, fed.task, site, initial(model), None,  # noqa
+                                                 RoundInfo(r, 2, 3, 1), 0, private_key=private_key)[0].delta
+    gap = lambda a, b: max(float((a[k] - b[k]).abs().max()) for k in a)  # noqa: E731
+    assert gap(run(0), run(1)) > 1e-3
+    assert gap(run(0), run(0)) == 0  # a simulation is reproducible from its seed ...
+    assert gap(run(0, 11), run(0)) > 1e-3 and gap(run(0, 11), run(0, 12)) > 1e-3  # ... a deployed site's key is not
+    assert gap(run(0, 11), run(0, 11)) == 0
+
+
+def test_a_dp_sgd_update_carries_no_training_loss(heart):
+    fed, sites = heart
+    sent = updates("vectorised", dp_method(), fed, sites)
+    for u in sent.values():
+        assert set(u.metrics) == {"local_steps", "epsilon", "delta", "noise_multiplier"}
+
+
+def test_an_undone_round_keeps_the_budget_it_spent(heart):
+    fed, sites = heart
+    model = build_model("mlp", fed.input_shape, 0, 1)
+    method = dp_method()
+    _, before = train_site(method, model, fed.task, sites[0], initial(model), None, RoundInfo(0, 3, 0, 1), 0)
+    _, after = train_site(method, model, fed.task, sites[0], initial(model), before, RoundInfo(1, 3, 0, 1), 0)
+    kept = method.undone(before, after)
+    assert int(kept["dp_sgd_budget"]["rounds"]) == 2 and int(kept["dp_sgd_budget"]["steps"]) == 6
+
+
+def test_a_site_refuses_rounds_past_its_budget_and_changed_settings(heart):
+    fed, sites = heart
+    model = build_model("mlp", fed.input_shape, 0, 1)
+    method = dp_method(max_rounds=2)
+    state = None
+    for r in range(2):
+        _, state = train_site(method, model, fed.task, sites[0], initial(model), state, RoundInfo(r, 2, 0, 1), 0)
+    with pytest.raises(FedmiError, match="has run the 2 DP-SGD rounds its privacy budget allows"):
+        train_site(method, model, fed.task, sites[0], initial(model), state, RoundInfo(1, 2, 0, 1), 0)  # a replay
+    louder = make_method("dp_sgd", inner=method.inner.spec(), clip_norm=0.5, noise_multiplier=2.0)
+    with pytest.raises(FedmiError, match="ran its earlier DP-SGD steps at noise multiplier 1"):
+        train_site(louder, model, fed.task, sites[0], initial(model), state, RoundInfo(2, 3, 0, 1), 0)
+
+
+def test_a_rejected_update_still_counts_the_budget_its_site_spent(heart):
+    from fedmi.core.runner import Runner
+    from fedmi.server import make_aggregator
+
+    fed, sites = heart
+    model = build_model("mlp", fed.input_shape, 0, 1)
+    inner = make_runtime("sequential", model, sites, fed.task, None)
+
+    class Poisoned:  # Hungary's updates arrive broken: rejected by the server's checks
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def train(self, method, params, names, info):
+            for u in inner.train(method, params, names, info):
+                if u.site == "Hungary":
+                    u = type(u)(u.site, {k: v * float("nan") for k, v in u.delta.items()}, u.num_examples,
+                                u.metrics)
+                yield u
+
+    history = Runner(Poisoned(), dp_method(), make_aggregator(None), rounds=2, evaluate_every=0).run(
+        initial(model)).history
+    assert all("Hungary" in h["rejected"] for h in history)
+    acc = PrivacyAccountant(1e-5)
+    acc.spend(1.0, 8 / next(s.num_train for s in sites if s.name == "Hungary"), 6)
+    assert history[-1]["site_epsilon"]["Hungary"] == pytest.approx(acc.epsilon(), rel=1e-9)

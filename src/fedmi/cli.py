@@ -691,6 +691,52 @@ def privacy(
 
 
 @app.command()
+def audit(
+    dataset: str = _option("breastmnist", help="an image dataset (fedmi datasets): breastmnist, pneumoniamnist"),
+    model: str = _option("cnn", help="the network attacked (fedmi's own: cnn; resnet18 with model options)"),
+    model_options: Optional[str] = _option(None, help="the model's arguments as a YAML mapping"),
+    targets: int = _option(4, help="attacked batches per defence (different real images each)"),
+    attacks: str = _option("idlg,inverting_gradients", help="dlg, idlg, inverting_gradients"),
+    iterations: int = _option(1000, help="inverting gradients' steps (DLG, iDLG: a fifth as many L-BFGS steps)"),
+    batch_sizes: str = _option("4", help="defence rows: images behind one update"),
+    local_steps: str = _option("5", help="defence rows: local steps in the attacked round"),
+    clip_norm: float = _option(1.0, help="C of the DP defences (each image's gradient; the site's update)"),
+    dp_sgd_noise: str = _option("0.001,0.01,0.1,1", help="defence rows: DP-SGD noise multipliers"),
+    site_noise: str = _option("0.001,0.01,0.1,1", help="defence rows: noise multipliers added at the site"),
+    rounds: int = _option(20, help="rounds of the federated trainings attacked by membership inference (0: none)"),
+    epsilons: str = _option("1,8", help="DP-SGD targets of the trained models attacked by membership inference"),
+    seed: int = _option(0, help="seed of the images attacked, the model and the noise"),
+    out: Optional[Path] = _option(None, help="output folder (default runs/audit-DATASET)"),
+    overwrite: bool = _option(False, "--overwrite", help="replace the results already in the output folder"),
+    verbose: bool = _option(False, "--verbose", "-v", help="log every round and every decision"),
+) -> None:
+    """Leakage measured by attack: gradient inversion of one site's update and membership inference on the
+    final model, undefended and under each defence (PSNR, SSIM, attack AUC, TPR at low FPR, utility)."""
+    _setup_logging(verbose)
+    from fedmi.experiments.audit import AuditConfig, run_audit, work_units, write_audit_report
+    from fedmi.experiments.config import validated
+    from fedmi.experiments.outputs import AUDIT, output_folder
+
+    whole = lambda text, flag: [int(v) for v in _numbers(text, flag)] if text else []  # noqa: E731
+    raw = {"dataset": dataset, "model": model, "model_options": _yaml_mapping(model_options, "--model-options") or {},
+           "targets": targets, "attacks": [a.strip() for a in attacks.split(",") if a.strip()],
+           "iterations": iterations, "batch_sizes": whole(batch_sizes, "--batch-sizes"),
+           "local_steps": whole(local_steps, "--local-steps"), "clip_norm": clip_norm,
+           "dp_sgd_noise": _numbers(dp_sgd_noise, "--dp-sgd-noise") if dp_sgd_noise else [],
+           "site_noise": _numbers(site_noise, "--site-noise") if site_noise else [], "rounds": rounds,
+           "epsilons": _numbers(epsilons, "--epsilons") if epsilons else [], "seed": seed}
+    cfg = validated(AuditConfig, raw, "fedmi audit", prefix="option ")
+    target = out or Path("runs") / f"audit-{dataset}"
+    with output_folder(target, "overwrite" if overwrite else "new", settings=AUDIT, progress=AUDIT) as path:
+        with _progress() as progress:
+            task = progress.add_task(dataset, total=work_units(cfg))
+            result = run_audit(cfg, advance=lambda n: progress.update(task, advance=1, description=n))
+        write_audit_report(result, path)
+    out_console.print((path / "table.md").read_text(), highlight=False, soft_wrap=True)
+    out_console.print(f"wrote {target}/: " + ", ".join(sorted(p.name for p in target.iterdir())))
+
+
+@app.command()
 def methods() -> None:
     """List the federated settings `fedmi table2 --methods` takes, the local methods and the aggregation steps."""
     from fedmi.client import METHODS

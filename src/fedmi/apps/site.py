@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import zlib
 from collections import OrderedDict
 from functools import lru_cache
@@ -160,14 +161,18 @@ def _copy_state(context: Context, source: tuple[str, str], target: tuple[str, st
 
 def _undo_unreceived(context: Context, task: dict) -> None:
     """If the server says it never received this site's last trained update, go back to the state
-    before that training (the run's records then say, truly, that this site did not train then)."""
+    before that training (the run's records then say, truly, that this site did not train then);
+    what the method says must survive an undo (a privacy budget spent) comes from the state after."""
     trained = context.state.config_records.get(_TRAINED_ROUND)
     if trained is None or "received_round" not in task:
         return
     if int(trained["round"]) > int(task["received_round"]):
         log.warning("round %d: this site's update never reached the server; its state change is undone",
                     int(trained["round"]) + 1)
+        after = _kept_state(context)
         _copy_state(context, (_BEFORE, _BEFORE_SKELETON), (_SITE_STATE, _SKELETON))
+        if "trainer" in task:
+            _keep_state(context, method_from_spec(task["trainer"]).undone(_kept_state(context), after))
     _drop(context, _BEFORE, _BEFORE_SKELETON)  # undone, or received: the old state is not needed
     _drop(context, _TRAINED_ROUND)
 
@@ -220,7 +225,11 @@ def client_app(default_data: DataConfig | None = None) -> ClientApp:
             if codec.SERVER_EXTRAS in msg.content.array_records else {}
         round_info = RoundInfo(int(task["round"]), int(task.get("num_rounds", 0)), int(task["seed"]),
                                int(task.get("num_sites", 0)), extras)
-        update, kept = train_site(method, model, site_task, site, params, _kept_state(context), round_info, key)
+        # A deployed site's private randomness (DP-SGD's batches and noise) comes from the OS, fresh for each
+        # task: the server, which knows the run's seed, can neither recompute nor replay it.
+        private_key = secrets.randbits(63) if "data-config" in context.node_config else None
+        update, kept = train_site(method, model, site_task, site, params, _kept_state(context), round_info, key,
+                                  private_key=private_key)
         if "received_round" in task:  # the state before, kept until the server says it has this round's update
             _copy_state(context, (_SITE_STATE, _SKELETON), (_BEFORE, _BEFORE_SKELETON))
             context.state[_TRAINED_ROUND] = ConfigRecord({"round": round_info.round})

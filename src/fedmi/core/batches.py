@@ -11,9 +11,10 @@ next pass is a new order. `local_steps` counts batches across passes; `local_epo
 passes. A full batch (batch_size None, or at least the site's size) keeps the data in order.
 
 With `sampling="poisson"` (DP-SGD's, whose privacy amplification by sampling assumes it) each
-batch instead takes every sample independently with probability q = batch_size / n, decided by
-the same kind of hash of (seed, r, key, step, i): batch sizes vary about batch_size, and an epoch
-is ceil(n / batch_size) steps.
+batch instead takes every sample independently with probability q = batch_size / n, drawn from a
+generator of (seed, r, the site's key): batch sizes vary about batch_size, and an epoch is
+ceil(n / batch_size) steps. A deployed site plans them from a key of its own (`site_loop`), so
+that the server cannot know which samples a batch held.
 """
 
 from __future__ import annotations
@@ -186,27 +187,30 @@ def plan_batches(schedule: LocalSchedule, sizes: list[int] | np.ndarray, keys: l
 
 
 def _poisson_plan(schedule: LocalSchedule, sizes: tuple[int, ...], keys, seed: int, round_index: int) -> BatchPlan:
-    """`plan_batches` under Poisson sampling: sample i is in site j's batch t when the hash of
-    (seed, round, key_j, t, i), read as a fraction of 2^64, is below q_j."""
+    """`plan_batches` under Poisson sampling: each of site j's batches holds Binomial(n_j, q_j) samples
+    drawn uniformly without replacement, which is the law of taking each sample independently with
+    probability q_j, in O(batch) per step; from a generator of (seed, round, key_j) alone."""
+    from fedmi.core.rng import numpy_generator
+
     n = np.asarray(sizes, dtype=np.int64)
     bs = n.copy() if schedule.batch_size is None else np.minimum(schedule.batch_size, n)
     steps = np.full_like(n, schedule.local_steps) if schedule.local_steps is not None else \
         -(-n // bs) * schedule.local_epochs
-    site_hash = _chain(_chain(_chain(np.full(len(n), int(Stream.POISSON_BATCHES), np.uint64), seed), round_index),
-                       np.asarray(keys, dtype=np.int64).astype(np.uint64))
-    chosen = []
+    chosen: list[list[np.ndarray]] = []
     for j in range(len(n)):
-        h = _chain(site_hash[j], np.arange(steps[j], dtype=np.uint64))[:, None]
-        u = (_chain(h, np.arange(n[j], dtype=np.uint64)[None, :]) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
-        chosen.append(u < (1.0 if bs[j] >= n[j] else bs[j] / n[j]))  # (steps, n): in the batch or not
-    width = max(int(c.sum(1).max()) for c in chosen)
-    index = np.zeros((len(n), int(steps.max()), width), np.int64)
+        rng = numpy_generator(Stream.POISSON_BATCHES, seed, round_index, int(keys[j]))
+        if bs[j] >= n[j]:  # q = 1: every sample, in order
+            chosen.append([np.arange(n[j])] * int(steps[j]))
+            continue
+        counts = rng.binomial(int(n[j]), bs[j] / n[j], size=int(steps[j]))
+        chosen.append([np.sort(rng.choice(int(n[j]), size=int(c), replace=False)) for c in counts])
+    width = max((len(b) for c in chosen for b in c), default=0)
+    index = np.zeros((len(n), int(steps.max()) if len(n) else 0, width), np.int64)
     mask = np.zeros(index.shape, bool)
-    for j, c in enumerate(chosen):
-        order = np.argsort(~c, axis=1, kind="stable")[:, :width]  # the chosen first, in index order
-        real = np.take_along_axis(c, order, 1)
-        index[j, : steps[j], : order.shape[1]] = np.where(real, order, 0)
-        mask[j, : steps[j], : order.shape[1]] = real
+    for j, batches in enumerate(chosen):
+        for t, batch in enumerate(batches):
+            index[j, t, : len(batch)] = batch
+            mask[j, t, : len(batch)] = True
     return BatchPlan(torch.from_numpy(index), torch.from_numpy(mask), torch.from_numpy(steps))
 
 

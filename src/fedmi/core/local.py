@@ -238,6 +238,19 @@ class LocalMethod:
         delta = OrderedDict((k, local[k].detach() - g) for k, g in ctx.global_params.items())
         return ctx.update(delta), None
 
+    def undone(self, before: State | None, after: State | None) -> State | None:
+        """The site state when a round's training is undone (a deployed site whose update never
+        reached the server): by default the state before it. A method whose state records what
+        cannot be taken back (DP-SGD's privacy budget: the update was computed, and perhaps seen)
+        carries that over from `after`.
+
+        Args:
+          before: the state before the undone round; after: the state it left.
+        Returns:
+          The state the site keeps.
+        """
+        return before
+
     def evaluation_params(self, global_params: P.ParamsT, site_state: State | None) -> P.ParamsT:
         """The parameters a site evaluates with (its personalised model, for personalised methods)."""
         return global_params

@@ -73,9 +73,16 @@ class _Report:
     num_examples: int
     train_loss: float | None
     norm: float  # of its delta: how far the site moved the model (to tell who made a run diverge)
-    epsilon: float | None = None  # the site's own privacy budget spent so far (sample-level DP, DP-SGD)
-    delta: float | None = None
-    noise_multiplier: float | None = None
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The privacy budget a site reported with an update (DP-SGD's own accountant): its ε so far."""
+
+    site: str
+    epsilon: float
+    delta: float | None
+    noise_multiplier: float | None
 
 
 @dataclass(frozen=True)
@@ -183,20 +190,24 @@ def _mean_loss(accepted: Sequence[_Report]) -> float | None:
     return sum(a.num_examples * a.train_loss for a in accepted) / n
 
 
-def _site_budgets(accepted: Sequence[_Report], history: Sequence[dict]) -> dict:
+def _site_budgets(spent: Sequence[_Budget], history: Sequence[dict]) -> dict:
     """The sample-level privacy budget of a round's record, where the sites report one (DP-SGD):
-    each site's ε so far ("site_epsilon": a site that sat the round out keeps its last) and the
-    largest of them ("sample_epsilon", at "sample_delta"), the run's guarantee to every patient, and
-    the sites' noise multiplier where they share one."""
-    reported = {a.site: a.epsilon for a in accepted if a.epsilon is not None}
-    if not reported:
+    each site's ε so far ("site_epsilon": a site that sat the round out keeps its last; a later
+    report of one site, from a retry, supersedes its earlier) and the largest of them
+    ("sample_epsilon", at "sample_delta"), the run's guarantee to every patient, and the sites'
+    noise multiplier where they share one. `spent`: every update that reported a budget, accepted
+    or rejected: its site spent it either way."""
+    if not spent:
         return {}
     last = history[-1] if history else {}
-    budgets = {**last.get("site_epsilon", {}), **reported}
-    delta = max(a.delta for a in accepted if a.delta is not None)
+    this_round: dict[str, float] = {}
+    for b in spent:  # a site trained again in a retry reports its larger budget
+        this_round[b.site] = max(b.epsilon, this_round.get(b.site, b.epsilon))
+    budgets = {**last.get("site_epsilon", {}), **this_round}
+    delta = max((b.delta for b in spent if b.delta is not None), default=0.0)
     out = {"site_epsilon": budgets, "sample_epsilon": max(budgets.values()),
            "sample_delta": max(delta, last.get("sample_delta", 0.0))}
-    noise = {a.noise_multiplier for a in accepted if a.noise_multiplier is not None}
+    noise = {b.noise_multiplier for b in spent if b.noise_multiplier is not None}
     if len(noise) == 1:
         out["noise_multiplier"] = noise.pop()
     return out
@@ -324,10 +335,10 @@ class Runner:
         if len(chosen) < self.min_sites:
             raise FedmiError(f"round {r + 1}: {len(chosen)} sites selected but min_sites is {self.min_sites}")
         started = time.perf_counter()
-        params, aggregation, accepted, rejected = self._round(state, chosen, info)
+        params, aggregation, accepted, rejected, spent = self._round(state, chosen, info)
         seconds = time.perf_counter() - started  # broadcast, local training, upload, aggregation
         record = self._record(r, accepted, rejected, params)
-        record.update(_site_budgets(accepted, state.history))
+        record.update(_site_budgets(spent, state.history))
         if hasattr(self.aggregator, "report"):
             record.update(self.aggregator.report(aggregation))
         self._check_divergence(r, record, accepted, state.params, params, state.history)
@@ -360,14 +371,19 @@ class Runner:
         return self.clock() - ended >= CHECKPOINT_SPACING * took
 
     def _round(self, state: ServerState, chosen: list[str], info: RoundInfo
-               ) -> tuple[P.Params, Any, list[_Report], list[str]]:
-        """One round, run again (same sites, same randomness) while fewer than min_sites updates are accepted."""
+               ) -> tuple[P.Params, Any, list[_Report], list[str], list[_Budget]]:
+        """One round, run again (same sites, same randomness) while fewer than min_sites updates are
+        accepted; and the privacy budgets every update reported, accepted or not, in every attempt."""
         r, params = info.round, state.params
+        spent: list[_Budget] = []  # a site that trained spent its budget, whatever became of its update
         for attempt in range(self.max_retries + 1):
             round_agg = self.aggregator.begin_round(state.aggregation, params, info)
             accepted: list[_Report] = []
             rejected: list[str] = []
             for update in self.runtime.train(self.method, params, chosen, info):
+                if isinstance(update, Update) and isinstance(update.metrics.get("epsilon"), float):
+                    m = update.metrics
+                    spent.append(_Budget(update.site, m["epsilon"], m.get("delta"), m.get("noise_multiplier")))
                 report = self._take(update, params, round_agg, r)
                 site = update.site
                 del update  # released before the runtime builds the next one: O(model) server memory
@@ -387,7 +403,7 @@ class Runner:
                 order = {name: i for i, name in enumerate(chosen)}  # replies come in arrival order
                 accepted.sort(key=lambda a: order[a.site])
                 rejected.sort(key=lambda s: order.get(s, len(order)))
-                return new_params, aggregation, accepted, rejected
+                return new_params, aggregation, accepted, rejected, spent
             what = f"round {r + 1}: {len(accepted)} of {len(chosen)} sites gave an acceptable update, " \
                    f"min_sites is {self.min_sites}"
             if attempt < self.max_retries:
@@ -405,9 +421,7 @@ class Runner:
             log.warning("round %d: rejected %s", r + 1, e)
             return None
         round_agg.add(update)
-        m = update.metrics
-        return _Report(update.site, update.num_examples, m.get("train_loss"), _distance(update.delta),
-                       m.get("epsilon"), m.get("delta"), m.get("noise_multiplier"))
+        return _Report(update.site, update.num_examples, update.metrics.get("train_loss"), _distance(update.delta))
 
     def _local_lr(self) -> str:
         lr = self.method.spec().get("options", {}).get("lr") if hasattr(self.method, "spec") else None

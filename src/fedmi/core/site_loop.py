@@ -150,7 +150,8 @@ def sample_gradients(method: LocalMethod, state: State, batch: Batch, mask: torc
 
 def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData, params: P.ParamsT,
                site_state: State | None, round_info: RoundInfo, key: int,
-               batches: list[torch.Tensor] | None = None) -> tuple[Update, State | None]:
+               batches: list[torch.Tensor] | None = None, private_key: int | None = None
+               ) -> tuple[Update, State | None]:
     """One site's round: (its update for the server, the state it keeps).
 
     Args:
@@ -163,6 +164,10 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
       round_info: the round.
       key: the site's key in the random streams (its position in the federation).
       batches: the site's batches if already planned (with other sites'); else planned here.
+      private_key: a key only the site holds (a deployed site draws one from the OS for each task),
+        from which a method with `per_sample_gradients` draws its Poisson batches and its noise. None
+        (simulation): they come from (seed, round, key), the same on every runtime and on resume;
+        whoever holds the run's seed can recompute them, so a simulation is reproducible, not private.
     Returns:
       The update and the kept state on the CPU, whichever device the site's data is on (the
       site computes there: what arrives is moved to it, see `fedmi.core.device`).
@@ -174,8 +179,11 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
     model.train()
     params = channels_last(params)
     ctx = site_context(model, task, params, round_info, site.name, site.num_train)
-    if batches is None:
-        batches = site_batches(method.schedule, site.num_train, key, round_info.seed, round_info.round)
+    private = method.per_sample_gradients and private_key is not None
+    noise_key = (private_key, 0) if private else (round_info.seed, key)
+    if batches is None or private:
+        batches = site_batches(method.schedule, site.num_train, *((0, private_key) if private else
+                                                                  (key, round_info.seed)), round_info.round)
     check_per_sample(method, ctx.batch_norm_names)
     state = method.init(params, site_state, ctx)
     expected = torch.tensor(float(method.schedule.expected_size(site.num_train)), device=device)
@@ -188,7 +196,7 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
         batch = Batch(x, y)
         if method.per_sample_gradients:
             noise = step_noise(method.trainable(state), torch_generator(
-                Stream.SAMPLE_NOISE, round_info.seed, round_info.round, key, step))
+                Stream.SAMPLE_NOISE, noise_key[0], round_info.round, noise_key[1], step))
             grads, data_loss = sample_gradients(method, state, batch, torch.ones(n, dtype=torch.bool, device=device),
                                                 expected, noise, ctx)
         else:
@@ -210,7 +218,6 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
         update = replace(update, delta=move(update.delta, CPU), extras=move(update.extras, CPU))
         kept = move(kept, CPU)
     return update, kept
-
 
 
 @torch.no_grad()

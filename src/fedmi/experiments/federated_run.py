@@ -155,8 +155,9 @@ def build_method(cfg: RunConfig, site_sizes: Sequence[int] = ()) -> LocalMethod:
         if not site_sizes:
             raise FedmiError("privacy: calibrating DP-SGD's noise to target_epsilon needs the sites' sizes")
         z = sample_noise(method, cfg, site_sizes)
+    # a site trains at most every round and each retry of it; a server asking more is refused
     return make_method("dp_sgd", inner=method.spec(), clip_norm=privacy.clip_norm, noise_multiplier=z,
-                       delta=privacy.delta)
+                       delta=privacy.delta, max_rounds=cfg.rounds * (1 + cfg.max_retries))
 
 
 def sample_noise(method: LocalMethod, cfg: RunConfig, site_sizes: Sequence[int]) -> float:

@@ -22,7 +22,7 @@ import yaml
 
 from fedmi.core import params as P
 from fedmi.errors import FedmiError, counted
-from fedmi.experiments.outputs import CHECKPOINT, PRIVACY, RUN_CONFIG, TABLE2_SETTINGS, UNITS
+from fedmi.experiments.outputs import AUDIT, CHECKPOINT, PRIVACY, RUN_CONFIG, TABLE2_SETTINGS, UNITS
 
 log = logging.getLogger("fedmi")
 REPORT = "report.html"
@@ -111,6 +111,13 @@ def _load(run_dir: Path) -> dict:
                 "test_fraction": (run.get("data") or {}).get("test_fraction", 0.2), "weights": None,
                 "dataset": results.get("dataset", ""), "description": "", "synthetic": results.get("synthetic", False),
                 "config_text": json.dumps({"run": run, "privacy_utility": results.get("config")}, indent=2)}
+    if (run_dir / AUDIT).is_file():
+        results = json.loads((run_dir / AUDIT).read_text())
+        cfg = results.get("config") or {}
+        return {"kind": "audit", "results": results, "data": {"dataset": cfg.get("dataset")}, "model": None,
+                "model_options": {}, "seed": cfg.get("seed", 0), "test_fraction": 0.2, "weights": None,
+                "dataset": results.get("dataset", ""), "description": "", "synthetic": False,
+                "config_text": json.dumps(cfg, indent=2)}
     if (run_dir / UNITS).is_file():
         done = sum(1 for line in (run_dir / UNITS).read_text().splitlines() if line.strip())
         raise FedmiError(f"{run_dir}: an unfinished Table II protocol ({counted(done, 'unit')} of work done, no "
@@ -229,7 +236,7 @@ def write_html_report(run_dir: Path) -> Path:
         raise FedmiError(f"no run folder at {run_dir}")
     info = _load(run_dir)
     kind = {"run": "run", "unfinished": "run (unfinished)", "table2": "Table II protocol",
-            "privacy": "privacy-utility protocol"}[info["kind"]]
+            "privacy": "privacy-utility protocol", "audit": "leakage audit"}[info["kind"]]
     title = f"fedmi {kind}: {info['dataset']}"
     parts = [f"<h1>{html.escape(title)}</h1>", f"<p class='note'>{html.escape(info['description'])}</p>"]
     if info["kind"] == "unfinished":

@@ -33,8 +33,9 @@ TABLE2_SETTINGS = "table2.json"  # a protocol's settings, likewise
 UNITS = "units.jsonl"  # a protocol's finished units of work (a setting in a repeat), one per line
 ROBUSTNESS = "robustness.json"  # the corrupted-site protocol's results
 PRIVACY = "privacy.json"  # the privacy-utility protocol's results
+AUDIT = "audit.json"  # the leakage audit's results
 RUN_MARKERS = (RUN_CONFIG, CHECKPOINT, TABLE2_SETTINGS, UNITS, "metrics.jsonl", "summary.json", "results.json",
-               ROBUSTNESS, PRIVACY)
+               ROBUSTNESS, PRIVACY, AUDIT)
 
 Mode = Literal["new", "overwrite", "resume"]
 
@@ -201,3 +202,24 @@ class JsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_protocol_files(out: Path, results_name: str, results: dict, table: str, plot_name: str,
+                         plot: Callable[[Path], None]) -> list[Path]:
+    """A protocol's three files in `out`: its results as JSON, its Markdown table and its plot.
+
+    Args:
+      out: the protocol's folder (made if missing).
+      results_name: the results file's name (`PRIVACY`, `AUDIT`, `ROBUSTNESS`).
+      results: the results, JSON-serialisable.
+      table: the table's Markdown.
+      plot_name: the plot's file name; plot: draws it to the path it is given.
+    Returns:
+      The three paths.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / results_name, out / "table.md", out / plot_name]
+    files[0].write_text(json.dumps(results, indent=2, default=float) + "\n")
+    files[1].write_text(table)
+    plot(files[2])
+    return files

@@ -17,7 +17,6 @@ renders the folder.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from fedmi.core.metrics import format_summary, summarize
 from fedmi.core.rng import repeat_seed
 from fedmi.core.schema import Settings
 from fedmi.experiments.config import PrivacyConfig, RunConfig
-from fedmi.experiments.outputs import PRIVACY
+from fedmi.experiments.outputs import PRIVACY, write_protocol_files
 
 
 
@@ -162,6 +161,11 @@ def markdown_table(result: PrivacyUtilityResult) -> str:
         cells = [format_summary(s["sites"][site]) for site in result.sites]
         lines.append(f"| {label} | {epsilon_cell(s) if label != 'no privacy' else '–'} | " + " | ".join(cells)
                      + f" | {format_summary(s['mean'])} |")
+    reference = summary.get("no privacy", {}).get("sites", {})
+    undefined = [site for site, v in reference.items() if v["mean"] is None]
+    if undefined:
+        lines += ["", f"n/a: {', '.join(undefined)}: {result.metric.upper()} is undefined where a test split holds "
+                  "one class, as it did there in every repeat; the mean over sites leaves it out."]
     return "\n".join(lines) + "\n"
 
 
@@ -195,9 +199,5 @@ def plot_privacy_utility(result: PrivacyUtilityResult, path: Path) -> None:
 
 
 def write_privacy_report(result: PrivacyUtilityResult, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / PRIVACY, out / "table.md", out / "privacy_utility.png"]
-    files[0].write_text(json.dumps(result.to_json(), indent=2, default=float) + "\n")
-    files[1].write_text(markdown_table(result))
-    plot_privacy_utility(result, files[2])
-    return files
+    return write_protocol_files(out, PRIVACY, result.to_json(), markdown_table(result), "privacy_utility.png",
+                                lambda path: plot_privacy_utility(result, path))

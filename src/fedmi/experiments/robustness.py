@@ -17,7 +17,6 @@ Fraction 0 is the clean federation, run once per aggregator and shared by every 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from fedmi.core.types import SiteData
 from fedmi.data.corruption import DATA_CORRUPTIONS
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError, check_number
-from fedmi.experiments.outputs import ROBUSTNESS
+from fedmi.experiments.outputs import ROBUSTNESS, write_protocol_files
 from fedmi.models import build_model
 from fedmi.runtime import make_runtime
 from fedmi.server import make_aggregator
@@ -299,10 +298,6 @@ def plot_heatmap(result: RobustnessResult, path: Path) -> None:
 
 
 def write_robustness_report(result: RobustnessResult, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / ROBUSTNESS, out / "table.md", out / "heatmap.png"]
-    files[0].write_text(json.dumps({**result.to_json(), "best": best_aggregators(result),
-                                    "worst_drops": worst_drops(result)}, indent=2) + "\n")
-    files[1].write_text(markdown_table(result))
-    plot_heatmap(result, files[2])
-    return files
+    results = {**result.to_json(), "best": best_aggregators(result), "worst_drops": worst_drops(result)}
+    return write_protocol_files(out, ROBUSTNESS, results, markdown_table(result), "heatmap.png",
+                                lambda path: plot_heatmap(result, path))

@@ -201,7 +201,7 @@ def test_privacy_settings_that_do_not_fit_are_refused():
     for privacy, extra, message in (({"clip_norm": 1.0}, {}, "noise_multiplier or target_epsilon"),
                                     ({"clip_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 2.0}, {}, "one of"),
                                     ({"clip_norm": 1.0, "noise_multiplier": 1.0}, {"aggregator": "median"}, "dp_mean"),
-                                    ({"clip_norm": 1.0, "noise_multiplier": 1.0}, {"fraction": 0.5}, "every site"),
+                                    ({"clip_norm": 1.0, "noise_multiplier": 1.0}, {"fraction": 0.5}, "samples its sites itself"),
                                     ({"clip_norm": 0.0, "noise_multiplier": 1.0}, {}, "clip_norm")):
         with pytest.raises(FedmiError, match=message):
             parse_config({"data": {"dataset": "heart-disease"}, "privacy": privacy, **extra}, "test")
@@ -248,3 +248,82 @@ def test_unsampled_rounds_compose_as_one_gaussian_as_the_pld_says():
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 20))
     reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), 10))
     assert acc.epsilon() == pytest.approx(reference.get_epsilon(1e-5), rel=1e-3)
+
+
+# -- Poisson sampling of sites: amplification counted, empty rounds release their noise ----------------------
+
+def test_poisson_site_sampling_takes_each_site_with_probability_q():
+    import numpy as np
+
+    from fedmi.core.types import SiteInfo
+    from fedmi.server.selection import PoissonSelector
+
+    sites = [SiteInfo(f"s{k}", 10) for k in range(50)]
+    rng = np.random.default_rng(0)
+    picks = [PoissonSelector(0.2).select(sites, RoundInfo(r, 200, 0, 50), rng) for r in range(200)]
+    counts = [len(p) for p in picks]
+    assert sum(counts) / (200 * 50) == pytest.approx(0.2, rel=0.05) and len(set(counts)) > 5
+    tiny = [PoissonSelector(0.01).select(sites[:3], RoundInfo(r, 100, 0, 3), rng) for r in range(100)]
+    assert any(not p for p in tiny)  # a round may take no site
+
+
+def test_sampled_sites_are_accounted_with_amplification_and_an_empty_round_still_adds_noise(tmp_path):
+    cfg = dp_config(noise_multiplier=1.0, site_sampling=0.3).model_copy(update={"rounds": 8})
+    history = run_federated(cfg, tmp_path / "run").result.history
+    acc = PrivacyAccountant(1e-5)
+    for record in history:
+        acc.spend(1.0, 0.3)
+        assert record["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9)
+    plain = PrivacyAccountant(1e-5)
+    plain.spend(1.0, rounds=8)
+    assert history[-1]["epsilon"] < plain.epsilon()  # sampling amplifies
+    sizes = [len(h["sites"]) for h in history]
+    assert len(set(sizes)) > 1 and min(sizes) == 0  # this seed's draw has a round with no site
+    # the empty round moved the model by the noise over the expected 0.3 x 4 sites
+    empty = sizes.index(0)
+    after = run_federated(cfg.model_copy(update={"rounds": empty + 1}), tmp_path / "after")
+    if empty:
+        before = run_federated(cfg.model_copy(update={"rounds": empty}), tmp_path / "before").result.params
+    else:  # the first round: before it, the initial model
+        from fedmi.models import build_model
+
+        fed = after.federation
+        before = build_model(after.config.model, fed.input_shape, cfg.seed, fed.task.num_outputs).state_dict()
+    moved = P.sub(after.result.params, before)
+    assert not P.allclose(after.result.params, before, rtol=0, atol=1e-9)
+    assert float(torch.cat([v.flatten() for v in moved.values()]).std()) == pytest.approx(
+        1.0 * 0.05 / (0.3 * 4), rel=0.5)  # z·C / (q·N): the noise alone (a few entries: loose)
+
+
+def test_a_target_epsilon_with_site_sampling_is_met_and_a_resumed_run_draws_the_same_sites(tmp_path):
+    target = dp_config(target_epsilon=3.0, site_sampling=0.5).model_copy(update={"rounds": 6})
+    assert 0.99 * 3.0 <= run_federated(target, tmp_path / "target").result.history[-1]["epsilon"] <= 3.0
+    cfg = dp_config(noise_multiplier=1.0, site_sampling=0.5).model_copy(update={"rounds": 6})
+    whole = run_federated(cfg, tmp_path / "whole").result
+    run_federated(cfg.model_copy(update={"rounds": 3}), tmp_path / "cut")
+    resumed = run_federated(cfg, tmp_path / "cut", resume=True).result
+    assert [h["sites"] for h in resumed.history] == [h["sites"] for h in whole.history]
+    assert P.allclose(resumed.params, whole.params, rtol=0, atol=0)
+
+
+def test_site_sampling_belongs_to_client_level_privacy():
+    with pytest.raises(FedmiError, match="site_sampling is client-level"):
+        parse_config({"data": {"dataset": "heart-disease"},
+                      "privacy": {"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0,
+                                  "site_sampling": 0.5}}, "t")
+
+
+@pytest.mark.parametrize("level", ["client", "sample"])
+def test_a_run_that_would_exceed_its_budget_refuses_to_start_naming_the_noise_that_fits(level, tmp_path):
+    trainer = {"lr": 0.1, "batch_size": 16, "local_steps": 4}
+    privacy = {"level": level, "clip_norm": 1.0, "noise_multiplier": 0.8, "max_epsilon": 2.0}
+    cfg = parse_config({"data": {"dataset": "heart-disease"}, "rounds": 5, "runtime": "sequential",
+                        "trainer": trainer, "privacy": privacy}, "t")
+    with pytest.raises(FedmiError, match=r"would spend epsilon .* beyond max_epsilon 2; raise noise_multiplier to") as e:
+        run_federated(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    needed = float(str(e.value).split("raise noise_multiplier to ")[1].split(" ")[0])
+    fits = parse_config({**cfg.model_dump(mode="json"), "privacy": {**privacy, "noise_multiplier": needed * 1.001}},
+                        "t")
+    spent = run_federated(fits, tmp_path / "fits").result.history[-1]
+    assert spent.get("epsilon", spent.get("sample_epsilon")) <= 2.0

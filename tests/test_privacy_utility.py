@@ -70,7 +70,7 @@ def test_bad_protocol_settings_are_one_line_errors(monkeypatch, capsys, tmp_path
     sampled.write_text(RUN + "fraction: 0.5\n")
     code, _, stderr = fedmi(monkeypatch, capsys, "privacy", sampled, "--level", "client", "--clip-norm", "1.0",
                             "--epsilons", "4", "--out", tmp_path / "c")
-    assert code == 2 and "every site" in stderr
+    assert code == 2 and "samples its sites itself" in stderr
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValidationError):
         PrivacyUtilityConfig(level="sample", clip_norm=0.0, epsilons=[1.0])

@@ -227,7 +227,7 @@ class Runner:
     selector: Selector | None = None  # None: every site, every round
     evaluate_every: int = 1  # 0: evaluate only after the last round
     max_update_norm: float | None = None
-    min_sites: int = 1  # a round with fewer accepted updates is run again
+    min_sites: int = 1  # a round with fewer accepted updates is run again (0: a round may have none)
     max_retries: int = 2  # ... at most this many times, then the run stops with an error
     checkpoint: Path | None = None  # the server state, written after the rounds `checkpoint_every` says
     # every k rounds (and after the last); None: as often as keeps writing within 5 % of the time
@@ -255,8 +255,9 @@ class Runner:
         """
         if self.rounds < 1:
             raise FedmiError(f"rounds must be at least 1, got {self.rounds}")
-        if self.min_sites < 1:
-            raise FedmiError(f"min_sites must be at least 1, got {self.min_sites}")
+        if self.min_sites < 0 or (self.min_sites == 0 and not self._releases_empty()):
+            raise FedmiError(f"min_sites must be at least 1, got {self.min_sites} (0 only for an aggregation whose "
+                             "round is defined without updates, a private sum over Poisson-sampled sites)")
         if self.keep_checkpoints < 1:
             raise FedmiError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -291,6 +292,10 @@ class Runner:
             if on_round is not None:
                 on_round(state.round)
         return RunResult(state.params, state.history, state, best_params, best_round)
+
+    def _releases_empty(self) -> bool:
+        parts = getattr(self.aggregator, "parts", None)
+        return bool(parts and getattr(parts()[1], "releases_empty", False))
 
     def _check_feasible(self, sites: int) -> None:
         """Fail before round 1 on settings no round could meet."""

@@ -126,14 +126,25 @@ class PrivacyConfig(Settings):
 
     level: Literal["client", "sample"] = "client"
     clip_norm: float = Field(gt=0)
+    # Client level: each site takes part in each round with this probability (Poisson sampling), which
+    # amplifies privacy; the noisy sum is divided by the expected number of sites. None: every site.
+    site_sampling: float | None = Field(None, gt=0, le=1)
     noise_multiplier: float | None = Field(None, ge=0)
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    # The budget a run with a given noise_multiplier must stay within: one whose plan would spend
+    # more refuses to start, naming the noise that would fit.
+    max_epsilon: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_noise_setting(self) -> "PrivacyConfig":
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give noise_multiplier or target_epsilon, one of the two")
+        if self.max_epsilon is not None and self.noise_multiplier is None:
+            raise ValueError("max_epsilon bounds a run with a given noise_multiplier; with target_epsilon the noise "
+                             "is calibrated to the budget already")
+        if self.site_sampling is not None and self.level != "client":
+            raise ValueError("site_sampling is client-level DP's (DP-SGD samples each site's records itself)")
         return self
 
 
@@ -173,8 +184,8 @@ class RunConfig(Settings):
             raise ValueError("privacy makes the aggregate dp_mean (the clipped sum with noise); leave aggregator "
                              "out (server_lr sets the server's step)")
         if self.fraction < 1 or self.selection != "fraction":
-            raise ValueError("privacy runs every site in every round (its accounting takes no sampling of sites); "
-                             "leave fraction at 1 and selection at fraction")
+            raise ValueError("client-level privacy samples its sites itself (privacy.site_sampling: the accounting "
+                             "needs Poisson sampling); leave fraction at 1 and selection at fraction")
         return self
 
     @field_validator("model")

@@ -30,6 +30,7 @@ from fedmi.errors import FedmiError, counted
 from fedmi.models import build_model
 from fedmi.runtime import make_runtime
 from fedmi.server import make_aggregator, make_selector
+from fedmi.server.selection import PoissonSelector
 from fedmi.server.pipeline import AggregationPipeline
 
 log = logging.getLogger("fedmi")
@@ -185,12 +186,47 @@ def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> Agg
     from fedmi.server.optimizers import ServerSGD
     from fedmi.server.privacy.dp_mean import DpMean
 
-    z = cfg.privacy.noise_multiplier
+    z, q = cfg.privacy.noise_multiplier, cfg.privacy.site_sampling or 1.0
     if z is None:
-        z = calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
+        z = calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds, q)
         log.info("privacy: noise multiplier %.4f spends epsilon %g at delta %g over %d rounds",
                  z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
-    return DpMean(cfg.privacy.clip_norm, z, num_sites, cfg.privacy.delta) | ServerSGD(cfg.server_lr)
+    return DpMean(cfg.privacy.clip_norm, z, q * num_sites, cfg.privacy.delta, q) | ServerSGD(cfg.server_lr)
+
+
+def check_budget(cfg: RunConfig, method: LocalMethod, site_sizes: Sequence[int]) -> None:
+    """Refuse, before round 1, a private run whose plan would spend more than `max_epsilon`: every
+    round at client level (at its site sampling rate), or every site's planned DP-SGD steps."""
+    from fedmi.privacy import calibrate_noise, gaussian_epsilon
+
+    privacy = cfg.privacy
+    if privacy is None or privacy.max_epsilon is None:
+        return
+    z = privacy.noise_multiplier
+    if privacy.level == "client":
+        plans = {(privacy.site_sampling or 1.0, cfg.rounds): "every site"}
+    else:
+        schedule = method.schedule
+        plans = {}
+        for n in site_sizes:
+            per_round = schedule.local_steps or schedule.local_epochs * -(-n // schedule.expected_size(n))
+            plans.setdefault((schedule.sampling_rate(n), per_round * cfg.rounds), f"a site of {n} records")
+    worst = max(plans, key=lambda plan: gaussian_epsilon(z, *plan, privacy.delta) if z > 0 else float("inf"))
+    spent = gaussian_epsilon(z, *worst, privacy.delta) if z > 0 else float("inf")
+    if spent > privacy.max_epsilon:
+        needed = max(calibrate_noise(privacy.max_epsilon, privacy.delta, steps, rate) for rate, steps in plans)
+        raise FedmiError(f"privacy: noise multiplier {z:g} would spend epsilon {spent:.3g} at delta {privacy.delta:g} "
+                         f"over {cfg.rounds} rounds ({plans[worst]}), beyond max_epsilon {privacy.max_epsilon:g}; "
+                         f"raise noise_multiplier to {needed:.4g} or more, or run fewer rounds")
+
+
+def build_selector(cfg: RunConfig):
+    """Which sites train each round: the config's fraction or cycle, or the Poisson sampling of
+    client-level privacy."""
+    privacy = cfg.privacy
+    if privacy is not None and privacy.level == "client" and privacy.site_sampling is not None:
+        return PoissonSelector(privacy.site_sampling)
+    return make_selector(cfg.fraction, cyclic=cfg.selection == "cyclic")
 
 
 def privacy_spent(record: dict, clip_norm: float) -> dict | None:
@@ -247,6 +283,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         from fedmi.core.site_loop import check_per_sample, model_forward
 
         check_per_sample(method, model_forward(model).batch_norm)
+    check_budget(cfg, method, [i.num_train for i in infos])
     aggregator = build_aggregator(cfg, method, len(infos))
     checkpoint = None if out is None else out / CHECKPOINT
     site_states: SiteStates | None = getattr(runtime, "site_states", None)  # simulated sites keep theirs here
@@ -288,6 +325,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         sink = Sinks(sinks)
         for record in start.history if start else []:  # the rounds before the crash, then the new ones
             sink(record)
+    selector = build_selector(cfg)
     try:
         runner = Runner(
             runtime=runtime,
@@ -295,10 +333,11 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
             aggregator=aggregator,
             rounds=cfg.rounds,
             seed=cfg.seed,
-            selector=make_selector(cfg.fraction, cyclic=cfg.selection == "cyclic"),
+            selector=selector,
             evaluate_every=cfg.evaluate_every,
             max_update_norm=cfg.max_update_norm,
-            min_sites=cfg.min_sites,
+            # a Poisson-sampled private round may take no site: it releases its noise alone
+            min_sites=0 if isinstance(selector, PoissonSelector) else cfg.min_sites,
             max_retries=cfg.max_retries,
             checkpoint=checkpoint,
             checkpoint_every=None if cfg.checkpoint_every == "auto" else cfg.checkpoint_every,

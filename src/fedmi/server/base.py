@@ -121,6 +121,9 @@ class Reducer(Step):
     """
 
     needs_all_updates: ClassVar[bool] = False
+    # True for a reducer whose round is defined with no update at all (a private sum releases its
+    # noise whether or not a sampled site came): its finish runs on an empty accumulator.
+    releases_empty: ClassVar[bool] = False
 
     def start(self, like: P.ParamsT) -> Any:
         """An empty accumulator shaped like the parameters `like`."""

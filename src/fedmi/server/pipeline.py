@@ -132,10 +132,10 @@ class RoundAggregation:
             updates, self._buffer = self._buffer, None
             for i, t in enumerate(self._transforms):
                 updates, self._state[i] = t.transform(updates, self._state[i], self._info)
-            if updates:
+            if updates or self._reducer.releases_empty:
                 delta, self._state[r] = self._reducer.reduce_round(updates, self._params, self._state[r], self._info)
             del updates  # the round's buffer goes before the optimiser allocates
-        elif self.count:
+        elif self.count or self._reducer.releases_empty:
             delta, self._state[r] = self._reducer.finish_round(self._acc, self._params, self._state[r], self._info)
             self._acc = None
         if delta is None:

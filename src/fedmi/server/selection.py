@@ -40,6 +40,24 @@ class FractionSelector:
 
 
 @dataclass
+class PoissonSelector:
+    """Each site independently with probability q each round (Poisson sampling), as the privacy
+    accountant's amplification by sampling assumes (McMahan et al. 2018). A round may take no site:
+    a private aggregate then releases its noise alone.
+    """
+
+    rate: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rate <= 1.0:
+            raise FedmiError(f"site sampling rate must be in (0, 1], got {self.rate}")
+
+    def select(self, sites: Sequence[SiteInfo], round_info: RoundInfo, rng: np.random.Generator) -> list[str]:
+        taken = rng.random(len(sites)) < self.rate
+        return [s.name for s, t in zip(sites, taken) if t]
+
+
+@dataclass
 class CyclicSelector:
     """Cyclic weight transfer (Chang et al. 2018, "Distributed deep learning networks among
     institutions for medical imaging"; FLamby's Cyclic): one site a round, so the model travels from

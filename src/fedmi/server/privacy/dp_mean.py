@@ -36,24 +36,28 @@ class DpMean(Reducer):
     Args:
       clip_norm: C, the bound on each site's update (L2, floating-point entries).
       noise_multiplier: z; 0 adds no noise (and spends no budget: ε is infinite).
-      expected_sites: m, the fixed denominator (the sites expected each round).
+      expected_sites: m, the fixed denominator: the sites expected each round (q·N when each of N
+        sites is sampled with probability q).
       delta: the δ at which ε is reported.
-      sampling_rate: q, the probability with which each site takes part in a round (1: every site).
+      sampling_rate: q, the probability with which each site takes part in a round (1: every site),
+        by Poisson sampling (`fedmi.server.selection.PoissonSelector`): the accountant counts the
+        amplification it gives.
     Example: ``DpMean(clip_norm=1.0, noise_multiplier=1.1, expected_sites=4) | ServerSGD(1.0)``
     """
 
     name: ClassVar[str] = "dp_mean"
+    releases_empty: ClassVar[bool] = True  # a Poisson-sampled round with no site still releases its noise
 
     clip_norm: float
     noise_multiplier: float
-    expected_sites: int
+    expected_sites: float
     delta: float = 1e-5
     sampling_rate: float = 1.0
 
     def __post_init__(self) -> None:
         check_number("dp_mean clip_norm", self.clip_norm, 0, low_open=True)
         check_number("dp_mean noise_multiplier", self.noise_multiplier, 0)
-        check_number("dp_mean expected_sites", self.expected_sites, 1)
+        check_number("dp_mean expected_sites", self.expected_sites, 0, low_open=True)
         check_number("dp_mean delta", self.delta, 0, 1, low_open=True, high_open=True)
         check_number("dp_mean sampling_rate", self.sampling_rate, 0, 1, low_open=True)
 

@@ -16,6 +16,7 @@ from local_grid import LocalGrid, heart_config
 from fedmi.apps import site_guard, tickets
 from fedmi.apps.server import run_on_grid
 from fedmi.apps.site import client_app
+from fedmi.core import params as P
 from fedmi.client import make_method
 from fedmi.deploy.certs import make_certificates
 from fedmi.deploy.gate import OperatorGate
@@ -464,3 +465,34 @@ def test_a_refused_token_fails_the_task_without_stopping_the_site(monkeypatch):
     invoker = _retry_invoker()
     invoker.wait_function = lambda seconds: None
     assert invoker.invoke(busy) == "ok"  # 503 is asked again
+
+
+def test_a_deployed_dp_sgd_site_draws_its_own_noise_checks_the_servers_and_holds_its_budget(pki, tmp_path):
+    """The server knows the run's seed; a deployed site's DP-SGD noise must not follow from it: the same task
+    twice gives two updates. Too little noise for the signed target, or a round past the budget, is refused."""
+    from fedmi.experiments.federated_run import build_method
+
+    data = tmp_path / "cleveland.yaml"
+    data.write_text("dataset: heart-disease\nsite: Cleveland\n")
+    node = {"data-config": str(data), "operator-key": str(pki / "operator.pub"), "state-dir": str(tmp_path)}
+    grid = LocalGrid({1: (client_app(), node)})
+    cfg = heart_config(rounds=2, max_retries=0, privacy={"level": "sample", "clip_norm": 1.0, "target_epsilon": 4.0},
+                       trainer={"name": "fedavg", "lr": 0.1, "batch_size": 16, "local_steps": 2})
+    signed = _signed(pki, cfg)
+    server_method = build_method(cfg, [100, 242, 186])  # the server calibrated for its smallest site
+    params = {"linear.weight": __import__("torch").zeros(1, 13), "linear.bias": __import__("torch").zeros(1)}
+
+    def send(round_, trainer=None) -> Message:
+        task = _train_task(cfg, signed, site_index=0, round=round_, trainer=trainer or server_method.spec())
+        content = RecordDict({"arrays": codec.params_record(params), "config": codec.task_config(round_ + 1, task)})
+        return grid.send_and_receive([Message(content, dst_node_id=1, message_type="train")])[0]
+
+    first, again = send(0), send(1)
+    assert not first.has_error() and not again.has_error(), (first.error, again.error)
+    one, two = (codec.content_update(m.content, "Cleveland", params) for m in (first, again))
+    assert "train_loss" not in one.metrics and one.metrics["epsilon"] < two.metrics["epsilon"] <= 4.0
+    one, two = one.delta, two.delta
+    assert not P.allclose(one, two, rtol=0, atol=1e-6)
+    assert "has run the 2 DP-SGD rounds" in send(1).error.reason  # a replayed round, past the budget
+    weak = {**server_method.spec(), "options": {**server_method.spec()["options"], "noise_multiplier": 0.2}}
+    assert "refused: the task's DP-SGD noise multiplier (0.2) is below" in send(0, weak).error.reason

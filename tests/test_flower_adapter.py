@@ -40,6 +40,9 @@ def _grid(handlers: dict[int, object] | None = None, n: int = 4) -> LocalGrid:
     {"trainer": {"name": "fedavg", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "local_steps": 3}},
     {"model": "mlp", "fraction": 0.5},
     {"privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0}},  # clipped at the sites, the same noise
+    {"privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0, "site_sampling": 0.5}},  # Poisson-sampled sites
+    {"privacy": {"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0},  # DP-SGD at each ClientApp
+     "trainer": {"name": "fedavg", "lr": 0.1, "batch_size": 16, "local_steps": 3}},
 ])
 def test_the_flower_apps_give_the_in_process_result(changes):
     cfg = heart_config(**changes)
@@ -50,7 +53,8 @@ def test_the_flower_apps_give_the_in_process_result(changes):
     assert over_grid.history[-1]["test"].keys() == in_process.history[-1]["test"].keys()
     for site, metrics in in_process.history[-1]["test"].items():
         assert over_grid.history[-1]["test"][site]["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
-    assert over_grid.history[-1].get("epsilon") == in_process.history[-1].get("epsilon")
+    for budget in ("epsilon", "site_epsilon", "sample_epsilon"):
+        assert over_grid.history[-1].get(budget) == in_process.history[-1].get(budget)
 
 
 def _corrupt(kind: str):

@@ -66,6 +66,11 @@ class LocalSchedule:
         under Poisson sampling (1 with full batches)."""
         return 1.0 if self.batch_size is None or self.batch_size >= size else self.batch_size / size
 
+    def steps_per_round(self, size: int) -> int:
+        """The batches a site of `size` samples takes in a round: `local_steps`, or `local_epochs`
+        passes of ceil(size / batch) batches each."""
+        return self.local_steps or self.local_epochs * -(-size // self.expected_size(size))
+
     def expected_size(self, size: int) -> int:
         """The batch size a site of `size` samples draws (its mean, under Poisson sampling)."""
         return size if self.batch_size is None else min(self.batch_size, size)
@@ -194,8 +199,7 @@ def _poisson_plan(schedule: LocalSchedule, sizes: tuple[int, ...], keys, seed: i
 
     n = np.asarray(sizes, dtype=np.int64)
     bs = n.copy() if schedule.batch_size is None else np.minimum(schedule.batch_size, n)
-    steps = np.full_like(n, schedule.local_steps) if schedule.local_steps is not None else \
-        -(-n // bs) * schedule.local_epochs
+    steps = np.asarray([schedule.steps_per_round(int(size)) for size in n], dtype=np.int64)
     chosen: list[list[np.ndarray]] = []
     for j in range(len(n)):
         rng = numpy_generator(Stream.POISSON_BATCHES, seed, round_index, int(keys[j]))

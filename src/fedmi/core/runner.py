@@ -47,6 +47,8 @@ class Aggregator(Protocol):
     # refuses, before round 1, a federation that could never give that many.
     # Optional: `broadcast(state) -> dict[str, Tensor]`, what the sites receive with the parameters
     # (SCAFFOLD's server control variate), as `RoundInfo.extras`.
+    # Optional: `releases_empty() -> bool`, whether a round with no update is defined (a private sum over
+    # Poisson-sampled sites releases its noise alone); only then may min_sites be 0.
     # Optional: `report(state) -> dict[str, float]`, figures of its state each round's record carries
     # (the privacy budget spent so far, `epsilon` and `delta`).
 
@@ -255,7 +257,7 @@ class Runner:
         """
         if self.rounds < 1:
             raise FedmiError(f"rounds must be at least 1, got {self.rounds}")
-        if self.min_sites < 0 or (self.min_sites == 0 and not self._releases_empty()):
+        if self.min_sites < 0 or (self.min_sites == 0 and not getattr(self.aggregator, "releases_empty", bool)()):
             raise FedmiError(f"min_sites must be at least 1, got {self.min_sites} (0 only for an aggregation whose "
                              "round is defined without updates, a private sum over Poisson-sampled sites)")
         if self.keep_checkpoints < 1:
@@ -292,10 +294,6 @@ class Runner:
             if on_round is not None:
                 on_round(state.round)
         return RunResult(state.params, state.history, state, best_params, best_round)
-
-    def _releases_empty(self) -> bool:
-        parts = getattr(self.aggregator, "parts", None)
-        return bool(parts and getattr(parts()[1], "releases_empty", False))
 
     def _check_feasible(self, sites: int) -> None:
         """Fail before round 1 on settings no round could meet."""

@@ -169,8 +169,7 @@ def sample_noise(method: LocalMethod, cfg: RunConfig, site_sizes: Sequence[int])
     schedule = replace(method.schedule, sampling="poisson")
     needs = set()
     for n in site_sizes:
-        per_round = schedule.local_steps or schedule.local_epochs * -(-n // schedule.expected_size(n))
-        needs.add((schedule.sampling_rate(n), per_round * cfg.rounds))
+        needs.add((schedule.sampling_rate(n), schedule.steps_per_round(n) * cfg.rounds))
     z = max(calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, steps, rate) for rate, steps in needs)
     log.info("privacy: DP-SGD noise multiplier %.4f spends at most epsilon %g at delta %g at any site over %d rounds",
              z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
@@ -209,8 +208,8 @@ def check_budget(cfg: RunConfig, method: LocalMethod, site_sizes: Sequence[int])
         schedule = method.schedule
         plans = {}
         for n in site_sizes:
-            per_round = schedule.local_steps or schedule.local_epochs * -(-n // schedule.expected_size(n))
-            plans.setdefault((schedule.sampling_rate(n), per_round * cfg.rounds), f"a site of {n} records")
+            plans.setdefault((schedule.sampling_rate(n), schedule.steps_per_round(n) * cfg.rounds),
+                             f"a site of {n} records")
     worst = max(plans, key=lambda plan: gaussian_epsilon(z, *plan, privacy.delta) if z > 0 else float("inf"))
     spent = gaussian_epsilon(z, *worst, privacy.delta) if z > 0 else float("inf")
     if spent > privacy.max_epsilon:

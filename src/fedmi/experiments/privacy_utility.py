@@ -103,15 +103,10 @@ class PrivacyUtilityResult:
                 "synthetic": self.synthetic}
 
 
-def _spent(record: dict) -> float | None:
-    """The ε a run's last record says it spent, at either level."""
-    return record["epsilon"] if "epsilon" in record else record.get("sample_epsilon")
-
-
 def run_privacy_utility(base: RunConfig, cfg: PrivacyUtilityConfig,
                         advance: Callable[[str], None] | None = None) -> PrivacyUtilityResult:
     """Every setting of `cfg` in every repeat; `advance(note)` after each run (a progress bar's)."""
-    from fedmi.experiments.federated_run import federation_for, run_federated
+    from fedmi.experiments.federated_run import federation_for, privacy_spent, run_federated
 
     fed = federation_for(base.data, base.seed)
     metric = fed.task.primary
@@ -126,7 +121,7 @@ def run_privacy_utility(base: RunConfig, cfg: PrivacyUtilityConfig,
             defined = [v for v in scores.values() if v is not None]  # a one-class test split has none
             result.repeats.setdefault(label, []).append({
                 "seed": seed, "scores": scores, "mean": float(np.mean(defined)) if defined else None,
-                "epsilon": None if privacy is None else _spent(run.result.history[-1]),
+                "epsilon": None if privacy is None else privacy_spent(run.result.history[-1], cfg.clip_norm)["epsilon"],
                 "noise": run.result.history[-1].get("noise_multiplier")})
             if advance is not None:
                 advance(f"repeat {rep + 1}: {label}")

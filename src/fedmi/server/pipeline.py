@@ -65,6 +65,10 @@ class AggregationPipeline:
         transforms, reducer, _ = self.parts()
         return bool(transforms) or reducer.needs_all_updates
 
+    def releases_empty(self) -> bool:
+        """Whether a round with no update is defined: its reducer releases one anyway (a private sum)."""
+        return self.parts()[1].releases_empty
+
     def min_updates(self) -> int:
         """The fewest updates a round needs: the most any step needs."""
         return max(s.min_updates() for s in self._all_steps())

@@ -48,6 +48,21 @@ def test_inverting_gradients_recovers_one_undefended_image_and_fails_under_dp(br
     assert defended["psnr"][0] < 12 and defended["ssim"][0] < 0.2
 
 
+def test_partial_sharing_withholds_the_head_from_the_attacker(breast):
+    """The head kept at the site is absent from the update the server inverts; the convolutions' part
+    still leaks, less than the whole update does (an update that still carried the head would not)."""
+    fed, site, model = breast
+    cfg = AuditConfig()
+    x, y = site.x_train[3:4], site.y_train[3:4]
+    settings = InversionSettings("inverting_gradients", iterations=300, lr=0.1, tv=1e-4)
+    psnr = {}
+    for defence in (Defence("none"), Defence("partial", private=("head",))):
+        view = view_of(fed, model, x, y, defence, cfg)
+        psnr[defence.label] = reconstruction_scores(x, invert(view, settings, labels=y)[0])["psnr"][0]
+    assert not any(k.startswith("head.") for k in view.delta) and "features.0.weight" in view.delta
+    assert psnr["partial"] < psnr["none"] - 3
+
+
 def test_idlg_reads_a_single_images_label_off_the_update(breast):
     fed, site, model = breast
     cfg = AuditConfig()
@@ -123,12 +138,13 @@ def test_fedmi_audit_writes_the_tables_the_grid_and_the_report(monkeypatch, caps
     code, stdout, stderr = fedmi(monkeypatch, capsys, "audit", "--targets", "1", "--iterations", "20",
                                  "--attacks", "inverting_gradients", "--batch-sizes", "2", "--local-steps", "2",
                                  "--dp-sgd-noise", "1", "--site-noise", "1", "--rounds", "1", "--epsilons", "8",
-                                 "--out", out)
+                                 "--client-epsilons", "8", "--out", out)
     assert code == 0, stderr
     results = json.loads((out / "audit.json").read_text())
     assert list(results["inversion"]) == ["none (1 image, 1 step)", "batch of 2 images", "2 local steps",
-                                          "DP-SGD σ=1, C=1", "noise at the site z=1, C=1"]
-    assert set(results["membership"]) == {"no defence", "DP-SGD ε=8"}
+                                          "DP-SGD σ=1, C=1", "noise at the site z=1, C=1", "partial sharing, head kept"]
+    assert set(results["membership"]) == {"no defence", "DP-SGD ε=8", "DP-FedAvg ε=8"}
+    assert results["membership"]["DP-FedAvg ε=8"]["epsilon"] <= 8.0 * (1 + 1e-9)
     assert results["membership"]["DP-SGD ε=8"]["epsilon"] <= 8.0 * (1 + 1e-9)
     assert (out / "reconstructions.png").stat().st_size > 1000
     assert "Membership inference" in (out / "table.md").read_text()

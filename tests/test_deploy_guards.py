@@ -218,6 +218,31 @@ def test_a_site_runs_only_what_the_operator_signed(pki, tmp_path):
         check(_train_task(cfg, signed), run=2)
 
 
+def test_a_policy_reads_the_trainer_inside_its_wrappers(pki, tmp_path):
+    """A wrapper cannot hide a batch of one from the policy; privacy wrappers pass where their method
+    does, any other wrapper only if the policy names it; a signed run's partial sharing cannot be dropped."""
+    one_record = make_method("fedavg", lr=1.0, batch_size=1, local_steps=1).spec()
+    clipped = make_method("dp_clip", inner=one_record, clip_norm=1.0).spec()
+    with pytest.raises(FedmiError, match=r"refused: batches of 1 samples"):
+        site_guard.check_policy(SitePolicy(), "train", {"trainer": clipped}, 242)
+    ok = make_method("fedavg", lr=0.05, batch_size=32, local_steps=10).spec()
+    only_fedavg = SitePolicy(methods=["fedavg"])
+    for wrapper, options in (("dp_clip", {"clip_norm": 1.0}), ("partial_sharing", {"private": ["linear.bias"]}),
+                             ("dp_sgd", {"clip_norm": 1.0, "noise_multiplier": 1.0})):
+        site_guard.check_policy(only_fedavg, "train", {"trainer": make_method(wrapper, inner=ok, **options).spec()}, 242)
+    corrupted = make_method("corrupted", inner=ok, kind="sign_flip", sites=["Hungary"]).spec()
+    with pytest.raises(FedmiError, match="refused: method 'corrupted' is not in this site's policy"):
+        site_guard.check_policy(only_fedavg, "train", {"trainer": corrupted}, 242)
+    cfg = heart_config(private_parameters=["linear.bias"])
+    signed = _signed(pki, cfg)
+    from fedmi.experiments.federated_run import build_method
+
+    task = _train_task(cfg, signed, trainer=build_method(cfg).spec())
+    site_guard.check_signed("train", task, pki / "operator.pub", tmp_path, 1, 200)
+    with pytest.raises(FedmiError, match="refused: the task's trainer is not the signed run's"):  # sends the bias
+        site_guard.check_signed("train", _train_task(cfg, signed), pki / "operator.pub", tmp_path, 1, 200)
+
+
 def test_the_default_policy_refuses_updates_that_give_a_record_away():
     policy = SitePolicy()
     ok = make_method("fedavg", lr=0.05, batch_size=32, local_steps=10).spec()

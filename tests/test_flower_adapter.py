@@ -43,6 +43,8 @@ def _grid(handlers: dict[int, object] | None = None, n: int = 4) -> LocalGrid:
     {"privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0, "site_sampling": 0.5}},  # Poisson-sampled sites
     {"privacy": {"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0},  # DP-SGD at each ClientApp
      "trainer": {"name": "fedavg", "lr": 0.1, "batch_size": 16, "local_steps": 3}},
+    {"model": "mlp", "private_parameters": ["net.3"],  # each ClientApp keeps its head, the sum is clipped and noised
+     "privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0}},
 ])
 def test_the_flower_apps_give_the_in_process_result(changes):
     cfg = heart_config(**changes)

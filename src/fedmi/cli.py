@@ -703,8 +703,11 @@ def audit(
     clip_norm: float = _option(1.0, help="C of the DP defences (each image's gradient; the site's update)"),
     dp_sgd_noise: str = _option("0.001,0.01,0.1,1", help="defence rows: DP-SGD noise multipliers"),
     site_noise: str = _option("0.001,0.01,0.1,1", help="defence rows: noise multipliers added at the site"),
+    partial_sharing: str = _option("head", help="defence rows: entries the site keeps (comma-separated module names "
+                                   "or patterns; rows separated by ';'; empty: none)"),
     rounds: int = _option(20, help="rounds of the federated trainings attacked by membership inference (0: none)"),
     epsilons: str = _option("1,8", help="DP-SGD targets of the trained models attacked by membership inference"),
+    client_epsilons: str = _option("", help="client-level DP-FedAvg targets of trained models attacked likewise"),
     seed: int = _option(0, help="seed of the images attacked, the model and the noise"),
     out: Optional[Path] = _option(None, help="output folder (default runs/audit-DATASET)"),
     overwrite: bool = _option(False, "--overwrite", help="replace the results already in the output folder"),
@@ -724,7 +727,10 @@ def audit(
            "local_steps": whole(local_steps, "--local-steps"), "clip_norm": clip_norm,
            "dp_sgd_noise": _numbers(dp_sgd_noise, "--dp-sgd-noise") if dp_sgd_noise else [],
            "site_noise": _numbers(site_noise, "--site-noise") if site_noise else [], "rounds": rounds,
-           "epsilons": _numbers(epsilons, "--epsilons") if epsilons else [], "seed": seed}
+           "epsilons": _numbers(epsilons, "--epsilons") if epsilons else [],
+           "client_epsilons": _numbers(client_epsilons, "--client-epsilons") if client_epsilons else [],
+           "partial_sharing": [[p.strip() for p in row.split(",") if p.strip()] for row in partial_sharing.split(";")
+                               if row.strip()], "seed": seed}
     cfg = validated(AuditConfig, raw, "fedmi audit", prefix="option ")
     target = out or Path("runs") / f"audit-{dataset}"
     with output_folder(target, "overwrite" if overwrite else "new", settings=AUDIT, progress=AUDIT) as path:

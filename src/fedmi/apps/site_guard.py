@@ -22,10 +22,23 @@ def _plain(value: object) -> object:
     return json.loads(json.dumps(value))  # tuples as lists, as they travel
 
 
+# Methods that train as the method they wrap and only bound or withhold what leaves the site: a policy
+# that allows a method allows it under these. Any other wrapper must be in the policy itself.
+RELEASE_BOUNDS = ("dp_clip", "dp_sgd", "partial_sharing")
+
+
+def trainer_chain(spec: dict) -> list[dict]:
+    """The trainer descriptions from the outermost wrapper (`options.inner`) to the method that trains."""
+    chain = [spec]
+    while isinstance(inner := chain[-1].get("options", {}).get("inner"), dict):
+        chain.append(inner)
+    return chain
+
+
 def samples_and_steps(spec: dict, num_train: int) -> tuple[int, int, int]:
     """(batch size, optimiser steps, distinct training samples at most) behind one update of the
-    method `spec` describes, at a site of `num_train` training samples."""
-    options = spec.get("options", {})
+    method `spec` describes (through its wrappers), at a site of `num_train` training samples."""
+    options = trainer_chain(spec)[-1].get("options", {})
     batch = options.get("batch_size")
     batch = num_train if batch is None else min(int(batch), num_train)
     if options.get("local_epochs"):
@@ -51,9 +64,13 @@ def check_policy(policy: SitePolicy, kind: str, task: dict, num_train: int) -> N
         return
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise FedmiError("refused: the task's trainer is not a fedmi trainer description")
-    if policy.methods is not None and spec["name"] not in policy.methods:
-        raise FedmiError(f"refused: method {spec['name']!r} is not in this site's policy (methods: "
-                         f"{', '.join(policy.methods)})")
+    chain = trainer_chain(spec)
+    if policy.methods is not None:
+        names = [s.get("name") for s in chain[:-1] if s.get("name") not in RELEASE_BOUNDS] + [chain[-1].get("name")]
+        for name in names:
+            if name not in policy.methods:
+                raise FedmiError(f"refused: method {name!r} is not in this site's policy (methods: "
+                                 f"{', '.join(policy.methods)})")
     if kind != "train":
         return
     batch, steps, samples = samples_and_steps(spec, num_train)

@@ -37,6 +37,7 @@ class WrappedMethod(LocalMethod):
         self.elementwise = inner.elementwise
         self.needs_label_distribution = inner.needs_label_distribution
         self.default_aggregator = inner.default_aggregator
+        self.per_sample_gradients = type(self).per_sample_gradients or inner.per_sample_gradients
 
     def options(self) -> dict[str, Any]:
         return {"inner": self.inner.spec()}
@@ -55,6 +56,21 @@ class WrappedMethod(LocalMethod):
 
     def step(self, state: State, grads: dict[str, torch.Tensor], ctx: SiteContext) -> State:
         return self.inner.step(state, grads, ctx)
+
+    def combine_gradients(self, sample_grads, mask, expected_size, noise, ctx: SiteContext):
+        return self.inner.combine_gradients(sample_grads, mask, expected_size, noise, ctx)
+
+    def undone(self, before: State | None, after: State | None) -> State | None:
+        return self.inner.undone(before, after)
+
+    def private_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        return self.inner.private_names(names)
+
+    def overrides(self, hook: str) -> bool:
+        """A hook this wrapper delegates is the inner method's: overridden if it overrides it."""
+        if getattr(type(self), hook) is not getattr(WrappedMethod, hook, getattr(LocalMethod, hook)):
+            return True
+        return self.inner.overrides(hook)
 
     def evaluation_params(self, global_params, site_state):
         return self.inner.evaluation_params(global_params, site_state)

@@ -255,6 +255,26 @@ class LocalMethod:
         """The parameters a site evaluates with (its personalised model, for personalised methods)."""
         return global_params
 
+    def private_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The entries of the global model that never leave a site: every `Update` omits them (they are
+        not sent as zeros), the server checks each update against the rest, aggregates only the rest
+        and keeps its own copy of these (partial sharing, `fedmi.client.privacy.partial_sharing`).
+
+        Args:
+          names: the global model's entries (parameters and buffers), in order.
+        Returns:
+          The private ones (default: none; every entry is shared).
+        Example (keep the classifier at the site):
+          ``return tuple(n for n in names if n.startswith("head."))``
+        """
+        return ()
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this method replaces `LocalMethod`'s `hook` ("objective", "trainable", "regulariser").
+        Runtimes run the default objective on their fastest path, and DP-SGD splits only it into
+        samples; a method that wraps another answers for the method it wraps."""
+        return getattr(type(self), hook) is not getattr(LocalMethod, hook)
+
     def spec(self) -> dict:
         """The method as plain data (registry name and options), to send it to a site elsewhere.
 

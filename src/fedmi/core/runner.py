@@ -246,7 +246,13 @@ class Runner:
     stop_on_divergence: bool = True  # False: a diverged model is a result (a protocol measuring attacks)
 
     def initial_state(self, params: P.ParamsT) -> ServerState:
-        return ServerState.initial(params, self.aggregator.init(params), self.seed)
+        return ServerState.initial(params, self.aggregator.init(self._shared(params)), self.seed)
+
+    def _shared(self, params: P.ParamsT) -> P.ParamsT:
+        """The entries of the global model that updates carry and the aggregation works on: all of
+        them but those the method keeps at the sites (partial sharing)."""
+        private = set(self.method.private_names(tuple(params)))
+        return P.Params((k, v) for k, v in params.items() if k not in private) if private else params
 
     def run(self, params: P.ParamsT, on_round: Callable[[int], None] | None = None,
             resume: ServerState | None = None) -> RunResult:
@@ -378,16 +384,17 @@ class Runner:
         """One round, run again (same sites, same randomness) while fewer than min_sites updates are
         accepted; and the privacy budgets every update reported, accepted or not, in every attempt."""
         r, params = info.round, state.params
+        shared = self._shared(params)
         spent: list[_Budget] = []  # a site that trained spent its budget, whatever became of its update
         for attempt in range(self.max_retries + 1):
-            round_agg = self.aggregator.begin_round(state.aggregation, params, info)
+            round_agg = self.aggregator.begin_round(state.aggregation, shared, info)
             accepted: list[_Report] = []
             rejected: list[str] = []
             for update in self.runtime.train(self.method, params, chosen, info):
                 if isinstance(update, Update) and isinstance(update.metrics.get("epsilon"), float):
                     m = update.metrics
                     spent.append(_Budget(update.site, m["epsilon"], m.get("delta"), m.get("noise_multiplier")))
-                report = self._take(update, params, round_agg, r)
+                report = self._take(update, shared, round_agg, r)
                 site = update.site
                 del update  # released before the runtime builds the next one: O(model) server memory
                 if report is None:
@@ -400,6 +407,8 @@ class Runner:
                     log.warning("round %d: completed with %d of %d sites (min_sites %d); left out: %s",
                                 r + 1, len(accepted), len(chosen), self.min_sites, ", ".join(missing))
                 new_params, aggregation = round_agg.finish()
+                if shared is not params:  # the server's copy of the private entries stays as it is
+                    new_params = P.Params((k, new_params[k] if k in shared else v.clone()) for k, v in params.items())
                 if not P.all_finite(new_params):
                     self._diverged(r, "the aggregated global model holds NaN or infinite values, though every "
                                       "site's update was finite", accepted, params, new_params, state.history)

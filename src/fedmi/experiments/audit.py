@@ -13,11 +13,16 @@ Two attackers:
    - DP-SGD (`dp_sgd`): each image's gradient clipped to C, noise σ·C per step; ε of that round;
    - client-level noise at the site: the update clipped to C and N(0, (z·C)²) added before it is
      sent (the local variant of DP-FedAvg; against the server only noise at the site protects);
-     ε of that release is the Gaussian mechanism's at noise z·C and sensitivity 2C.
+     ε of that release is the Gaussian mechanism's at noise z·C and sensitivity 2C;
+   - partial sharing (`partial_sharing`, Yang et al.): the named entries (the classifier head) stay at
+     the site and the update omits them. In the attacked first round the site's head is still the
+     server's copy, so the attacker knows every weight and lacks only the head's part of the update;
+     it is given the labels (iDLG reads them off the head's bias, which is withheld).
    Each reconstruction is scored by PSNR and SSIM against its original; a PNG grid shows originals
    above their reconstructions.
 2. **Anyone holding the final model, inferring membership** (`fedmi.privacy.membership`). The
-   federation trains with each training-level defence (none, DP-SGD at each target ε); the
+   federation trains with each training-level defence (none, DP-SGD at each target ε, client-level
+   DP-FedAvg at each target ε); the
    loss-threshold attack scores every site's training records (members) against its test records
    (non-members). The table gives the attack's AUC and TPR at 1 % and 0.1 % FPR beside the model's
    test AUC (what the defence costs).
@@ -28,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
@@ -73,10 +78,13 @@ class AuditConfig(Settings):
     clip_norm: float = Field(1.0, gt=0)  # C of both DP defences
     dp_sgd_noise: list[float] = Field(default_factory=lambda: [0.1, 1.0])  # σ of DP-SGD's rows
     site_noise: list[float] = Field(default_factory=lambda: [0.1, 1.0])  # z of the noise-at-the-site rows
+    # partial-sharing rows: each the entries (module names or patterns) the site keeps
+    partial_sharing: list[list[Annotated[str, Field(min_length=1)]]] = Field(default_factory=lambda: [["head"]])
     delta: float = Field(1e-5, gt=0, lt=1)
     # membership inference
     rounds: int = Field(20, ge=0)  # of each federated training; 0: no membership inference
     epsilons: list[float] = Field(default_factory=lambda: [8.0])  # DP-SGD targets of the trained models
+    client_epsilons: list[float] = Field(default_factory=list)  # client-level DP-FedAvg targets of trained models
     trainer: dict = Field(default_factory=lambda: {"name": "fedavg", "optimizer": "sgd", "lr": 0.1,
                                                    "momentum": 0.9, "batch_size": 32, "local_epochs": 2})
 
@@ -90,6 +98,7 @@ class Defence:
     steps: int = 1
     dp_sgd_noise: float | None = None
     site_noise: float | None = None
+    private: tuple[str, ...] = ()  # partial sharing: the entries the site keeps
 
     def epsilon(self, clip: float, delta: float) -> float | None:
         """ε of the one round the server sees (None: no mechanism; inf: no noise)."""
@@ -110,7 +119,13 @@ def defences(cfg: AuditConfig) -> list[Defence]:
     out += [Defence(f"{t} local steps", steps=t) for t in cfg.local_steps if t != 1]
     out += [Defence(f"DP-SGD σ={z:g}, C={cfg.clip_norm:g}", dp_sgd_noise=z) for z in cfg.dp_sgd_noise]
     out += [Defence(f"noise at the site z={z:g}, C={cfg.clip_norm:g}", site_noise=z) for z in cfg.site_noise]
+    out += [Defence(f"partial sharing, {' + '.join(p)} kept", private=tuple(p)) for p in cfg.partial_sharing if p]
     return out
+
+
+def _attacks(cfg: AuditConfig, defence: Defence) -> list[str]:
+    """The attacks run against a defence's row: iDLG reads one image's label off the head's bias."""
+    return [a for a in cfg.attacks if a != "idlg" or (defence.batch == 1 and not defence.private)]
 
 
 @dataclass
@@ -132,6 +147,8 @@ def attacked_update(defence: Defence, cfg: AuditConfig, model, task, x: torch.Te
     """The update the site sends for one round on the images (x, y) under `defence`."""
     inner = make_method("fedavg", lr=cfg.lr, batch_size=None, local_steps=defence.steps)
     method = inner
+    if defence.private:
+        method = make_method("partial_sharing", inner=inner.spec(), private=list(defence.private))
     if defence.dp_sgd_noise is not None:
         method = make_method("dp_sgd", inner=inner.spec(), clip_norm=cfg.clip_norm,
                              noise_multiplier=defence.dp_sgd_noise, delta=cfg.delta)
@@ -156,9 +173,7 @@ def run_inversion(cfg: AuditConfig, fed, result: AuditResult, advance: Callable[
     params = parameters_of(model)
     for defence in defences(cfg):
         rows = result.inversion.setdefault(defence.label, {})
-        for attack in cfg.attacks:
-            if attack == "idlg" and defence.batch > 1:
-                continue  # iDLG reads one image's label off the update
+        for attack in _attacks(cfg, defence):
             scores = {"psnr": [], "ssim": [], "epsilon": defence.epsilon(cfg.clip_norm, cfg.delta)}
             for t in range(cfg.targets):
                 pick = order[t * defence.batch:(t + 1) * defence.batch]
@@ -169,7 +184,7 @@ def run_inversion(cfg: AuditConfig, fed, result: AuditResult, advance: Callable[
                 iterations = cfg.iterations if attack == "inverting_gradients" else max(1, cfg.iterations // 5)
                 settings = InversionSettings(attack, iterations, cfg.lr if attack == "inverting_gradients" else 1.0,
                                              cfg.tv, seed=cfg.seed + t)
-                rec, _ = invert(view, settings, labels=None if defence.batch == 1 else y)
+                rec, _ = invert(view, settings, labels=None if defence.batch == 1 and not defence.private else y)
                 s = reconstruction_scores(x, rec)
                 scores["psnr"] += s["psnr"]
                 scores["ssim"] += s["ssim"]
@@ -200,6 +215,8 @@ def run_membership(cfg: AuditConfig, result: AuditResult, advance: Callable[[str
     settings: list[tuple[str, PrivacyConfig | None]] = [("no defence", None)]
     settings += [(f"DP-SGD ε={e:g}", PrivacyConfig(level="sample", clip_norm=cfg.clip_norm, target_epsilon=e,
                                                    delta=cfg.delta)) for e in cfg.epsilons]
+    settings += [(f"DP-FedAvg ε={e:g}", PrivacyConfig(level="client", clip_norm=cfg.clip_norm, target_epsilon=e,
+                                                      delta=cfg.delta)) for e in cfg.client_epsilons]
     for label, privacy in settings:
         run = run_federated(base.model_copy(update={"privacy": privacy}))
         record = run.result.history[-1]
@@ -212,7 +229,7 @@ def run_membership(cfg: AuditConfig, result: AuditResult, advance: Callable[[str
         aucs = [m["auc"] for m in record["test"].values() if m.get("auc") is not None]
         result.membership[label] = {**loss_threshold_attack(members, others),
                                     "test_auc": float(np.mean(aucs)) if aucs else None,
-                                    "epsilon": record.get("sample_epsilon"),
+                                    "epsilon": record.get("sample_epsilon", record.get("epsilon")),
                                     "noise_multiplier": record.get("noise_multiplier")}
         if advance is not None:
             advance(f"membership: {label}")
@@ -233,9 +250,8 @@ def run_audit(cfg: AuditConfig, advance: Callable[[str], None] | None = None) ->
 
 
 def work_units(cfg: AuditConfig) -> int:
-    per_defence = sum(cfg.targets for a in cfg.attacks)
-    idlg_skipped = cfg.targets * ("idlg" in cfg.attacks) * sum(b != 1 for b in cfg.batch_sizes)
-    return len(defences(cfg)) * per_defence - idlg_skipped + (1 + len(cfg.epsilons) if cfg.rounds else 0)
+    inversions = sum(cfg.targets * len(_attacks(cfg, d)) for d in defences(cfg))
+    return inversions + (1 + len(cfg.epsilons) + len(cfg.client_epsilons) if cfg.rounds else 0)
 
 
 def _eps(value: float | None) -> str:

@@ -173,6 +173,9 @@ class RunConfig(Settings):
     device: str = "cpu"  # where simulated sites compute: cpu, cuda, cuda:N, mps or auto (fedmi.core.device)
     deployment: DeploymentConfig = DeploymentConfig()
     privacy: PrivacyConfig | None = None  # differential privacy: DP-FedAvg (client) or DP-SGD (sample)
+    # Partial sharing (Yang et al.): module names or glob patterns of the entries that never leave a
+    # site ("head", "fc.*"); updates omit them, each site keeps its own, and evaluates with them.
+    private_parameters: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     out: str | None = None
     trackers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)  # also write metrics there
 

@@ -141,11 +141,14 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
 
 
 def build_method(cfg: RunConfig, site_sizes: Sequence[int] = ()) -> LocalMethod:
-    """The local method every site runs: the config's trainer, with the config's privacy: its updates
-    clipped at the site (client level) or its steps made DP-SGD's (sample level, with the noise
-    calibrated to `target_epsilon` for the sites of `site_sizes` training samples when it is given).
-    The deployed site checks the server's against this one."""
+    """The local method every site runs: the config's trainer, its `private_parameters` kept at the
+    sites, with the config's privacy: its updates clipped at the site (client level) or its steps
+    made DP-SGD's (sample level, with the noise calibrated to `target_epsilon` for the sites of
+    `site_sizes` training samples when it is given). The deployed site checks the server's against
+    this one."""
     method = make_method(cfg.trainer.name, **cfg.trainer.options())
+    if cfg.private_parameters:  # inside the privacy wrappers: they clip (client level) what is shared
+        method = make_method("partial_sharing", inner=method.spec(), private=list(cfg.private_parameters))
     privacy = cfg.privacy
     if privacy is None:
         return method

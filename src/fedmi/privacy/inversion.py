@@ -80,7 +80,8 @@ class SiteView:
       model: the network (its code; its weights are not used).
       loss: per_sample_loss(outputs, labels) of the task.
       params: the global parameters and buffers the server sent (w_0).
-      delta: the update it received (w_T − w_0, parameters and buffers).
+      delta: the update it received (w_T − w_0, parameters and buffers; without the entries a site
+        keeps to itself under partial sharing).
       lr: the site's local learning rate η.
       local_steps: T, the site's full-batch local steps.
       batch: the number of images behind the update (the site's training set in that round).
@@ -147,7 +148,7 @@ def _observed_batch_stats(view: SiteView) -> list[tuple[torch.Tensor, torch.Tens
     steps' mix, which the prior then approximates). The variance is PyTorch's unbiased one."""
     out = []
     for name, module in view.model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.running_mean" in view.delta:
             m = module.momentum if module.momentum is not None else 0.1
             mean = view.params[f"{name}.running_mean"] + view.delta[f"{name}.running_mean"] / m
             var = view.params[f"{name}.running_var"] + view.delta[f"{name}.running_var"] / m
@@ -174,7 +175,8 @@ def invert(view: SiteView, settings: InversionSettings, labels: torch.Tensor | N
       (images of shape (batch, *image_shape) in [0, 1], labels of shape (batch,)).
     """
     forward = model_forward(view.model)
-    names = tuple(k for k in view.params if k not in forward.buffers)
+    trained = tuple(k for k in view.params if k not in forward.buffers)
+    names = tuple(k for k in trained if k in view.delta)  # what the site sent (not what it kept: partial sharing)
     target = {k: view.delta[k].detach() for k in names}
     target_norm = torch.sqrt(sum((v ** 2).sum() for v in target.values()))
     g = torch.Generator().manual_seed(settings.seed)
@@ -192,7 +194,7 @@ def invert(view: SiteView, settings: InversionSettings, labels: torch.Tensor | N
 
     def objective() -> torch.Tensor:
         y = torch.sigmoid(soft) if soft is not None else labels
-        simulated, stats = _simulated_update(view, x, y, names)
+        simulated, stats = _simulated_update(view, x, y, trained)
         if settings.attack == "inverting_gradients":
             dot = sum((simulated[k] * target[k]).sum() for k in names)
             norm = torch.sqrt(sum((simulated[k] ** 2).sum() for k in names))

@@ -166,7 +166,7 @@ class VectorisedRuntime:
     def _objective(self, method: LocalMethod, state: State, batch: Batch, ctx: SiteContext
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over sites of their objectives, each site's data loss)."""
-        if type(method).objective is not LocalMethod.objective:
+        if method.overrides("objective"):
             totals, data = vmap(lambda st, x, y, w: method.objective(st, Batch(x, y, w), ctx))(
                 state, batch.x, batch.y, batch.weight)  # one site's weights: padding 0, the rest 1/|batch|
             return totals.sum(), data
@@ -174,7 +174,7 @@ class VectorisedRuntime:
         per_sample = self.task.per_sample_loss(outputs.flatten(0, 1), batch.y.flatten(0, 1))
         data = (per_sample.view(batch.weight.shape) * batch.weight).sum(1)
         total = data.sum()
-        if type(method).regulariser is LocalMethod.regulariser:
+        if not method.overrides("regulariser"):
             return total, data
         if method.elementwise:  # a sum of elementwise terms: over stacked sites, the sum of theirs
             return total + method.regulariser(state, ctx), data

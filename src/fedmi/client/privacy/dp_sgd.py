@@ -62,7 +62,7 @@ class DpSgd(WrappedMethod):
         super().__init__(inner)
         inner = self.inner
         for hook in ("objective", "trainable"):
-            if getattr(type(inner), hook) is not getattr(LocalMethod, hook):
+            if inner.overrides(hook):
                 raise FedmiError(f"dp_sgd bounds each sample's gradient of the task's loss; trainer {inner.name} "
                                  f"defines its own {hook}, which dp_sgd cannot split into samples")
         if inner.per_sample_gradients:

@@ -59,7 +59,7 @@ def test_bad_pipelines_are_clear_errors(text, message):
 
 def test_a_pipeline_without_a_reducer_averages_as_fedavg():
     pipe = parse_pipeline("server_sgd(lr=0.5)")
-    transforms, reducer, optimiser = pipe.parts()
+    transforms, reducer, _, optimiser = pipe.parts()
     assert not transforms and reducer.name == "weighted_mean" and optimiser.lr == 0.5
 
 
@@ -160,3 +160,18 @@ def test_krum_by_hand():
         krum(f=1).reduce(updates[:4], like)
     with pytest.raises(FedmiError, match="krum f"):
         parse_pipeline("krum(f=-1)")
+
+
+def test_the_chain_keeps_its_order_and_a_delta_transform_acts_on_the_reducers_delta():
+    from fedmi.server import GaussianNoise, Mean, NormBound, ServerSGD
+
+    with pytest.raises(FedmiError, match="must come before the reducer"):
+        (Mean() | NormBound(max_norm=1.0) | ServerSGD(1.0)).parts()
+    with pytest.raises(FedmiError, match="must come before the server optimiser"):
+        (Mean() | ServerSGD(1.0) | GaussianNoise(1.0, 1.0)).parts()
+    params = OrderedDict(w=torch.zeros(4))
+    updates = [Update("a", OrderedDict(w=torch.ones(4)), 1), Update("b", OrderedDict(w=3 * torch.ones(4)), 1)]
+    pipe = NormBound(max_norm=1e9) | Mean() | GaussianNoise(clip_norm=1.0, noise_multiplier=0.0) | ServerSGD(0.5)
+    assert not pipe.needs_all_updates and len(pipe.init(params)) == 4
+    new, _ = pipe.aggregate(pipe.init(params), params, updates, RoundInfo(0, 1, 0))
+    assert torch.equal(new["w"], torch.ones(4))  # 0.5 · mean(1, 3); no noise at z = 0

@@ -20,7 +20,7 @@ from fedmi.errors import FedmiError
 from fedmi.experiments.config import parse_config
 from fedmi.experiments.federated_run import build_method, run_federated
 from fedmi.privacy import PrivacyAccountant, calibrate_noise, float_norm
-from fedmi.server.privacy.dp_mean import DpMean
+from fedmi.server.privacy.dp_mean import dp_mean
 
 
 def exact_gaussian_epsilon(sigma: float, delta: float) -> float:
@@ -133,22 +133,22 @@ def test_no_update_leaving_a_site_has_norm_above_the_clip(runtime, monkeypatch, 
 
 def test_the_noise_has_standard_deviation_z_times_c_over_the_sites():
     like = OrderedDict(w=torch.zeros(200_000), steps=torch.zeros((), dtype=torch.int64))
-    step = DpMean(clip_norm=2.0, noise_multiplier=1.5, expected_sites=4)
-    acc = step.start(like)
-    for k in range(3):  # three zero updates: the result is the noise alone, over the fixed denominator 4
-        acc = step.fold(acc, Update(f"s{k}", P.zeros_like(like), 10))
-    delta, state = step.finish_round(acc, like, step.init(like), RoundInfo(0, 1, 7, 3))
+    pipeline = dp_mean(clip_norm=2.0, noise_multiplier=1.5, expected_sites=4)
+    # three zero updates: the result is the noise alone, over the fixed denominator 4
+    delta, state = pipeline.aggregate(pipeline.init(like), like, [Update(f"s{k}", P.zeros_like(like), 10)
+                                                                  for k in range(3)], RoundInfo(0, 1, 7, 3))
     assert float(delta["w"].std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.01)
     assert abs(float(delta["w"].mean())) < 0.01 and int(delta["steps"]) == 0
-    assert step.report(state)["epsilon"] == pytest.approx(exact_gaussian_epsilon(1.5, 1e-5), rel=2e-3)
+    assert pipeline.report(state)["epsilon"] == pytest.approx(exact_gaussian_epsilon(1.5, 1e-5), rel=2e-3)
 
 
 def test_a_site_that_does_not_clip_gains_nothing():
     like = OrderedDict(w=torch.zeros(3))
-    step = DpMean(clip_norm=1.0, noise_multiplier=0.0, expected_sites=2)
-    acc = step.fold(step.start(like), Update("liar", OrderedDict(w=torch.tensor([300.0, 400.0, 0.0])), 10))
-    delta, _ = step.finish_round(acc, like, step.init(like), RoundInfo(0, 1, 0, 1))
+    pipeline = dp_mean(clip_norm=1.0, noise_multiplier=0.0, expected_sites=2)
+    liar = Update("liar", OrderedDict(w=torch.tensor([300.0, 400.0, 0.0])), 10)
+    delta, _ = pipeline.aggregate(pipeline.init(like), like, [liar], RoundInfo(0, 1, 0, 1))
     assert torch.allclose(delta["w"], torch.tensor([0.3, 0.4, 0.0]))  # clipped to norm 1, over 2 sites
+    assert not pipeline.needs_all_updates  # clipped as it arrives: O(model) server memory
 
 
 def test_dp_mean_after_an_update_transform_gives_its_streaming_aggregate():

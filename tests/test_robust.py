@@ -280,9 +280,12 @@ def test_every_step_parses_and_runs_in_a_pipeline():
     params = OrderedDict(w=torch.ones(3))
     updates = [_u("a", [1.0, 0.0, 0.0]), _u("b", [0.0, 1.0, 0.0]), _u("c", [30.0, 40.0, 0.0])]  # c clipped to norm 5
     pipe = parse_pipeline("norm_bound(max_norm=5.0) | mean | server_sgd(lr=1.0)")
-    assert pipe.needs_all_updates
+    assert not pipe.needs_all_updates  # a fixed bound clips each update as it arrives
     new, _ = pipe.aggregate(pipe.init(params), params, updates, INFO)
     assert torch.allclose(new["w"], torch.tensor([1 + 4 / 3, 1 + 5 / 3, 1.0]))
+    buffered = parse_pipeline("norm_bound(factor=1e9) | norm_bound(max_norm=5.0) | mean | server_sgd(lr=1.0)")
+    assert buffered.needs_all_updates  # the round's median norm needs the whole list: the same result
+    assert torch.equal(buffered.aggregate(buffered.init(params), params, updates, INFO)[0]["w"], new["w"])
 
 
 @pytest.mark.parametrize("text, message", [

@@ -207,7 +207,7 @@ def test_method_options_reach_the_step_or_the_method_and_bad_ones_are_named():
 
     cfg = Table2Config(methods=["fedadam", "pfa", "qffl"], lr=0.1,
                        method_options={"fedadam": {"lr": 0.3}, "pfa": {"band_start": 0.25}})
-    assert _aggregator("fedadam", cfg).parts()[2].lr == 0.3
+    assert _aggregator("fedadam", cfg).parts()[3].lr == 0.3
     assert _method("pfa", cfg).band_start == 0.25
     assert _aggregator("qffl", cfg).parts()[1].lipschitz == pytest.approx(10.0)  # 1 / the local lr
     with pytest.raises(FedmiError, match="fedadam"):

@@ -186,14 +186,14 @@ def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> Agg
         return make_aggregator(cfg.aggregator, cfg.server_lr, method)
     from fedmi.privacy import calibrate_noise
     from fedmi.server.optimizers import ServerSGD
-    from fedmi.server.privacy.dp_mean import DpMean
+    from fedmi.server.privacy.dp_mean import dp_mean
 
     z, q = cfg.privacy.noise_multiplier, cfg.privacy.site_sampling or 1.0
     if z is None:
         z = calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds, q)
         log.info("privacy: noise multiplier %.4f spends epsilon %g at delta %g over %d rounds",
                  z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
-    return DpMean(cfg.privacy.clip_norm, z, q * num_sites, cfg.privacy.delta, q) | ServerSGD(cfg.server_lr)
+    return dp_mean(cfg.privacy.clip_norm, z, q * num_sites, cfg.privacy.delta, q) | ServerSGD(cfg.server_lr)
 
 
 def check_budget(cfg: RunConfig, method: LocalMethod, site_sizes: Sequence[int]) -> None:

@@ -4,7 +4,7 @@ Every module here registers its steps in `STEPS` when imported; this package imp
 """
 
 from fedmi.core.registry import import_submodules
-from fedmi.server.base import STEPS, Reducer, ServerOptimizer, Step, UpdateTransform
+from fedmi.server.base import STEPS, DeltaTransform, Reducer, ServerOptimizer, Step, UpdateTransform
 from fedmi.server.pipeline import AggregationPipeline, RoundAggregation, make_aggregator, parse_pipeline
 from fedmi.server.reducers import Mean, WeightedMean
 from fedmi.server.robust import (DOS, CoordinateMedian, GeometricMedian, Krum, MultiKrum, NormBound,
@@ -16,6 +16,7 @@ from fedmi.server.domain_shift.guided import Guided
 from fedmi.server.domain_shift.qffl import QFFL
 from fedmi.server.drift.fednova import FedNova
 from fedmi.server.drift.scaffold import Scaffold
+from fedmi.server.privacy.dp_mean import FixedMean, GaussianNoise, dp_mean
 
 import_submodules(__name__)
 
@@ -27,7 +28,8 @@ loss_weighted, qffl, guided = LossWeighted, QFFL, Guided
 scaffold, fednova = Scaffold, FedNova
 
 __all__ = [
-    "STEPS", "AggregationPipeline", "RoundAggregation", "Reducer", "ServerOptimizer", "Step", "UpdateTransform",
+    "STEPS", "AggregationPipeline", "RoundAggregation", "DeltaTransform", "Reducer", "ServerOptimizer", "Step",
+    "UpdateTransform",
     "make_aggregator", "parse_pipeline",
     # selection
     "AllSites", "CyclicSelector", "FractionSelector", "Selector", "make_selector",
@@ -36,6 +38,8 @@ __all__ = [
     "mean", "weighted_mean", "server_sgd", "fedadagrad", "fedadam", "fedyogi",
     # survey §V-A and §V-B, drift correction
     "LossWeighted", "QFFL", "Guided", "Scaffold", "FedNova", "loss_weighted", "qffl", "guided", "scaffold", "fednova",
+    # survey §VI-A, client-level differential privacy
+    "FixedMean", "GaussianNoise", "dp_mean",
     # survey §V-C, robust aggregation
     "CoordinateMedian", "Krum", "DOS", "GeometricMedian", "MultiKrum", "NormBound", "TrimmedMean",
     "median", "krum", "dos", "geometric_median", "multi_krum", "norm_bound", "trimmed_mean",

@@ -9,13 +9,12 @@ to the main task.
 from __future__ import annotations
 
 import statistics
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from fedmi.core.types import RoundInfo, Update
 from fedmi.errors import FedmiError, check_number
-from fedmi.privacy import float_norm
+from fedmi.privacy import clip_to_norm, float_norm
 from fedmi.server.base import STEPS, UpdateTransform
 
 
@@ -53,17 +52,23 @@ class NormBound(UpdateTransform):
         """M for a round whose updates have these norms."""
         return self.max_norm if self.max_norm is not None else self.factor * statistics.median(norms)
 
+    @property
+    def needs_all_updates(self) -> bool:  # a fixed bound clips each update as it arrives
+        return self.factor is not None
+
+    def map_update(self, update: Update, state: Any, round_info: RoundInfo) -> tuple[Update, Any]:
+        if self.factor is not None:
+            return super().map_update(update, state, round_info)
+        return self._bounded(update, self.max_norm), state
+
     def transform(self, updates: list[Update], state: Any, round_info: RoundInfo) -> tuple[list[Update], Any]:
-        if not updates:
-            return updates, state
-        norms = [self.norm(u) for u in updates]
-        bound = self.bound(norms)
-        out = []
-        for u, norm in zip(updates, norms):
-            if norm <= bound:  # within the bound (a zero update included): passed on as it came
-                out.append(u)
-                continue
-            s = bound / norm
-            delta = OrderedDict((k, v * s if v.is_floating_point() else v) for k, v in u.delta.items())
-            out.append(replace(u, delta=delta))
-        return out, state
+        if self.factor is None or not updates:
+            return super().transform(updates, state, round_info)
+        bound = self.bound([self.norm(u) for u in updates])
+        return [self._bounded(u, bound) for u in updates], state
+
+    @staticmethod
+    def _bounded(update: Update, bound: float) -> Update:
+        """The update as it came if within the bound (a zero update included), else clipped to it."""
+        delta, norm = clip_to_norm(update.delta, bound)
+        return update if norm <= bound else replace(update, delta=delta)

@@ -41,3 +41,12 @@ def tree_leaves(obj):
             yield from tree_leaves(v)
     else:
         yield obj
+
+
+@pytest.fixture(scope="module")
+def heart():
+    """UCI Heart Disease's four hospitals and their seed-0 splits."""
+    from fedmi.data.registry import load_federation
+
+    fed = load_federation("heart-disease", 0)
+    return fed, fed.split(0, 0.2)

@@ -22,6 +22,7 @@ from fedmi.errors import FedmiError
 from fedmi.experiments.config import parse_config
 from fedmi.experiments.federated_run import build_method, run_federated
 from fedmi.models import build_model
+from model_params import initial
 from fedmi.privacy import PrivacyAccountant, calibrate_noise
 from fedmi.runtime import make_runtime
 
@@ -32,16 +33,6 @@ class SampleMeanFedAvg(FedAvg):
 
     name = "test_sample_mean_fedavg"
     per_sample_gradients = True
-
-
-@pytest.fixture(scope="module")
-def heart():
-    fed = load_federation("heart-disease", 0)
-    return fed, fed.split(0, 0.2)
-
-
-def initial(model):
-    return P.Params((k, v.detach().clone()) for k, v in model.state_dict().items())
 
 
 def updates(runtime_name, method, fed, sites, model_name="mlp", rounds=1, workers=None):
@@ -159,8 +150,8 @@ def test_each_site_accounts_its_own_steps_over_rounds(heart, tmp_path):
             accountant.compose(dp_accounting.SelfComposedDpEvent(
                 dp_accounting.PoissonSampledDpEvent(16 / sizes[site], dp_accounting.GaussianDpEvent(1.0)), 4 * r))
             assert eps == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
-        assert record["sample_epsilon"] == max(record["site_epsilon"].values())
-    eps = [h["sample_epsilon"] for h in history]
+        assert record["local_epsilon"] == max(record["site_epsilon"].values())
+    eps = [h["local_epsilon"] for h in history]
     assert eps[0] < eps[1] < eps[2]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
     assert summary["level"] == "sample" and summary["epsilon"] == eps[-1]
@@ -319,7 +310,7 @@ def test_a_site_refuses_rounds_past_its_budget_and_changed_settings(heart):
     with pytest.raises(FedmiError, match="has run the 2 DP-SGD rounds its privacy budget allows"):
         train_site(method, model, fed.task, sites[0], initial(model), state, RoundInfo(1, 2, 0, 1), 0)  # a replay
     louder = make_method("dp_sgd", inner=method.inner.spec(), clip_norm=0.5, noise_multiplier=2.0)
-    with pytest.raises(FedmiError, match="ran its earlier DP-SGD steps at noise multiplier 1"):
+    with pytest.raises(FedmiError, match="ran its earlier DP-SGD rounds at noise multiplier 1"):
         train_site(louder, model, fed.task, sites[0], initial(model), state, RoundInfo(2, 3, 0, 1), 0)
 
 

@@ -43,6 +43,7 @@ def _grid(handlers: dict[int, object] | None = None, n: int = 4) -> LocalGrid:
     {"privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0, "site_sampling": 0.5}},  # Poisson-sampled sites
     {"privacy": {"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0},  # DP-SGD at each ClientApp
      "trainer": {"name": "fedavg", "lr": 0.1, "batch_size": 16, "local_steps": 3}},
+    {"privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0, "noise_at": "site"}},  # each ClientApp noises its own
     {"model": "mlp", "private_parameters": ["net.3"],  # each ClientApp keeps its head, the sum is clipped and noised
      "privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0}},
 ])
@@ -55,7 +56,7 @@ def test_the_flower_apps_give_the_in_process_result(changes):
     assert over_grid.history[-1]["test"].keys() == in_process.history[-1]["test"].keys()
     for site, metrics in in_process.history[-1]["test"].items():
         assert over_grid.history[-1]["test"][site]["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
-    for budget in ("epsilon", "site_epsilon", "sample_epsilon"):
+    for budget in ("epsilon", "site_epsilon", "local_epsilon"):
         assert over_grid.history[-1].get(budget) == in_process.history[-1].get(budget)
 
 

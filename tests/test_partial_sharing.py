@@ -10,29 +10,19 @@ from fedmi.client import make_method
 from fedmi.core import params as P
 from fedmi.core.runner import Runner
 from fedmi.core.types import RoundInfo, Update
-from fedmi.data.registry import load_federation
 from fedmi.errors import FedmiError
 from fedmi.experiments.config import parse_config
 from fedmi.experiments.federated_run import build_method, run_federated
 from fedmi.models import build_model
+from model_params import initial
 from fedmi.runtime import make_runtime
 from fedmi.server.pipeline import make_aggregator
 
 HEAD = ("net.3.weight", "net.3.bias")  # the MLP's last layer
 
 
-@pytest.fixture(scope="module")
-def heart():
-    fed = load_federation("heart-disease", 0)
-    return fed, fed.split(0, 0.2)
-
-
 def mlp(fed):
     return build_model("mlp", fed.input_shape, 0, fed.task.num_outputs)
-
-
-def initial(model):
-    return P.Params((k, v.detach().clone()) for k, v in model.state_dict().items())
 
 
 def partial(inner="fedavg", **options):

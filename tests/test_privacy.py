@@ -326,4 +326,4 @@ def test_a_run_that_would_exceed_its_budget_refuses_to_start_naming_the_noise_th
     fits = parse_config({**cfg.model_dump(mode="json"), "privacy": {**privacy, "noise_multiplier": needed * 1.001}},
                         "t")
     spent = run_federated(fits, tmp_path / "fits").result.history[-1]
-    assert spent.get("epsilon", spent.get("sample_epsilon")) <= 2.0
+    assert spent.get("epsilon", spent.get("local_epsilon")) <= 2.0

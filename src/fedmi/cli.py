@@ -352,7 +352,7 @@ def run(
     _print_final(f"{title}: after {counted(cfg.rounds, 'round')}", fed.task.table_metrics, done.result.history[-1]["test"],
                  fed.task.name, fed.label_names)
     last = done.result.history[-1]
-    if cfg.privacy is not None and (line := privacy_line(last, cfg.privacy.clip_norm)):
+    if cfg.privacy is not None and (line := privacy_line(last, cfg.privacy)):
         out_console.print(line, highlight=False, soft_wrap=True)
     if not fed.has_fixed_split:
         from fedmi.experiments.table2 import METHODS as SETTINGS
@@ -643,6 +643,7 @@ def robustness(
 def privacy(
     config: Path = typer.Argument(..., help="YAML file of the federated run to make private (as for fedmi run)"),
     level: str = _option("sample", help="sample (DP-SGD at each site) or client (DP-FedAvg)"),
+    noise_at: str = _option("server", help="client level: the noise once on the sum (server) or at each site (site)"),
     clip_norm: float = _option(..., help="C: the bound on each sample's gradient (sample) or site's update (client)"),
     epsilons: Optional[str] = _option(None, help="target ε of each private setting, e.g. 1,4,16"),
     noise_multipliers: Optional[str] = _option(None, help="noise multipliers of further settings, e.g. 0.5,1,2"),
@@ -664,7 +665,7 @@ def privacy(
     if base.privacy is not None:
         raise FedmiError(f"{config}: the run already names its privacy; fedmi privacy sets it for each setting "
                          "(remove the privacy field)")
-    raw = {"level": level, "clip_norm": clip_norm, "delta": delta, "repeats": repeats, "clipped": not no_clipped,
+    raw = {"level": level, "noise_at": noise_at, "clip_norm": clip_norm, "delta": delta, "repeats": repeats, "clipped": not no_clipped,
            "epsilons": _numbers(epsilons, "--epsilons") if epsilons else [],
            "noise_multipliers": _numbers(noise_multipliers, "--noise-multipliers") if noise_multipliers else []}
     cfg = validated(PrivacyUtilityConfig, raw, "fedmi privacy", prefix="option ")

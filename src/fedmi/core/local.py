@@ -78,6 +78,9 @@ class SiteContext:
         estimate of F_k(w_t), q-FFL's; exact with full-batch steps; set before `final`).
       local_steps: the optimiser steps the site took this round (set before `final`; FedNova's tau_k).
       batch_norm_names: the entries of batch-norm layers (their weights, biases and statistics).
+      update_noise: the generator a method draws noise for its update from in `final` (local DP): from
+        (seed, round, site) in simulation, the same on every runtime; from a key only the site holds
+        when deployed (set by the runtime before `final`).
     """
 
     round: RoundInfo
@@ -92,6 +95,7 @@ class SiteContext:
     start_loss: float | None = None
     local_steps: int = 0
     batch_norm_names: tuple[str, ...] = ()
+    update_noise: torch.Generator | None = None
 
     def data_loss(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
                   batch: Batch) -> torch.Tensor:

@@ -34,6 +34,7 @@ class Stream(IntEnum):
     PRIVACY_NOISE = 8  # (seed, round): the Gaussian noise a differentially private aggregate adds
     SAMPLE_NOISE = 9  # (seed, round, site, step): the noise DP-SGD adds to one step's gradient at a site
     POISSON_BATCHES = 10  # (seed, round, site): which samples a Poisson-sampled batch holds (core.batches' hash)
+    UPDATE_NOISE = 11  # (seed, round, site): the noise a site adds to its own update (local DP)
 
 
 def torch_generator(stream: Stream, *key: int) -> torch.Generator:

@@ -193,12 +193,12 @@ def _mean_loss(accepted: Sequence[_Report]) -> float | None:
 
 
 def _site_budgets(spent: Sequence[_Budget], history: Sequence[dict]) -> dict:
-    """The sample-level privacy budget of a round's record, where the sites report one (DP-SGD):
-    each site's ε so far ("site_epsilon": a site that sat the round out keeps its last; a later
-    report of one site, from a retry, supersedes its earlier) and the largest of them
-    ("sample_epsilon", at "sample_delta"), the run's guarantee to every patient, and the sites'
-    noise multiplier where they share one. `spent`: every update that reported a budget, accepted
-    or rejected: its site spent it either way."""
+    """The privacy budget the sites account themselves (DP-SGD: each record; noise at the site: each
+    site's training set), in a round's record: each site's ε so far ("site_epsilon": a site that sat
+    the round out keeps its last; a later report of one site, from a retry, supersedes its earlier)
+    and the largest of them ("local_epsilon", at "local_delta"), the run's guarantee to every
+    patient (or site), and the sites' noise multiplier where they share one. `spent`: every update
+    that reported a budget, accepted or rejected: its site spent it either way."""
     if not spent:
         return {}
     last = history[-1] if history else {}
@@ -207,8 +207,8 @@ def _site_budgets(spent: Sequence[_Budget], history: Sequence[dict]) -> dict:
         this_round[b.site] = max(b.epsilon, this_round.get(b.site, b.epsilon))
     budgets = {**last.get("site_epsilon", {}), **this_round}
     delta = max((b.delta for b in spent if b.delta is not None), default=0.0)
-    out = {"site_epsilon": budgets, "sample_epsilon": max(budgets.values()),
-           "sample_delta": max(delta, last.get("sample_delta", 0.0))}
+    out = {"site_epsilon": budgets, "local_epsilon": max(budgets.values()),
+           "local_delta": max(delta, last.get("local_delta", 0.0))}
     noise = {b.noise_multiplier for b in spent if b.noise_multiplier is not None}
     if len(noise) == 1:
         out["noise_multiplier"] = noise.pop()

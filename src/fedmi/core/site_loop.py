@@ -165,7 +165,8 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
       key: the site's key in the random streams (its position in the federation).
       batches: the site's batches if already planned (with other sites'); else planned here.
       private_key: a key only the site holds (a deployed site draws one from the OS for each task),
-        from which a method with `per_sample_gradients` draws its Poisson batches and its noise. None
+        from which a method with `per_sample_gradients` draws its Poisson batches and its noise, and
+        a method that noises its update (`SiteContext.update_noise`) that noise. None
         (simulation): they come from (seed, round, key), the same on every runtime and on resume;
         whoever holds the run's seed can recompute them, so a simulation is reproducible, not private.
     Returns:
@@ -212,12 +213,21 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
         with torch.no_grad():
             state = method.step(state, grads, ctx)
     ctx.train_loss, ctx.start_loss, ctx.local_steps = total / max(count, 1), start, len(batches)
+    ctx.update_noise = update_noise(round_info, key, private_key)
     with torch.no_grad():
         update, kept = method.final(state, ctx)
     if device != CPU:
         update = replace(update, delta=move(update.delta, CPU), extras=move(update.extras, CPU))
         kept = move(kept, CPU)
     return update, kept
+
+
+def update_noise(round_info: RoundInfo, key: int, private_key: int | None = None) -> torch.Generator:
+    """The generator of the noise a site adds to its update this round (`SiteContext.update_noise`):
+    from the site's private key where it holds one, else from (seed, round, site)."""
+    if private_key is not None:
+        return torch_generator(Stream.UPDATE_NOISE, private_key, round_info.round, 0)
+    return torch_generator(Stream.UPDATE_NOISE, round_info.seed, round_info.round, key)
 
 
 @torch.no_grad()

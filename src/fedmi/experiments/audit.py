@@ -229,7 +229,7 @@ def run_membership(cfg: AuditConfig, result: AuditResult, advance: Callable[[str
         aucs = [m["auc"] for m in record["test"].values() if m.get("auc") is not None]
         result.membership[label] = {**loss_threshold_attack(members, others),
                                     "test_auc": float(np.mean(aucs)) if aucs else None,
-                                    "epsilon": record.get("sample_epsilon", record.get("epsilon")),
+                                    "epsilon": record.get("local_epsilon", record.get("epsilon")),
                                     "noise_multiplier": record.get("noise_multiplier")}
         if advance is not None:
             advance(f"membership: {label}")

@@ -126,6 +126,9 @@ class PrivacyConfig(Settings):
 
     level: Literal["client", "sample"] = "client"
     clip_norm: float = Field(gt=0)
+    # Client level: where the noise is added. server: once, on the sum (DP-FedAvg, the server trusted);
+    # site: each site noises its own clipped update (the local variant), protecting it from the server.
+    noise_at: Literal["server", "site"] = "server"
     # Client level: each site takes part in each round with this probability (Poisson sampling), which
     # amplifies privacy; the noisy sum is divided by the expected number of sites. None: every site.
     site_sampling: float | None = Field(None, gt=0, le=1)
@@ -145,7 +148,17 @@ class PrivacyConfig(Settings):
                              "is calibrated to the budget already")
         if self.site_sampling is not None and self.level != "client":
             raise ValueError("site_sampling is client-level DP's (DP-SGD samples each site's records itself)")
+        if self.noise_at == "site" and self.level != "client":
+            raise ValueError("noise_at is client-level DP's (DP-SGD adds its noise at the sites already)")
+        if self.noise_at == "site" and self.site_sampling is not None:
+            raise ValueError("site_sampling amplifies privacy only against those who do not see which sites took "
+                             "part; noise at the sites protects from the server, which does")
         return self
+
+    @property
+    def at_sites(self) -> bool:
+        """Whether the sites add the noise and account their own budget (DP-SGD, or noise at the sites)."""
+        return self.level == "sample" or self.noise_at == "site"
 
 
 class RunConfig(Settings):
@@ -181,7 +194,7 @@ class RunConfig(Settings):
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> "RunConfig":
-        if self.privacy is None or self.privacy.level == "sample":  # DP-SGD is the sites' own: any server
+        if self.privacy is None or self.privacy.at_sites:  # the sites' own noise: any server, any selection
             return self
         if self.aggregator is not None:
             raise ValueError("privacy makes the aggregate dp_mean (the clipped sum with noise); leave aggregator "

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 from torch import nn
 
 from fedmi.client import make_method
-from fedmi.experiments.config import DataConfig, RunConfig, TrainerConfig, save_config
+from fedmi.experiments.config import DataConfig, PrivacyConfig, RunConfig, TrainerConfig, save_config
 from fedmi.experiments.defaults import describe_recipe, model_defaults, trainer_defaults
 from fedmi.experiments.outputs import CHECKPOINT, RUN_CONFIG, JsonlWriter, to_json
 from fedmi.experiments.trackers import make_trackers
@@ -152,16 +152,21 @@ def build_method(cfg: RunConfig, site_sizes: Sequence[int] = ()) -> LocalMethod:
     privacy = cfg.privacy
     if privacy is None:
         return method
-    if privacy.level == "client":
+    if privacy.level == "client" and privacy.noise_at == "server":
         return make_method("dp_clip", inner=method.spec(), clip_norm=privacy.clip_norm)
     z = privacy.noise_multiplier
+    # a site trains at most every round and each retry of it; a server asking more is refused
+    budget = {"clip_norm": privacy.clip_norm, "delta": privacy.delta, "max_rounds": cfg.rounds * (1 + cfg.max_retries)}
+    if privacy.level == "client":  # noise at the sites: r releases of the Gaussian mechanism at z / 2
+        from fedmi.privacy import calibrate_noise
+
+        z = 2 * calibrate_noise(privacy.target_epsilon, privacy.delta, cfg.rounds) if z is None else z
+        return make_method("dp_local", inner=method.spec(), noise_multiplier=z, **budget)
     if z is None:
         if not site_sizes:
             raise FedmiError("privacy: calibrating DP-SGD's noise to target_epsilon needs the sites' sizes")
         z = sample_noise(method, cfg, site_sizes)
-    # a site trains at most every round and each retry of it; a server asking more is refused
-    return make_method("dp_sgd", inner=method.spec(), clip_norm=privacy.clip_norm, noise_multiplier=z,
-                       delta=privacy.delta, max_rounds=cfg.rounds * (1 + cfg.max_retries))
+    return make_method("dp_sgd", inner=method.spec(), noise_multiplier=z, **budget)
 
 
 def sample_noise(method: LocalMethod, cfg: RunConfig, site_sizes: Sequence[int]) -> float:
@@ -182,7 +187,7 @@ def sample_noise(method: LocalMethod, cfg: RunConfig, site_sizes: Sequence[int])
 def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> AggregationPipeline:
     """The server's aggregation: the config's pipeline, or with privacy the clipped sum with Gaussian
     noise over a fixed `num_sites` (`dp_mean`), its noise calibrated to `target_epsilon` if given."""
-    if cfg.privacy is None or cfg.privacy.level == "sample":
+    if cfg.privacy is None or cfg.privacy.at_sites:  # what arrives is noised already: any aggregation
         return make_aggregator(cfg.aggregator, cfg.server_lr, method)
     from fedmi.privacy import calibrate_noise
     from fedmi.server.optimizers import ServerSGD
@@ -205,6 +210,7 @@ def check_budget(cfg: RunConfig, method: LocalMethod, site_sizes: Sequence[int])
     if privacy is None or privacy.max_epsilon is None:
         return
     z = privacy.noise_multiplier
+    scale = 0.5 if privacy.level == "client" and privacy.noise_at == "site" else 1.0  # updates 2C apart
     if privacy.level == "client":
         plans = {(privacy.site_sampling or 1.0, cfg.rounds): "every site"}
     else:
@@ -213,10 +219,10 @@ def check_budget(cfg: RunConfig, method: LocalMethod, site_sizes: Sequence[int])
         for n in site_sizes:
             plans.setdefault((schedule.sampling_rate(n), schedule.steps_per_round(n) * cfg.rounds),
                              f"a site of {n} records")
-    worst = max(plans, key=lambda plan: gaussian_epsilon(z, *plan, privacy.delta) if z > 0 else float("inf"))
-    spent = gaussian_epsilon(z, *worst, privacy.delta) if z > 0 else float("inf")
+    worst = max(plans, key=lambda plan: gaussian_epsilon(z * scale, *plan, privacy.delta) if z > 0 else float("inf"))
+    spent = gaussian_epsilon(z * scale, *worst, privacy.delta) if z > 0 else float("inf")
     if spent > privacy.max_epsilon:
-        needed = max(calibrate_noise(privacy.max_epsilon, privacy.delta, steps, rate) for rate, steps in plans)
+        needed = max(calibrate_noise(privacy.max_epsilon, privacy.delta, steps, rate) for rate, steps in plans) / scale
         raise FedmiError(f"privacy: noise multiplier {z:g} would spend epsilon {spent:.3g} at delta {privacy.delta:g} "
                          f"over {cfg.rounds} rounds ({plans[worst]}), beyond max_epsilon {privacy.max_epsilon:g}; "
                          f"raise noise_multiplier to {needed:.4g} or more, or run fewer rounds")
@@ -231,30 +237,38 @@ def build_selector(cfg: RunConfig):
     return make_selector(cfg.fraction, cyclic=cfg.selection == "cyclic")
 
 
-def privacy_spent(record: dict, clip_norm: float) -> dict | None:
-    """What a run's last round says it spent: ε at δ, the level, the clipping bound and the noise
-    multiplier (and at sample level, each site's ε); None for a run without privacy."""
+def privacy_level(privacy: PrivacyConfig) -> str:
+    """The privacy setting in words: "sample level", "client level" or "client level, noise at the sites"."""
+    return f"{privacy.level} level" + (", noise at the sites" if privacy.level == "client" and privacy.noise_at == "site"
+                                       else "")
+
+
+def privacy_spent(record: dict, privacy: PrivacyConfig) -> dict | None:
+    """What a run's last round says it spent under `privacy`: ε at δ, the level, the clipping bound and
+    the noise multiplier (and where the sites account it, each site's ε); None for a run without it."""
     if "epsilon" in record:
-        return {"epsilon": record["epsilon"], "delta": record["delta"], "level": "client",
-                "clip_norm": clip_norm, "noise_multiplier": record.get("noise_multiplier")}
-    if "sample_epsilon" in record:
-        return {"epsilon": record["sample_epsilon"], "delta": record["sample_delta"], "level": "sample",
-                "clip_norm": clip_norm, "noise_multiplier": record.get("noise_multiplier"),
+        return {"epsilon": record["epsilon"], "delta": record["delta"], "level": privacy.level, "noise_at": "server",
+                "clip_norm": privacy.clip_norm, "noise_multiplier": record.get("noise_multiplier")}
+    if "local_epsilon" in record:
+        return {"epsilon": record["local_epsilon"], "delta": record["local_delta"], "level": privacy.level,
+                "noise_at": "site",
+                "clip_norm": privacy.clip_norm, "noise_multiplier": record.get("noise_multiplier"),
                 "site_epsilon": record["site_epsilon"]}
     return None
 
 
-def privacy_line(record: dict, clip_norm: float) -> str | None:
+def privacy_line(record: dict, privacy: PrivacyConfig) -> str | None:
     """The line a run ends with on the budget it spent (None without privacy), from its last record."""
-    rounds = counted(record["round"], "round")
+    rounds, clip = counted(record["round"], "round"), privacy.clip_norm
     if "epsilon" in record:
         return (f"privacy: epsilon {record['epsilon']:.3g} at delta {record['delta']:g} after {rounds} (client "
-                f"level: each site's update clipped to norm {clip_norm:g} at the site, Gaussian noise on their sum)")
-    if "sample_epsilon" in record:
+                f"level: each site's update clipped to norm {clip:g} at the site, Gaussian noise on their sum)")
+    if "local_epsilon" in record:
         sites = ", ".join(f"{site} {eps:.3g}" for site, eps in record["site_epsilon"].items())
-        return (f"privacy: epsilon {record['sample_epsilon']:.3g} at delta {record['sample_delta']:g} after {rounds} "
-                f"(sample level, the largest over the sites: DP-SGD at each, every sample's gradient clipped to "
-                f"norm {clip_norm:g}; by site: {sites})")
+        how = "DP-SGD at each, every sample's gradient clipped to" if privacy.level == "sample" else \
+            "each site's training set, its update clipped at the site and noised there, to"
+        return (f"privacy: epsilon {record['local_epsilon']:.3g} at delta {record['local_delta']:g} after {rounds} "
+                f"({privacy_level(privacy)}, the largest over the sites: {how} norm {clip:g}; by site: {sites})")
     return None
 
 
@@ -361,7 +375,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
                metadata={"dataset": str(summary.get("dataset", "")), "model": cfg.model, "rounds": str(cfg.rounds)})
         summary = {**summary, "config": cfg.model_dump(), "aggregator": str(aggregator), "task": task.name,
                    "table_metrics": list(task.table_metrics), "final": result.history[-1].get("test")}
-        if cfg.privacy is not None and (spent := privacy_spent(result.history[-1], cfg.privacy.clip_norm)):
+        if cfg.privacy is not None and (spent := privacy_spent(result.history[-1], cfg.privacy)):
             summary["privacy"] = spent
         (out / "summary.json").write_text(to_json(summary, indent=2) + "\n")
         title = f"{cfg.trainer.name} on {summary.get('dataset', 'the federation')}" + \

@@ -252,8 +252,9 @@ def write_html_report(run_dir: Path) -> Path:
         parts.append(_final_table(info["summary"]))
         privacy = info["summary"].get("privacy")
         if privacy:
-            what = ("each site's update clipped to norm" if privacy["level"] == "client" else
-                    "DP-SGD at each site, every sample's gradient clipped to norm")
+            what = ("DP-SGD at each site, every sample's gradient clipped to norm" if privacy["level"] == "sample" else
+                    "each site's update clipped and noised at the site, to norm" if privacy.get("noise_at") == "site"
+                    else "each site's update clipped to norm")
             by_site = "".join(f"; {html.escape(site)} {eps:.3g}" for site, eps in privacy.get("site_epsilon", {}).items())
             parts.append(f"<p class='note'>Differential privacy ({privacy['level']} level): epsilon "
                          f"{privacy['epsilon']:.3g} at delta {privacy['delta']:g}{' (the largest over the sites' if by_site else ''}"

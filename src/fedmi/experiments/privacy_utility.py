@@ -45,6 +45,7 @@ class PrivacyUtilityConfig(Settings):
     """
 
     level: Literal["client", "sample"] = "sample"
+    noise_at: Literal["server", "site"] = "server"  # client level: once on the sum, or at each site
     clip_norm: float = Field(gt=0)
     epsilons: list[float] = Field(default_factory=list)
     noise_multipliers: list[float] = Field(default_factory=list)
@@ -65,7 +66,7 @@ class PrivacyUtilityConfig(Settings):
     def settings(self) -> list[tuple[str, PrivacyConfig | None]]:
         """(label, privacy) of every setting, the reference first."""
         out: list[tuple[str, PrivacyConfig | None]] = [("no privacy", None)]
-        common = {"level": self.level, "clip_norm": self.clip_norm, "delta": self.delta}
+        common = {"level": self.level, "noise_at": self.noise_at, "clip_norm": self.clip_norm, "delta": self.delta}
         if self.clipped:
             out.append((f"clipped to {self.clip_norm:g}, no noise", PrivacyConfig(**common, noise_multiplier=0.0)))
         out += [(f"target ε {e:g}", PrivacyConfig(**common, target_epsilon=e)) for e in sorted(self.epsilons)]
@@ -121,7 +122,7 @@ def run_privacy_utility(base: RunConfig, cfg: PrivacyUtilityConfig,
             defined = [v for v in scores.values() if v is not None]  # a one-class test split has none
             result.repeats.setdefault(label, []).append({
                 "seed": seed, "scores": scores, "mean": float(np.mean(defined)) if defined else None,
-                "epsilon": None if privacy is None else privacy_spent(run.result.history[-1], cfg.clip_norm)["epsilon"],
+                "epsilon": None if privacy is None else privacy_spent(run.result.history[-1], privacy)["epsilon"],
                 "noise": run.result.history[-1].get("noise_multiplier")})
             if advance is not None:
                 advance(f"repeat {rep + 1}: {label}")
@@ -145,6 +146,9 @@ def markdown_table(result: PrivacyUtilityResult) -> str:
     level = {"client": "client level (DP-FedAvg: each site's update clipped, noise on the sum)",
              "sample": "sample level (DP-SGD at each site: each sample's gradient clipped, noise at every step; "
                        "ε is the largest over the sites)"}[cfg["level"]]
+    if cfg["level"] == "client" and cfg.get("noise_at") == "site":
+        level = ("client level, noise at the sites (each site's update clipped and noised before it leaves; "
+                 "ε is each site's against the server)")
     lines = [f"# Privacy and utility: {result.dataset}", "",
              f"{result.metric.upper()} of the final global model on each site's own test split and their mean over "
              f"sites, mean ± std over {cfg['repeats']} repeats (each its own split and initial model); "

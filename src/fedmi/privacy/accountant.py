@@ -142,11 +142,13 @@ class PrivacyAccountant:
         return accountant
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise(target_epsilon: float, delta: float, rounds: int, sampling_rate: float = 1.0,
                     backend: Backend = "pld", pld_interval: float = PLD_INTERVAL) -> float:
     """The smallest noise multiplier z whose `rounds` rounds (sampling rate q) spend at most
     `target_epsilon` at `delta`: the library's calibration (a bracketed search on the accountant),
-    no smaller than `MIN_NOISE`.
+    no smaller than `MIN_NOISE`; remembered (a protocol's repeats, a deployed site's check and the
+    server's calibration ask the same).
 
     Example: ``calibrate_noise(8.0, 1e-5, rounds=100, sampling_rate=0.1)``
     """

@@ -18,29 +18,26 @@ the run's ε is the largest over the sites.
 What the site releases besides the update: its ε, the number of its training records (n_k, taken
 as public: the sampling rate and the accountant use it), and its models' test metrics. Its
 training losses, which are the records' own, unclipped, stay at the site. A deployed site draws
-its batches and noise from a key of its own (`train_site`'s `private_key`), refuses a round whose
-noise multiplier or sampling rate differ from those its budget was spent at, keeps its budget when
-a round is undone, and refuses to train past `max_rounds`.
+its batches and noise from a key of its own (`train_site`'s `private_key`); its budget is kept as
+`fedmi.client.privacy.budget` describes.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-import math
 from typing import Any
 
 import torch
 
-from fedmi.client.wrapped import WrappedMethod
-from fedmi.core.local import LocalMethod, SiteContext, State, register_method
+from fedmi.client.privacy.budget import BudgetedMethod
+from fedmi.core.local import LocalMethod, SiteContext, register_method
 from fedmi.errors import FedmiError, check_number
-from fedmi.privacy import gaussian_epsilon
 
 BUDGET = "dp_sgd_budget"  # the site state's record of what it has spent: steps, rounds, noise multiplier, rate
 
 
 @register_method
-class DpSgd(WrappedMethod):
+class DpSgd(BudgetedMethod):
     """Another local method trained with per-sample clipping and Gaussian noise at every step.
 
     Args:
@@ -55,11 +52,12 @@ class DpSgd(WrappedMethod):
     """
 
     name = "dp_sgd"
+    budget_key, label = BUDGET, "DP-SGD"
     per_sample_gradients = True
 
     def __init__(self, inner: LocalMethod | dict, clip_norm: float, noise_multiplier: float, delta: float = 1e-5,
                  max_rounds: int | None = None):
-        super().__init__(inner)
+        super().__init__(inner, noise_multiplier, delta, max_rounds)
         inner = self.inner
         for hook in ("objective", "trainable"):
             if inner.overrides(hook):
@@ -68,16 +66,10 @@ class DpSgd(WrappedMethod):
         if inner.per_sample_gradients:
             raise FedmiError(f"dp_sgd over {inner.name}: the trainer already forms its gradients from samples")
         self.clip_norm = check_number("dp_sgd clip_norm", clip_norm, 0, low_open=True)
-        self.noise_multiplier = check_number("dp_sgd noise_multiplier", noise_multiplier, 0)
-        self.delta = check_number("dp_sgd delta", delta, 0, 1, low_open=True, high_open=True)
-        if max_rounds is not None and (not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1):
-            raise FedmiError(f"dp_sgd max_rounds must be a whole number of at least 1, got {max_rounds!r}")
-        self.max_rounds = max_rounds
         self.schedule = replace(inner.schedule, sampling="poisson")
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "clip_norm": self.clip_norm, "noise_multiplier": self.noise_multiplier,
-                "delta": self.delta, "max_rounds": self.max_rounds}
+        return {**super().options(), "clip_norm": self.clip_norm}
 
     def combine_gradients(self, sample_grads, mask, expected_size, noise, ctx):
         flat = torch.cat([g.flatten(1) for g in sample_grads.values()], 1)
@@ -87,56 +79,12 @@ class DpSgd(WrappedMethod):
         return {k: (torch.tensordot(factor, g, dims=1) + std * noise[k]) / expected_size
                 for k, g in sample_grads.items()}
 
-    # The site state: the inner method's, and beside it the site's budget: the DP-SGD steps and rounds
-    # it has run, at which noise multiplier and sampling rate. The counts travel through the round in
-    # the client state (scalars, which stack across sites); the settings are checked here.
-    def init(self, global_params, site_state, ctx: SiteContext) -> State:
-        site_state = site_state or {}
-        spent = site_state.get(BUDGET)
-        rate = self.schedule.sampling_rate(ctx.num_train)
-        if spent is not None:
-            before = (float(spent["noise_multiplier"]), float(spent["sampling_rate"]))
-            if not math.isclose(before[0], self.noise_multiplier, rel_tol=1e-9) or \
-                    not math.isclose(before[1], rate, rel_tol=1e-9):
-                raise FedmiError(f"refused: site {ctx.site} ran its earlier DP-SGD steps at noise multiplier "
-                                 f"{before[0]:.4g} and sampling rate {before[1]:.4g}; this round asks "
-                                 f"{self.noise_multiplier:.4g} and {rate:.4g}, which its budget cannot compose "
-                                 "(resume with the run's own settings)")
-            if self.max_rounds is not None and int(spent["rounds"]) >= self.max_rounds:
-                raise FedmiError(f"refused: site {ctx.site} has run the {self.max_rounds} DP-SGD rounds its privacy "
-                                 "budget allows; it trains no more in this run")
-        state = self.inner.init(global_params, site_state.get("inner"), ctx)
-        zero = torch.zeros((), dtype=torch.int64)
-        state[BUDGET] = {"steps": zero.clone() if spent is None else spent["steps"].clone(),
-                         "rounds": zero.clone() if spent is None else spent["rounds"].clone()}
-        return state
+    # Each local step is one Poisson-sampled Gaussian mechanism at the site's rate b / n_k.
+    def sampling_rate(self, ctx: SiteContext) -> float:
+        return self.schedule.sampling_rate(ctx.num_train)
 
-    def final(self, state: State, ctx: SiteContext):
-        counts = state.pop(BUDGET)
-        steps, rounds = int(counts["steps"]) + ctx.local_steps, int(counts["rounds"]) + 1
-        update, kept = self.inner.final(state, ctx)
-        rate = self.schedule.sampling_rate(ctx.num_train)
-        epsilon = gaussian_epsilon(self.noise_multiplier, rate, steps, self.delta) if self.noise_multiplier > 0 \
-            else float("inf")
-        # The training losses are the data's, unclipped and without noise: they stay at the site.
-        metrics = {k: v for k, v in update.metrics.items() if k not in ("train_loss", "start_loss")}
-        budget = {"steps": torch.tensor(steps), "rounds": torch.tensor(rounds),
-                  "noise_multiplier": torch.tensor(self.noise_multiplier, dtype=torch.float64),
-                  "sampling_rate": torch.tensor(rate, dtype=torch.float64)}
-        mine = {BUDGET: budget, **({"inner": kept} if kept is not None else {})}
-        return replace(update, metrics={**metrics, "epsilon": epsilon, "delta": self.delta,
-                                        "noise_multiplier": self.noise_multiplier}), mine
-
-    def undone(self, before, after):
-        """The inner method's state before the undone round, and the budget after it: the update was
-        computed, and a server that says it never arrived may have seen it."""
-        kept = dict(before or {})
-        if after and BUDGET in after:
-            kept[BUDGET] = after[BUDGET]
-        return kept or None
-
-    def evaluation_params(self, global_params, site_state):
-        return self.inner.evaluation_params(global_params, (site_state or {}).get("inner"))
+    def mechanism_steps(self, ctx: SiteContext) -> int:
+        return ctx.local_steps
 
     def __repr__(self) -> str:
         return (f"DpSgd({self.inner!r}, clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier}, "

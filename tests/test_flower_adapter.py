@@ -44,6 +44,7 @@ def _grid(handlers: dict[int, object] | None = None, n: int = 4) -> LocalGrid:
     {"privacy": {"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0},  # DP-SGD at each ClientApp
      "trainer": {"name": "fedavg", "lr": 0.1, "batch_size": 16, "local_steps": 3}},
     {"privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0, "noise_at": "site"}},  # each ClientApp noises its own
+    {"privacy": {"clip_norm": 0.01, "noise_multiplier": 1.0, "adaptive_clipping": {"count_noise": 2.0}}},
     {"model": "mlp", "private_parameters": ["net.3"],  # each ClientApp keeps its head, the sum is clipped and noised
      "privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0}},
 ])

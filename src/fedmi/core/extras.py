@@ -8,3 +8,5 @@ what it sends agree on these names; neither imports the other (they sit on the s
 SCAFFOLD_SERVER_CONTROL = "scaffold.c/"  # + parameter name: the server's control variate c (broadcast)
 SCAFFOLD_CONTROL_DELTA = "scaffold.dc/"  # + parameter name: a site's change of its control variate c_i
 LABEL_DISTRIBUTION = "label_distribution"  # the federation's share of each class (broadcast, FedSLD)
+CLIP_NORM = "dp.clip_norm"  # the round's clipping bound under adaptive clipping (broadcast)
+WITHIN_BOUND = "dp.within_bound"  # 1.0 if a site's update was within the bound before clipping, else 0.0

@@ -429,10 +429,10 @@ class Runner:
             if isinstance(update, Rejected):
                 raise FedmiError(update.reason)
             check_update(update, params, self.max_update_norm)
+            round_agg.add(update)  # a step may refuse what it cannot fold (a missing declared extra)
         except FedmiError as e:
             log.warning("round %d: rejected %s", r + 1, e)
             return None
-        round_agg.add(update)
         return _Report(update.site, update.num_examples, update.metrics.get("train_loss"), _distance(update.delta))
 
     def _local_lr(self) -> str:

@@ -109,6 +109,15 @@ class TrainerConfig(Settings):
         return self.model_dump(exclude={"name"}, exclude_none=True)
 
 
+class AdaptiveClipping(Settings):
+    """Adaptive clipping (Andrew et al. 2021): the bound follows a quantile of the update norms,
+    privately; `clip_norm` is the first round's bound."""
+
+    target_quantile: float = Field(0.5, ge=0, le=1)  # the share of updates within the bound
+    learning_rate: float = Field(0.2, ge=0)  # η of the geometric update C <- C·exp(−η(b̄ − γ))
+    count_noise: float | None = Field(None, gt=0)  # σ_b on the count of updates within it (None: sites / 20)
+
+
 class PrivacyConfig(Settings):
     """Differential privacy, at one of two levels.
 
@@ -129,6 +138,7 @@ class PrivacyConfig(Settings):
     # Client level: where the noise is added. server: once, on the sum (DP-FedAvg, the server trusted);
     # site: each site noises its own clipped update (the local variant), protecting it from the server.
     noise_at: Literal["server", "site"] = "server"
+    adaptive_clipping: AdaptiveClipping | None = None  # client level, noise at the server: a bound that adapts
     # Client level: each site takes part in each round with this probability (Poisson sampling), which
     # amplifies privacy; the noisy sum is divided by the expected number of sites. None: every site.
     site_sampling: float | None = Field(None, gt=0, le=1)
@@ -150,6 +160,9 @@ class PrivacyConfig(Settings):
             raise ValueError("site_sampling is client-level DP's (DP-SGD samples each site's records itself)")
         if self.noise_at == "site" and self.level != "client":
             raise ValueError("noise_at is client-level DP's (DP-SGD adds its noise at the sites already)")
+        if self.adaptive_clipping is not None and (self.level != "client" or self.noise_at != "server"):
+            raise ValueError("adaptive_clipping adapts client-level DP-FedAvg's bound at the server (level: client, "
+                             "noise_at: server)")
         if self.noise_at == "site" and self.site_sampling is not None:
             raise ValueError("site_sampling amplifies privacy only against those who do not see which sites took "
                              "part; noise at the sites protects from the server, which does")

@@ -153,7 +153,8 @@ def build_method(cfg: RunConfig, site_sizes: Sequence[int] = ()) -> LocalMethod:
     if privacy is None:
         return method
     if privacy.level == "client" and privacy.noise_at == "server":
-        return make_method("dp_clip", inner=method.spec(), clip_norm=privacy.clip_norm)
+        return make_method("dp_clip", inner=method.spec(), clip_norm=privacy.clip_norm,
+                           adaptive=privacy.adaptive_clipping is not None)
     z = privacy.noise_multiplier
     # a site trains at most every round and each retry of it; a server asking more is refused
     budget = {"clip_norm": privacy.clip_norm, "delta": privacy.delta, "max_rounds": cfg.rounds * (1 + cfg.max_retries)}
@@ -198,6 +199,11 @@ def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> Agg
         z = calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds, q)
         log.info("privacy: noise multiplier %.4f spends epsilon %g at delta %g over %d rounds",
                  z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
+    if (adaptive := cfg.privacy.adaptive_clipping) is not None:
+        from fedmi.server.privacy.adaptive_clip import AdaptiveDpMean
+
+        return AdaptiveDpMean(cfg.privacy.clip_norm, z, q * num_sites, adaptive.target_quantile, adaptive.learning_rate,
+                              adaptive.count_noise, cfg.privacy.delta, q) | ServerSGD(cfg.server_lr)
     return dp_mean(cfg.privacy.clip_norm, z, q * num_sites, cfg.privacy.delta, q) | ServerSGD(cfg.server_lr)
 
 
@@ -248,7 +254,8 @@ def privacy_spent(record: dict, privacy: PrivacyConfig) -> dict | None:
     the noise multiplier (and where the sites account it, each site's ε); None for a run without it."""
     if "epsilon" in record:
         return {"epsilon": record["epsilon"], "delta": record["delta"], "level": privacy.level, "noise_at": "server",
-                "clip_norm": privacy.clip_norm, "noise_multiplier": record.get("noise_multiplier")}
+                "clip_norm": record.get("clip_norm", privacy.clip_norm),  # an adaptive bound: its last round's
+                "noise_multiplier": record.get("noise_multiplier")}
     if "local_epsilon" in record:
         return {"epsilon": record["local_epsilon"], "delta": record["local_delta"], "level": privacy.level,
                 "noise_at": "site",
@@ -261,8 +268,10 @@ def privacy_line(record: dict, privacy: PrivacyConfig) -> str | None:
     """The line a run ends with on the budget it spent (None without privacy), from its last record."""
     rounds, clip = counted(record["round"], "round"), privacy.clip_norm
     if "epsilon" in record:
+        bound = f"norm {clip:g}" if "clip_norm" not in record else \
+            f"an adaptive bound, from {clip:g} to {record['clip_norm']:.3g} in the last round"
         return (f"privacy: epsilon {record['epsilon']:.3g} at delta {record['delta']:g} after {rounds} (client "
-                f"level: each site's update clipped to norm {clip:g} at the site, Gaussian noise on their sum)")
+                f"level: each site's update clipped to {bound} at the site, Gaussian noise on their sum)")
     if "local_epsilon" in record:
         sites = ", ".join(f"{site} {eps:.3g}" for site, eps in record["site_epsilon"].items())
         how = "DP-SGD at each, every sample's gradient clipped to" if privacy.level == "sample" else \

@@ -162,7 +162,12 @@ class Reducer(Step):
         return self.finish(acc, like)
 
     # A reducer with state of its own (SCAFFOLD's control variate) or one that depends on the round
-    # (a widening frequency band) overrides these; they default to the stateless forms above.
+    # (a widening frequency band, an adaptive clipping bound) overrides these; they default to the
+    # stateless forms above.
+    def start_round(self, like: P.ParamsT, state: Any, round_info: RoundInfo) -> Any:
+        """An empty accumulator for the round, which may hold what folding needs of the state."""
+        return self.start(like)
+
     def finish_round(self, acc: Any, like: P.ParamsT, state: Any, round_info: RoundInfo) -> tuple[P.Params, Any]:
         """(the round's delta, this step's new state) from a streaming accumulator."""
         return self.finish(acc, like), state
@@ -340,7 +345,8 @@ class RoundAggregation:
         self._state, self._params, self._info = list(state), params, round_info
         needs_all = pipeline.needs_all_updates
         self._buffer: list[Update] | None = [] if needs_all else None
-        self._acc = None if needs_all else self._reducer.start(params)
+        r = len(self._transforms)  # the reducer's entry in the state
+        self._acc = None if needs_all else self._reducer.start_round(params, self._state[r], round_info)
         self.count = 0
 
     def add(self, update: Update) -> None:

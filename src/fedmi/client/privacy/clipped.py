@@ -15,7 +15,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from fedmi.client.wrapped import WrappedMethod
+from fedmi.core.extras import CLIP_NORM, WITHIN_BOUND
 from fedmi.core.local import LocalMethod, SiteContext, State, register_method
 from fedmi.errors import check_number
 from fedmi.privacy import clip_to_norm
@@ -28,22 +31,29 @@ class ClippedUpdates(WrappedMethod):
     Args:
       inner: the method every site trains with (a `LocalMethod`, or its `spec()`).
       clip_norm: C, the bound on each update's L2 norm (floating-point entries).
+      adaptive: clip to the bound the server broadcasts each round instead (adaptive clipping, Andrew
+        et al. 2021: `fedmi.server.privacy.adaptive_clip`), and send whether the update was within it.
     Example: ``ClippedUpdates(make_method("fedavg"), clip_norm=1.0)``
     """
 
     name = "dp_clip"
 
-    def __init__(self, inner: LocalMethod | dict, clip_norm: float):
+    def __init__(self, inner: LocalMethod | dict, clip_norm: float, adaptive: bool = False):
         super().__init__(inner)
         self.clip_norm = check_number("dp_clip clip_norm", clip_norm, 0, low_open=True)
+        self.adaptive = bool(adaptive)
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "clip_norm": self.clip_norm}
+        return {**super().options(), "clip_norm": self.clip_norm, **({"adaptive": True} if self.adaptive else {})}
 
     def final(self, state: State, ctx: SiteContext):
         update, kept = self.inner.final(state, ctx)
-        clipped, norm = clip_to_norm(update.delta, self.clip_norm)
-        return replace(update, delta=clipped, metrics={**update.metrics, "update_norm": norm}), kept
+        bound = float(ctx.round.extras[CLIP_NORM]) if self.adaptive else self.clip_norm
+        clipped, norm = clip_to_norm(update.delta, bound)
+        # Nothing about the unclipped update leaves but, under adaptive clipping, whether it was within
+        # the bound: one bit, which the server sums with noise (`fedmi.server.privacy.adaptive_clip`).
+        extras = {**update.extras, WITHIN_BOUND: torch.tensor(float(norm <= bound))} if self.adaptive else update.extras
+        return replace(update, delta=clipped, extras=extras), kept
 
     def __repr__(self) -> str:
         return f"ClippedUpdates({self.inner!r}, clip_norm={self.clip_norm})"

@@ -158,3 +158,13 @@ def test_the_audit_refuses_data_it_cannot_attack(monkeypatch, capsys, tmp_path):
     assert code == 2 and "attacks 2-D images" in stderr
     code, _, stderr = fedmi(monkeypatch, capsys, "audit", "--attacks", "magic", "--out", tmp_path / "b")
     assert code == 2 and "attacks" in stderr
+
+
+def test_a_defence_whose_training_fails_is_a_row_with_its_reason():
+    from fedmi.experiments.audit import AuditResult, markdown_table
+
+    result = AuditResult("breastmnist", AuditConfig(rounds=2).model_dump(mode="json"))
+    result.membership["DP-FedAvg ε=8"] = {"failed": "round 2: the sites' mean training loss is 608"}
+    table = markdown_table(result)
+    assert "| DP-FedAvg ε=8 | – | – | – | – | – | training failed (below) |" in table
+    assert "DP-FedAvg ε=8: round 2: the sites' mean training loss is 608" in table

@@ -218,7 +218,13 @@ def run_membership(cfg: AuditConfig, result: AuditResult, advance: Callable[[str
     settings += [(f"DP-FedAvg ε={e:g}", PrivacyConfig(level="client", clip_norm=cfg.clip_norm, target_epsilon=e,
                                                       delta=cfg.delta)) for e in cfg.client_epsilons]
     for label, privacy in settings:
-        run = run_federated(base.model_copy(update={"privacy": privacy}))
+        try:
+            run = run_federated(base.model_copy(update={"privacy": privacy}))
+        except FedmiError as e:  # the defence's noise wrecked training (client level over a few sites): a result
+            result.membership[label] = {"failed": str(e)}
+            if advance is not None:
+                advance(f"membership: {label}")
+            continue
         record = run.result.history[-1]
         model = build_model(run.config.model, run.federation.input_shape, cfg.seed, run.federation.task.num_outputs,
                             run.config.model_options)
@@ -280,10 +286,15 @@ def markdown_table(result: AuditResult) -> str:
                   "n/a. Test AUC: the model's, mean over sites (what the defence costs).", "",
                   "| training | ε | attack AUC | TPR at 1% FPR | TPR at 0.1% FPR | members / non-members | test AUC |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
+        failed = {label: m["failed"] for label, m in result.membership.items() if "failed" in m}
         for label, m in result.membership.items():
             cell = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            if "failed" in m:
+                lines.append(f"| {label} | – | – | – | – | – | training failed (below) |")
+                continue
             lines.append(f"| {label} | {_eps(m['epsilon'])} | {m['auc']:.3f} | {cell(m['tpr_at_1%'])} | "
                          f"{cell(m['tpr_at_0.1%'])} | {m['members']} / {m['nonmembers']} | {cell(m['test_auc'])} |")
+        lines += [f"", *(f"{label}: {reason}" for label, reason in failed.items())] if failed else []
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ from fedmi.core.site_loop import train_site
 from fedmi.core.types import RoundInfo
 from fedmi.errors import FedmiError
 from fedmi.experiments.config import parse_config
-from fedmi.experiments.federated_run import build_aggregator, build_method, run_federated
+from fedmi.experiments.federated_run import PrivatePlan, build_method, run_federated
 from fedmi.models import build_model
 from model_params import initial
 from fedmi.privacy import calibrate_noise, gaussian_epsilon
@@ -69,7 +69,7 @@ def test_every_runtime_adds_the_same_noise_and_the_server_does_not_clip_again(he
     assert all(P.l2_norm(u.delta) > 0.5 for u in out["sequential"].values())  # noise far above C = 0.05
     cfg = parse_config({"data": {"dataset": "heart-disease"}, "privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0,
                                                                           "noise_at": "site"}}, "t")
-    assert str(build_aggregator(cfg, build_method(cfg), 4)) == "weighted_mean() | server_sgd(lr=1.0)"
+    assert str(PrivatePlan.of(cfg).aggregator(build_method(cfg), 4)) == "weighted_mean() | server_sgd(lr=1.0)"
 
 
 def test_each_site_accounts_its_rounds_and_a_target_is_met(tmp_path):

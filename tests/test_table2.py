@@ -275,3 +275,34 @@ def test_val_fraction_chooses_each_model_on_held_out_training_data(small_federat
     with pytest.raises(FedmiError, match="personalised"):
         Table2Config(methods=["fedbn"], val_fraction=0.2)
 
+
+
+def test_privacy_reaches_every_federated_setting_its_records_and_the_table(small_federation):
+    """table2 assembles each federated setting's privacy as `fedmi run` does (PrivatePlan): DP-SGD at
+    the sites at the target ε, the budget in every record and in the table; the centralised settings
+    run without it; the settings read back for --resume keep it."""
+    from dataclasses import asdict
+
+    cfg = Table2Config(methods=["single", "fedavg", "fedprox"], repeats=2, rounds=3, runtime="sequential",
+                       privacy={"level": "sample", "clip_norm": 1.0, "noise_multiplier": 1.0})
+    result = run_table2(small_federation, cfg)
+    finals = {}
+    for record in result.history:
+        finals[(record["method"], record["repeat"])] = record
+    assert {m for m, _ in finals} == {"fedavg", "fedprox"}
+    table = markdown_table(result)
+    assert "Differential privacy (sample level, clipping norm 1) in every federated setting" in table
+    for method, label in (("fedavg", "FedAvg"), ("fedprox", "FedProx")):
+        spent = {r["local_epsilon"] for (m, _), r in finals.items() if m == method}  # each repeat: the same steps
+        assert len(spent) == 1 and 0 < (eps := spent.pop()) < float("inf")
+        assert f"- {label}: ε {eps:.3g} at δ 1e-05." in table
+    assert Table2Config(**asdict(cfg)).privacy == cfg.privacy
+    plain = run_table2(small_federation, Table2Config(methods=["fedavg"], repeats=1, rounds=3, runtime="sequential"))
+    assert "Differential privacy" not in markdown_table(plain) and "local_epsilon" not in plain.history[-1]
+
+
+def test_client_level_privacy_is_refused_for_settings_that_aggregate_their_own_way():
+    with pytest.raises(FedmiError, match="qffl aggregate or select in their own way"):
+        Table2Config(methods=["fedavg", "qffl"], privacy={"clip_norm": 0.1, "noise_multiplier": 1.0})
+    with pytest.raises(FedmiError, match="table2 privacy"):
+        Table2Config(methods=["fedavg"], privacy={"clip_norm": -1.0, "noise_multiplier": 1.0})

@@ -187,6 +187,8 @@ def table2(
     method_options: Optional[str] = _option(None, help="per setting, its step's (or local method's) options as "
                                                        "YAML, e.g. '{fedadam: {lr: 0.01}, qffl: {q: 2}}'"),
     test_fraction: float = _option(0.2, help="each site's share held out as its own test split (random splits)"),
+    privacy: Optional[str] = _option(None, help="differential privacy in every federated setting, as a run config's "
+                                     "privacy: YAML mapping, e.g. '{level: sample, clip_norm: 1.0, target_epsilon: 8}'"),
     small_sites: Optional[str] = _option(None, help="a site too small to split: refuse (the default) or leave_out "
                                                     "(run without it, with a warning)"),
     val_fraction: float = _option(0.0, help="hold this share of each site's training data out for validation and "
@@ -273,6 +275,9 @@ def table2(
             fedsgd_lr=fedsgd_lr, runtime=runtime, device=device, validation=validation, val_fraction=val_fraction,
             test_fraction=test_fraction,
             method_options=_yaml_mapping(method_options, "--method-options") or {},
+            privacy=_yaml_mapping(privacy, "--privacy") if privacy else  # else the run config's own
+            (run_config.privacy.model_dump(mode="json", exclude_defaults=True) if run_config and run_config.privacy
+             else None),
             **training_defaults(fed, given_options),
         )
         target = out or Path("runs") / f"table2-{fed.name.replace(':', '-')}"

@@ -140,107 +140,144 @@ def run_federated(cfg: RunConfig, out: Path | None = None, on_round: Callable[[i
     return FederatedRun(cfg, fed, result, getattr(runtime, "site_states", None))
 
 
-def build_method(cfg: RunConfig, site_sizes: Sequence[int] = ()) -> LocalMethod:
-    """The local method every site runs: the config's trainer, its `private_parameters` kept at the
-    sites, with the config's privacy: its updates clipped at the site (client level) or its steps
-    made DP-SGD's (sample level, with the noise calibrated to `target_epsilon` for the sites of
-    `site_sizes` training samples when it is given). The deployed site checks the server's against
-    this one."""
-    method = make_method(cfg.trainer.name, **cfg.trainer.options())
-    if cfg.private_parameters:  # inside the privacy wrappers: they clip (client level) what is shared
-        method = make_method("partial_sharing", inner=method.spec(), private=list(cfg.private_parameters))
-    privacy = cfg.privacy
-    if privacy is None:
-        return method
-    if privacy.level == "client" and privacy.noise_at == "server":
-        return make_method("dp_clip", inner=method.spec(), clip_norm=privacy.clip_norm,
-                           adaptive=privacy.adaptive_clipping is not None)
-    z = privacy.noise_multiplier
-    # a site trains at most every round and each retry of it; a server asking more is refused
-    budget = {"clip_norm": privacy.clip_norm, "delta": privacy.delta, "max_rounds": cfg.rounds * (1 + cfg.max_retries)}
-    if privacy.level == "client":  # noise at the sites: r releases of the Gaussian mechanism at z / 2
+@dataclass(frozen=True)
+class PrivatePlan:
+    """The privacy of a run, assembled in one place for every protocol that builds a runner (`fedmi
+    run`, `fedmi table2`, `fedmi privacy`, `fedmi audit`, the deployed server and site): the sites'
+    method, the server's aggregation, the selection of sites and the budget check, from one
+    `PrivacyConfig` and the run's rounds.
+
+    Attributes:
+      privacy: the privacy settings (None: none).
+      rounds: the rounds of the run.
+      max_retries: the retries of a round (a site may train in each; its DP budget counts them).
+      private_parameters: entries that never leave a site (partial sharing).
+    Example::
+
+        plan = PrivatePlan(PrivacyConfig(level="sample", clip_norm=1.0, target_epsilon=4), rounds=50)
+        method = plan.method(make_method("fedavg", batch_size=32), site_sizes=[300, 120])
+        aggregator = plan.aggregator(method, num_sites=2)
+    """
+
+    privacy: PrivacyConfig | None
+    rounds: int
+    max_retries: int = 2
+    private_parameters: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "PrivatePlan":
+        return cls(cfg.privacy, cfg.rounds, cfg.max_retries, tuple(cfg.private_parameters))
+
+    def method(self, trainer: LocalMethod, site_sizes: Sequence[int] = ()) -> LocalMethod:
+        """The local method every site runs: `trainer`, its private parameters kept at the sites, with
+        the privacy: its updates clipped at the site (client level), also noised there (noise at the
+        sites), or its steps made DP-SGD's (sample level, the noise calibrated to `target_epsilon`
+        for the sites of `site_sizes` training samples when it is given)."""
+        method = trainer
+        if self.private_parameters:  # inside the privacy wrappers: they clip (client level) what is shared
+            method = make_method("partial_sharing", inner=method.spec(), private=list(self.private_parameters))
+        privacy = self.privacy
+        if privacy is None:
+            return method
+        if privacy.level == "client" and privacy.noise_at == "server":
+            return make_method("dp_clip", inner=method.spec(), clip_norm=privacy.clip_norm,
+                               adaptive=privacy.adaptive_clipping is not None)
+        z = privacy.noise_multiplier
+        # a site trains at most every round and each retry of it; a server asking more is refused
+        budget = {"clip_norm": privacy.clip_norm, "delta": privacy.delta,
+                  "max_rounds": self.rounds * (1 + self.max_retries)}
+        if privacy.level == "client":  # noise at the sites: r releases of the Gaussian mechanism at z / 2
+            from fedmi.privacy import calibrate_noise
+
+            z = 2 * calibrate_noise(privacy.target_epsilon, privacy.delta, self.rounds) if z is None else z
+            return make_method("dp_local", inner=method.spec(), noise_multiplier=z, **budget)
+        if z is None:
+            if not site_sizes:
+                raise FedmiError("privacy: calibrating DP-SGD's noise to target_epsilon needs the sites' sizes")
+            z = self.sample_noise(method, site_sizes)
+        return make_method("dp_sgd", inner=method.spec(), noise_multiplier=z, **budget)
+
+    def sample_noise(self, method: LocalMethod, site_sizes: Sequence[int]) -> float:
+        """DP-SGD's noise multiplier that keeps every site within `target_epsilon` over the run: each
+        site's steps (every round, sampled at its rate b / n_k) calibrated, the largest kept."""
         from fedmi.privacy import calibrate_noise
 
-        z = 2 * calibrate_noise(privacy.target_epsilon, privacy.delta, cfg.rounds) if z is None else z
-        return make_method("dp_local", inner=method.spec(), noise_multiplier=z, **budget)
-    if z is None:
-        if not site_sizes:
-            raise FedmiError("privacy: calibrating DP-SGD's noise to target_epsilon needs the sites' sizes")
-        z = sample_noise(method, cfg, site_sizes)
-    return make_method("dp_sgd", inner=method.spec(), noise_multiplier=z, **budget)
+        privacy = self.privacy
+        schedule = replace(method.schedule, sampling="poisson")
+        needs = {(schedule.sampling_rate(n), schedule.steps_per_round(n) * self.rounds) for n in site_sizes}
+        z = max(calibrate_noise(privacy.target_epsilon, privacy.delta, steps, rate) for rate, steps in needs)
+        log.info("privacy: DP-SGD noise multiplier %.4f spends at most epsilon %g at delta %g at any site over %d "
+                 "rounds", z, privacy.target_epsilon, privacy.delta, self.rounds)
+        return z
+
+    def aggregator(self, method: LocalMethod, num_sites: int, text: str | None = None,
+                   server_lr: float = 1.0) -> AggregationPipeline:
+        """The server's aggregation: the pipeline `text` (None: the method's default), or at client level
+        with the noise at the server, the clipped sum with Gaussian noise over a fixed `num_sites`
+        (`dp_mean`, or `adaptive_dp_mean`), its noise calibrated to `target_epsilon` if given."""
+        privacy = self.privacy
+        if privacy is None or privacy.at_sites:  # what arrives is noised already: any aggregation
+            return make_aggregator(text, server_lr, method)
+        from fedmi.privacy import calibrate_noise
+        from fedmi.server.optimizers import ServerSGD
+        from fedmi.server.privacy.dp_mean import dp_mean
+
+        z, q = privacy.noise_multiplier, privacy.site_sampling or 1.0
+        if z is None:
+            z = calibrate_noise(privacy.target_epsilon, privacy.delta, self.rounds, q)
+            log.info("privacy: noise multiplier %.4f spends epsilon %g at delta %g over %d rounds",
+                     z, privacy.target_epsilon, privacy.delta, self.rounds)
+        if (adaptive := privacy.adaptive_clipping) is not None:
+            from fedmi.server.privacy.adaptive_clip import AdaptiveDpMean
+
+            return AdaptiveDpMean(privacy.clip_norm, z, q * num_sites, adaptive.target_quantile, adaptive.learning_rate,
+                                  adaptive.count_noise, privacy.delta, q) | ServerSGD(server_lr)
+        return dp_mean(privacy.clip_norm, z, q * num_sites, privacy.delta, q) | ServerSGD(server_lr)
+
+    def check_budget(self, method: LocalMethod, site_sizes: Sequence[int]) -> None:
+        """Refuse, before round 1, a private run whose plan would spend more than `max_epsilon`: every
+        round at client level (at its site sampling rate), or every site's planned DP-SGD steps."""
+        from fedmi.privacy import calibrate_noise, gaussian_epsilon
+
+        privacy = self.privacy
+        if privacy is None or privacy.max_epsilon is None:
+            return
+        z = privacy.noise_multiplier
+        scale = 0.5 if privacy.level == "client" and privacy.noise_at == "site" else 1.0  # updates 2C apart
+        if privacy.level == "client":
+            plans = {(privacy.site_sampling or 1.0, self.rounds): "every site"}
+        else:
+            schedule = method.schedule
+            plans = {}
+            for n in site_sizes:
+                plans.setdefault((schedule.sampling_rate(n), schedule.steps_per_round(n) * self.rounds),
+                                 f"a site of {n} records")
+        epsilon = lambda plan: gaussian_epsilon(z * scale, *plan, privacy.delta) if z > 0 else float("inf")  # noqa: E731
+        worst = max(plans, key=epsilon)
+        if (spent := epsilon(worst)) > privacy.max_epsilon:
+            needed = max(calibrate_noise(privacy.max_epsilon, privacy.delta, steps, rate) for rate, steps in plans) / scale
+            raise FedmiError(f"privacy: noise multiplier {z:g} would spend epsilon {spent:.3g} at delta {privacy.delta:g} "
+                             f"over {self.rounds} rounds ({plans[worst]}), beyond max_epsilon {privacy.max_epsilon:g}; "
+                             f"raise noise_multiplier to {needed:.4g} or more, or run fewer rounds")
+
+    def selector(self, fraction: float = 1.0, cyclic: bool = False):
+        """Which sites train each round: `fraction` of them or one in cycles, or the Poisson sampling of
+        client-level privacy."""
+        privacy = self.privacy
+        if privacy is not None and privacy.level == "client" and privacy.site_sampling is not None:
+            return PoissonSelector(privacy.site_sampling)
+        return make_selector(fraction, cyclic=cyclic)
+
+    @staticmethod
+    def min_sites(selector, asked: int) -> int:
+        """A Poisson-sampled private round may take no site: it releases its noise alone."""
+        return 0 if isinstance(selector, PoissonSelector) else asked
 
 
-def sample_noise(method: LocalMethod, cfg: RunConfig, site_sizes: Sequence[int]) -> float:
-    """DP-SGD's noise multiplier that keeps every site within `target_epsilon` over the run: each
-    site's steps (every round, sampled at its rate b / n_k) calibrated, the largest kept."""
-    from fedmi.privacy import calibrate_noise
-
-    schedule = replace(method.schedule, sampling="poisson")
-    needs = set()
-    for n in site_sizes:
-        needs.add((schedule.sampling_rate(n), schedule.steps_per_round(n) * cfg.rounds))
-    z = max(calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, steps, rate) for rate, steps in needs)
-    log.info("privacy: DP-SGD noise multiplier %.4f spends at most epsilon %g at delta %g at any site over %d rounds",
-             z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
-    return z
-
-
-def build_aggregator(cfg: RunConfig, method: LocalMethod, num_sites: int) -> AggregationPipeline:
-    """The server's aggregation: the config's pipeline, or with privacy the clipped sum with Gaussian
-    noise over a fixed `num_sites` (`dp_mean`), its noise calibrated to `target_epsilon` if given."""
-    if cfg.privacy is None or cfg.privacy.at_sites:  # what arrives is noised already: any aggregation
-        return make_aggregator(cfg.aggregator, cfg.server_lr, method)
-    from fedmi.privacy import calibrate_noise
-    from fedmi.server.optimizers import ServerSGD
-    from fedmi.server.privacy.dp_mean import dp_mean
-
-    z, q = cfg.privacy.noise_multiplier, cfg.privacy.site_sampling or 1.0
-    if z is None:
-        z = calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds, q)
-        log.info("privacy: noise multiplier %.4f spends epsilon %g at delta %g over %d rounds",
-                 z, cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.rounds)
-    if (adaptive := cfg.privacy.adaptive_clipping) is not None:
-        from fedmi.server.privacy.adaptive_clip import AdaptiveDpMean
-
-        return AdaptiveDpMean(cfg.privacy.clip_norm, z, q * num_sites, adaptive.target_quantile, adaptive.learning_rate,
-                              adaptive.count_noise, cfg.privacy.delta, q) | ServerSGD(cfg.server_lr)
-    return dp_mean(cfg.privacy.clip_norm, z, q * num_sites, cfg.privacy.delta, q) | ServerSGD(cfg.server_lr)
-
-
-def check_budget(cfg: RunConfig, method: LocalMethod, site_sizes: Sequence[int]) -> None:
-    """Refuse, before round 1, a private run whose plan would spend more than `max_epsilon`: every
-    round at client level (at its site sampling rate), or every site's planned DP-SGD steps."""
-    from fedmi.privacy import calibrate_noise, gaussian_epsilon
-
-    privacy = cfg.privacy
-    if privacy is None or privacy.max_epsilon is None:
-        return
-    z = privacy.noise_multiplier
-    scale = 0.5 if privacy.level == "client" and privacy.noise_at == "site" else 1.0  # updates 2C apart
-    if privacy.level == "client":
-        plans = {(privacy.site_sampling or 1.0, cfg.rounds): "every site"}
-    else:
-        schedule = method.schedule
-        plans = {}
-        for n in site_sizes:
-            plans.setdefault((schedule.sampling_rate(n), schedule.steps_per_round(n) * cfg.rounds),
-                             f"a site of {n} records")
-    worst = max(plans, key=lambda plan: gaussian_epsilon(z * scale, *plan, privacy.delta) if z > 0 else float("inf"))
-    spent = gaussian_epsilon(z * scale, *worst, privacy.delta) if z > 0 else float("inf")
-    if spent > privacy.max_epsilon:
-        needed = max(calibrate_noise(privacy.max_epsilon, privacy.delta, steps, rate) for rate, steps in plans) / scale
-        raise FedmiError(f"privacy: noise multiplier {z:g} would spend epsilon {spent:.3g} at delta {privacy.delta:g} "
-                         f"over {cfg.rounds} rounds ({plans[worst]}), beyond max_epsilon {privacy.max_epsilon:g}; "
-                         f"raise noise_multiplier to {needed:.4g} or more, or run fewer rounds")
-
-
-def build_selector(cfg: RunConfig):
-    """Which sites train each round: the config's fraction or cycle, or the Poisson sampling of
-    client-level privacy."""
-    privacy = cfg.privacy
-    if privacy is not None and privacy.level == "client" and privacy.site_sampling is not None:
-        return PoissonSelector(privacy.site_sampling)
-    return make_selector(cfg.fraction, cyclic=cfg.selection == "cyclic")
+def build_method(cfg: RunConfig, site_sizes: Sequence[int] = ()) -> LocalMethod:
+    """The local method a run config makes (`PrivatePlan.method` over its trainer). The deployed site
+    checks the server's against this one."""
+    return PrivatePlan.of(cfg).method(make_method(cfg.trainer.name, **cfg.trainer.options()), site_sizes)
 
 
 def privacy_level(privacy: PrivacyConfig) -> str:
@@ -303,13 +340,14 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
     # The sites' sizes (a grid's are asked only where privacy needs them; the runner asks anyway):
     # DP-SGD's calibration, and the fixed denominator of a private aggregate.
     infos = runtime.site_infos() if cfg.privacy is not None else []
+    plan = PrivatePlan.of(cfg)
     method = build_method(cfg, [i.num_train for i in infos])
     if method.per_sample_gradients:
         from fedmi.core.site_loop import check_per_sample, model_forward
 
         check_per_sample(method, model_forward(model).batch_norm)
-    check_budget(cfg, method, [i.num_train for i in infos])
-    aggregator = build_aggregator(cfg, method, len(infos))
+    plan.check_budget(method, [i.num_train for i in infos])
+    aggregator = plan.aggregator(method, len(infos), cfg.aggregator, cfg.server_lr)
     checkpoint = None if out is None else out / CHECKPOINT
     site_states: SiteStates | None = getattr(runtime, "site_states", None)  # simulated sites keep theirs here
     start = None
@@ -350,7 +388,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
         sink = Sinks(sinks)
         for record in start.history if start else []:  # the rounds before the crash, then the new ones
             sink(record)
-    selector = build_selector(cfg)
+    selector = plan.selector(cfg.fraction, cyclic=cfg.selection == "cyclic")
     try:
         runner = Runner(
             runtime=runtime,
@@ -361,8 +399,7 @@ def train_federation(cfg: RunConfig, runtime: Runtime, input_shape: tuple[int, .
             selector=selector,
             evaluate_every=cfg.evaluate_every,
             max_update_norm=cfg.max_update_norm,
-            # a Poisson-sampled private round may take no site: it releases its noise alone
-            min_sites=0 if isinstance(selector, PoissonSelector) else cfg.min_sites,
+            min_sites=plan.min_sites(selector, cfg.min_sites),
             max_retries=cfg.max_retries,
             checkpoint=checkpoint,
             checkpoint_every=None if cfg.checkpoint_every == "auto" else cfg.checkpoint_every,

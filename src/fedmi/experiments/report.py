@@ -16,6 +16,7 @@ from rich.table import Table  # noqa: E402
 from fedmi.core import params as P  # noqa: E402
 from fedmi.experiments.outputs import to_json  # noqa: E402
 from fedmi.errors import counted  # noqa: E402
+from fedmi.experiments.federated_run import privacy_level, privacy_spent  # noqa: E402
 from fedmi.experiments.table2 import LABELS, Table2Result  # noqa: E402
 from fedmi.core.metrics import format_summary, summarize  # noqa: E402
 from fedmi.data.federation import COMMON_TEST  # noqa: E402
@@ -104,11 +105,33 @@ def _caption(result: Table2Result) -> str:
 
 
 def table_notes(result: Table2Result) -> list[str]:
-    """What a reader must know beside the numbers: the positive class, and each setting and site
-    whose model predicted one class for every test case."""
+    """What a reader must know beside the numbers: the positive class, the privacy each setting spent,
+    and each setting and site whose model predicted one class for every test case."""
     positive = class_note(result.task.name, result.label_names)
-    return ([positive] if positive else []) + undefined_notes(result) + \
+    return ([positive] if positive else []) + privacy_notes(result) + undefined_notes(result) + \
         uniform_warnings(result.uniform_predictions(), result.label_names, result.task.name)
+
+
+def privacy_notes(result: Table2Result) -> list[str]:
+    """One line per federated setting of a private protocol: the ε at δ its final model spent (the
+    largest over the sites where they account it), mean±std over the repeats."""
+    plan = result.config.private_plan()
+    if plan.privacy is None:
+        return []
+    last: dict[tuple[str, int], dict] = {}
+    for record in result.history:  # each unit's rounds in order: its last record is its final model's
+        last[(record["method"], record["repeat"])] = record
+    spent: dict[str, list[float]] = {}
+    for (method, _), record in last.items():
+        if (budget := privacy_spent(record, plan.privacy)) is not None:
+            spent.setdefault(method, []).append(budget["epsilon"])
+    lines = [f"Differential privacy ({privacy_level(plan.privacy)}, clipping norm {plan.privacy.clip_norm:g}) in "
+             "every federated setting; the centralised settings are without it."]
+    for method, values in spent.items():
+        same = max(values) - min(values) <= 1e-6 * abs(max(values))  # a calibrated target: every repeat's
+        eps = f"{values[0]:.3g}" if same else format_summary(summarize(values), 3)
+        lines.append(f"{LABELS.get(method, method)}: ε {eps} at δ {plan.privacy.delta:g}.")
+    return lines
 
 
 def undefined_notes(result: Table2Result) -> list[str]:

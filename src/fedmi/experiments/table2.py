@@ -42,12 +42,14 @@ from fedmi.core.tasks import BinaryTask, Task
 from fedmi.core.types import RoundInfo, SiteData
 from fedmi.data.federation import Federation
 from fedmi.errors import FedmiError, check_number
+from fedmi.experiments.config import PrivacyConfig, validated
 from fedmi.experiments.defaults import DEFAULT_LR, model_defaults, trainer_defaults
+from fedmi.experiments.federated_run import PrivatePlan
 from fedmi.experiments.outputs import TABLE2_SETTINGS, UNITS, to_json
 from fedmi.models import MODELS, build_model
 from fedmi.runtime import make_runtime, runtime_names
 from fedmi.core.site_loop import train_site
-from fedmi.server import make_aggregator, make_selector
+from fedmi.server import make_aggregator
 
 CENTRALISED = ("cross", "single", "mix")
 
@@ -132,6 +134,10 @@ class Table2Config:
     # > 0: hold this share of each site's training split out as validation data, and report each
     # setting's model from the round (centralised: the epoch) that scores best there (MedMNIST's rule)
     val_fraction: float = 0.0
+    # Differential privacy for every federated setting (a `PrivacyConfig` as a dict, as run configs write
+    # it): DP-SGD at the sites (sample level) suits every setting; client level replaces the aggregation,
+    # so it suits the settings without one of their own. The centralised settings stay without it.
+    privacy: dict | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in runtime_names():
@@ -163,10 +169,28 @@ class Table2Config:
                 if personalised(_method(name, self)) and self.val_fraction:
                     raise FedmiError(f"val_fraction: choosing a round on validation data needs one global model; "
                                      f"{name} keeps site state (a personalised setting) and cannot be chosen that way")
+        self.check_privacy()
         stray = [m for m in self.method_options if m not in FEDERATED_SETTINGS]
         if stray:
             raise FedmiError(f"method_options name '{stray[0]}', which is not a federated setting; "
                              f"settings: {', '.join(FEDERATED_SETTINGS)}")
+
+
+    def private_plan(self) -> PrivatePlan:
+        """The privacy of every federated setting's run (`PrivatePlan`, as `fedmi run` assembles it)."""
+        privacy = None if self.privacy is None else validated(PrivacyConfig, self.privacy, "table2 privacy")
+        return PrivatePlan(privacy, self.rounds)
+
+    def check_privacy(self) -> None:
+        privacy = self.private_plan().privacy
+        if privacy is None or privacy.at_sites:
+            return
+        own = [m for m in self.methods if m in FEDERATED_SETTINGS and (FEDERATED_SETTINGS[m].pipeline is not None
+                                                                        or FEDERATED_SETTINGS[m].cyclic)]
+        if own:
+            raise FedmiError(f"privacy: client-level DP makes the aggregate the clipped sum with noise over every site; "
+                             f"{', '.join(own)} aggregate or select in their own way (use level: sample, or noise_at: "
+                             "site, with them)")
 
 
 @dataclass
@@ -302,23 +326,29 @@ def _setting_options(method: str, cfg: Table2Config) -> dict:
     return {**DEFAULT_METHOD_OPTIONS.get(method, {}), **cfg.method_options.get(method, {})}
 
 
-def _method(method: str, cfg: Table2Config) -> LocalMethod:
-    """The local method of a federated setting, with the protocol's optimiser and local budget."""
+def _method(method: str, cfg: Table2Config, site_sizes: list[int] | None = None) -> LocalMethod:
+    """The local method of a federated setting, with the protocol's optimiser and local budget, and with
+    the protocol's privacy where the sites' sizes are given (DP-SGD's calibration needs them)."""
     setting = FEDERATED_SETTINGS[method]
     if setting.trainer == "fedsgd":
-        return make_method("fedsgd")
-    own = _setting_options(method, cfg) if setting.options_go_to == "trainer" else {}
-    if setting.trainer == "fedprox":
-        return make_method("fedprox", **{"mu": cfg.mu, **_optimiser(cfg), **own})
-    budget = {"local_epochs": cfg.local_epochs} if cfg.local_epochs else {"local_steps": cfg.local_steps}
-    return make_method(setting.trainer, **{**budget, **_optimiser(cfg), **own})
+        trainer = make_method("fedsgd")
+    elif setting.trainer == "fedprox":
+        own = _setting_options(method, cfg) if setting.options_go_to == "trainer" else {}
+        trainer = make_method("fedprox", **{"mu": cfg.mu, **_optimiser(cfg), **own})
+    else:
+        own = _setting_options(method, cfg) if setting.options_go_to == "trainer" else {}
+        budget = {"local_epochs": cfg.local_epochs} if cfg.local_epochs else {"local_steps": cfg.local_steps}
+        trainer = make_method(setting.trainer, **{**budget, **_optimiser(cfg), **own})
+    return trainer if site_sizes is None else cfg.private_plan().method(trainer, site_sizes)
 
 
-def _aggregator(method: str, cfg: Table2Config):
-    """The aggregation pipeline of a federated setting."""
+def _aggregator(method: str, cfg: Table2Config, local: LocalMethod | None = None, num_sites: int = 0):
+    """The aggregation pipeline of a federated setting (with client-level privacy, the private sum over
+    `num_sites` that `PrivatePlan` assembles)."""
     setting = FEDERATED_SETTINGS[method]
     if setting.pipeline is None:
-        return make_aggregator(None, cfg.fedsgd_lr if method == "fedsgd" else 1.0)
+        lr = cfg.fedsgd_lr if method == "fedsgd" else 1.0
+        return make_aggregator(None, lr) if local is None else cfg.private_plan().aggregator(local, num_sites, None, lr)
     options = _setting_options(method, cfg) if setting.options_go_to == "step" else {}
     if method == "qffl":  # q-FFL's Lipschitz estimate is the sites' 1 / lr (Li et al. 2020)
         options = {"lipschitz": 1.0 / cfg.lr, **options}
@@ -429,14 +459,18 @@ def run_table2(fed: Federation, cfg: Table2Config, sink: Callable[[dict], None] 
                 score("Mix", pooled, names)
             else:
                 runtime = make_runtime(cfg.runtime, model, list(sites.values()), fed.task)
-                local_method = _method(method, cfg)
+                plan, sizes = cfg.private_plan(), [s.num_train for s in sites.values()]
+                local_method = _method(method, cfg, sizes)
+                plan.check_budget(local_method, sizes)
+                selector = plan.selector(cyclic=FEDERATED_SETTINGS[method].cyclic)
                 runner = Runner(
                     runtime=runtime,
                     method=local_method,
-                    aggregator=_aggregator(method, cfg),
+                    aggregator=_aggregator(method, cfg, local_method, len(sites)),
                     rounds=cfg.rounds,
                     seed=seed,
-                    selector=make_selector(cyclic=FEDERATED_SETTINGS[method].cyclic),
+                    selector=selector,
+                    min_sites=plan.min_sites(selector, 1),
                     selection=_selection(fed.task, cfg),
                     evaluate_every=cfg.evaluate_every,
                     sink=log_round,

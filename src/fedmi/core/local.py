@@ -44,6 +44,7 @@ from safetensors import safe_open
 from fedmi.core import params as P
 from fedmi.core.batches import LocalSchedule
 from fedmi.core.registry import Registry
+from fedmi.core.rng import Stream, torch_generator
 from fedmi.core.server_state import decode, encode
 from fedmi.core.types import RoundInfo, Update
 from fedmi.errors import FedmiError
@@ -78,9 +79,9 @@ class SiteContext:
         estimate of F_k(w_t), q-FFL's; exact with full-batch steps; set before `final`).
       local_steps: the optimiser steps the site took this round (set before `final`; FedNova's tau_k).
       batch_norm_names: the entries of batch-norm layers (their weights, biases and statistics).
-      update_noise: the generator a method draws noise for its update from in `final` (local DP): from
-        (seed, round, site) in simulation, the same on every runtime; from a key only the site holds
-        when deployed (set by the runtime before `final`).
+      noise_key: the key of the noise a method adds to its update in `final` (local DP; its generator
+        is `update_noise()`): (seed, round, site) in simulation, the same on every runtime; a key only
+        the site holds when deployed (set by the runtime before `final`).
     """
 
     round: RoundInfo
@@ -95,7 +96,7 @@ class SiteContext:
     start_loss: float | None = None
     local_steps: int = 0
     batch_norm_names: tuple[str, ...] = ()
-    update_noise: torch.Generator | None = None
+    noise_key: tuple[int, ...] | None = None
 
     def data_loss(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
                   batch: Batch) -> torch.Tensor:
@@ -104,6 +105,13 @@ class SiteContext:
         if batch.weight is None:
             return self.task.mean_loss(outputs, batch.y)
         return (self.task.per_sample_loss(outputs, batch.y) * batch.weight).sum()
+
+    def update_noise(self) -> torch.Generator:
+        """A generator for the noise this site adds to its update this round (in `final` only), made on
+        demand: most methods add none, and a generator costs more than their round's bookkeeping."""
+        if self.noise_key is None:
+            raise FedmiError(f"site {self.site}: the runtime gave no key for the noise of its update")
+        return torch_generator(Stream.UPDATE_NOISE, *self.noise_key)
 
     def update(self, delta: P.ParamsT, metrics: Mapping[str, float] | None = None,
                extras: Mapping[str, torch.Tensor] | None = None) -> Update:

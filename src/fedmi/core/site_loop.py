@@ -213,7 +213,7 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
         with torch.no_grad():
             state = method.step(state, grads, ctx)
     ctx.train_loss, ctx.start_loss, ctx.local_steps = total / max(count, 1), start, len(batches)
-    ctx.update_noise = update_noise(round_info, key, private_key)
+    ctx.noise_key = update_noise_key(round_info, key, private_key)
     with torch.no_grad():
         update, kept = method.final(state, ctx)
     if device != CPU:
@@ -222,12 +222,10 @@ def train_site(method: LocalMethod, model: nn.Module, task: Task, site: SiteData
     return update, kept
 
 
-def update_noise(round_info: RoundInfo, key: int, private_key: int | None = None) -> torch.Generator:
-    """The generator of the noise a site adds to its update this round (`SiteContext.update_noise`):
-    from the site's private key where it holds one, else from (seed, round, site)."""
-    if private_key is not None:
-        return torch_generator(Stream.UPDATE_NOISE, private_key, round_info.round, 0)
-    return torch_generator(Stream.UPDATE_NOISE, round_info.seed, round_info.round, key)
+def update_noise_key(round_info: RoundInfo, key: int, private_key: int | None = None) -> tuple[int, ...]:
+    """The key of the noise a site adds to its update this round (`SiteContext.noise_key`): its
+    private key where it holds one, else (seed, round, site)."""
+    return (private_key, round_info.round, 0) if private_key is not None else (round_info.seed, round_info.round, key)
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from fedmi.core.types import RoundInfo, SiteData, SiteInfo, Update
 from fedmi.errors import FedmiError, one_line
 from fedmi.runtime.sequential import SequentialRuntime
 from fedmi.core.site_loop import (check_per_sample, gradients, model_forward, sample_gradients, site_context,
-                                  step_noise, update_noise)
+                                  step_noise, update_noise_key)
 
 log = logging.getLogger("fedmi")
 
@@ -241,7 +241,7 @@ class VectorisedRuntime:
         with torch.no_grad():
             for j, ctx in enumerate(ctxs):
                 ctx.train_loss, ctx.start_loss, ctx.local_steps = mean_losses[j], start_losses[j], step_counts[j]
-                ctx.update_noise = update_noise(round_info, sites[j])
+                ctx.noise_key = update_noise_key(round_info, sites[j])
                 update, kept = method.final(tree_index(state, j), ctx)
                 if not dry_run:
                     self.site_states.put(ctx.site, kept)

@@ -42,7 +42,7 @@ class BudgetedMethod(WrappedMethod):
             name, budget_key = "noisy_updates", "noisy_updates_budget"
             def release(self, state, ctx):
                 update, kept = self.inner.final(state, ctx)
-                return replace(update, delta=noised(update.delta, ctx.update_noise)), kept
+                return replace(update, delta=noised(update.delta, ctx.update_noise())), kept
     """
 
     budget_key: ClassVar[str] = "privacy_budget"  # the site state's record of what it has spent

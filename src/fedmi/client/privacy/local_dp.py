@@ -6,8 +6,8 @@ Each site trains as its inner method says, then releases
 
     delta_k <- clip_C(delta_k) + N(0, (z·C)² I)
 
-drawing the noise from its own generator (`SiteContext.update_noise`: a key only it holds when
-deployed), so the server never holds a noiseless update. Against the server the unit protected is
+drawing the noise from its own generator (`SiteContext.update_noise`: from a key only it holds
+when deployed), so the server never holds a noiseless update. Against the server the unit protected is
 the site's whole training set: two training sets of one site give clipped updates at most 2C apart,
 so each release is the Gaussian mechanism with noise multiplier z/2, and the site composes one
 per round it trains in (`fedmi.client.privacy.budget`): its ε, reported with each update, holds
@@ -26,7 +26,7 @@ from typing import Any
 from fedmi.client.privacy.budget import BudgetedMethod
 from fedmi.core import params as P
 from fedmi.core.local import LocalMethod, SiteContext, State, register_method
-from fedmi.errors import FedmiError, check_number
+from fedmi.errors import check_number
 from fedmi.privacy import clip_to_norm, gaussian_noise_like
 
 
@@ -61,9 +61,7 @@ class LocalDp(BudgetedMethod):
         update, kept = self.inner.final(state, ctx)
         clipped, _ = clip_to_norm(update.delta, self.clip_norm)
         if self.noise_multiplier > 0:
-            if ctx.update_noise is None:
-                raise FedmiError("dp_local: the runtime gave the site no generator for its update's noise")
-            noise = gaussian_noise_like(clipped, self.noise_multiplier * self.clip_norm, ctx.update_noise)
+            noise = gaussian_noise_like(clipped, self.noise_multiplier * self.clip_norm, ctx.update_noise())
             clipped = P.Params((k, v + noise[k]) for k, v in clipped.items())
         return replace(update, delta=clipped), kept
 
